@@ -7,6 +7,7 @@ define `validate(self)` that raises `ConfigError` naming the key and what is all
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Sequence
 
@@ -15,9 +16,7 @@ def option(default: Any, doc: str, choices: Sequence[Any] | None = None) -> Any:
     """A dataclass field with a `doc` string (shown by --help) and optional `choices`."""
     meta = {"doc": doc, "choices": tuple(choices) if choices is not None else None}
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
-        factory = (lambda d=default: type(d)(d)) if not dataclasses.is_dataclass(default) else (
-            lambda d=default: dataclasses.replace(d))
-        return dataclasses.field(default_factory=factory, metadata=meta)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

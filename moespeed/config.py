@@ -1,0 +1,359 @@
+"""Typed configuration: model, data and train sections, named presets, TOML files, dotted overrides.
+
+A `Config` is resolved in this order, later steps winning:
+    preset (`--preset quickstart`)  ->  TOML file (`--config run.toml`)  ->  CLI overrides
+    (`--model.n_layers 4 --train.lr 1e-3`).
+Every key is declared with `option()` (a one-line doc and optional choices), so `--help` lists them
+all and a bad key or value fails with one line that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .options import field_choices, field_doc, option
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer: MLA attention + ReLU² MLP blocks (pre-RMSNorm)."""
+
+    vocab_size: int = option(0, "vocabulary size; 0 = the tokenizer's size rounded up to a multiple of 64")
+    d_model: int = option(256, "width of the residual stream")
+    n_layers: int = option(4, "number of Transformer blocks")
+    n_heads: int = option(4, "attention heads")
+    q_lora_rank: int = option(0, "rank of MLA's low-rank query (RMSNorm on the latent); 0 = full-rank query")
+    kv_lora_rank: int = option(64, "rank of MLA's joint KV latent (what the KV cache stores)")
+    qk_nope_head_dim: int = option(32, "per-head query/key dims without position (RoPE-free part)")
+    qk_rope_head_dim: int = option(16, "per-head query dims with RoPE; the rope key is one vector per token shared by all heads (even)")
+    v_head_dim: int = option(32, "per-head value dim")
+    qk_norm: bool = option(True, "RMSNorm on per-head queries and the shared rope key (the KV latent is always normed)")
+    rope_theta: float = option(10000.0, "RoPE base")
+    max_seq_len: int = option(256, "longest sequence the model is built for (RoPE table, KV cache)")
+    d_ff: int = option(1024, "hidden width of the dense MLP")
+    mlp_activation: str = option("relu2", "activation of the dense MLP", choices=["relu2", "gelu", "swiglu"])
+    norm_eps: float = option(1e-6, "epsilon of every RMSNorm")
+    tie_embeddings: bool = option(True, "share the token embedding with the output head")
+    init_std: float = option(0.02, "std of the normal init of weights; residual output projections get std/sqrt(2*n_layers)")
+
+    def validate(self) -> None:
+        for key in ("d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
+                    "max_seq_len", "d_ff"):
+            _require(getattr(self, key) > 0, f"model.{key} = {getattr(self, key)}: must be a positive integer")
+        _require(self.q_lora_rank >= 0, f"model.q_lora_rank = {self.q_lora_rank}: must be >= 0 (0 = full-rank query)")
+        _require(self.vocab_size >= 0, f"model.vocab_size = {self.vocab_size}: must be >= 0 (0 = from the tokenizer)")
+        _require(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+                 f"model.qk_rope_head_dim = {self.qk_rope_head_dim}: must be a positive even number (RoPE rotates pairs)")
+        _require(self.rope_theta > 0, f"model.rope_theta = {self.rope_theta}: must be > 0")
+        _require(self.norm_eps > 0, f"model.norm_eps = {self.norm_eps}: must be > 0")
+        _require(self.init_std > 0, f"model.init_std = {self.init_std}: must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer, token shards and the batch loader."""
+
+    data: list = option([], "text files, folders, globs, .jsonl (field `text`) or .parquet (column `text`); empty = this Python's standard library sources")
+    tokenizer: str = option("", "path of an existing tokenizer.json to use instead of training one")
+    vocab_size: int = option(4096, "BPE vocabulary size when training a tokenizer (< 65536 stores tokens as uint16)")
+    tokenizer_train_chars: int = option(20_000_000, "characters of the training split used to train the tokenizer")
+    val_fraction: float = option(0.05, "share of documents (files) held out for validation, chosen by a hash of the name")
+    seq_len: int = option(256, "tokens per sequence")
+    batch_size: int = option(16, "sequences per micro-batch (per process)")
+    cache_dir: str = option("~/.cache/moespeed", "where prepared shards are cached, keyed by a content hash")
+
+    def validate(self) -> None:
+        _require(self.vocab_size >= 257, f"data.vocab_size = {self.vocab_size}: must be >= 257 (256 bytes + BOS)")
+        _require(self.tokenizer_train_chars > 0, f"data.tokenizer_train_chars = {self.tokenizer_train_chars}: must be > 0")
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction = {self.val_fraction}: must be in (0, 1)")
+        _require(self.seq_len > 0, f"data.seq_len = {self.seq_len}: must be a positive integer")
+        _require(self.batch_size > 0, f"data.batch_size = {self.batch_size}: must be a positive integer")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization, schedule, evaluation, checkpoints and the run directory."""
+
+    run_dir: str = option("", "run directory; empty = runs/<preset>")
+    resume: bool = option(False, "continue from the latest checkpoint in run_dir")
+    steps: int = option(300, "optimizer steps")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    optimizer: str = option("adamw", "optimizer", choices=["adamw"])
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr")
+    warmup_steps: int = option(20, "linear warmup steps")
+    schedule: str = option("cosine", "decay after warmup: cosine, or warmup-stable-decay", choices=["cosine", "wsd"])
+    decay_fraction: float = option(0.2, "wsd: share of steps spent decaying at the end")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (never on norms, biases, embeddings)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")
+    eval_every: int = option(100, "evaluate on the val split every N steps (and at step 0 and the end)")
+    eval_batches: int = option(8, "val batches per evaluation")
+    ckpt_every: int = option(100, "save a checkpoint every N steps (and at the end)")
+    keep_last: int = option(2, "checkpoints kept in the run directory")
+    log_every: int = option(10, "write train metrics every N steps")
+    seed: int = option(1337, "seed of init, data order and dropout")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = option("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
+    compile: bool = option(False, "torch.compile the model")
+    threads: int = option(0, "CPU threads for torch; 0 = torch's default")
+
+    def validate(self) -> None:
+        for key in ("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every"):
+            _require(getattr(self, key) > 0, f"train.{key} = {getattr(self, key)}: must be a positive integer")
+        _require(self.lr > 0, f"train.lr = {self.lr}: must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio = {self.min_lr_ratio}: must be in [0, 1]")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps = {self.warmup_steps}: must be >= 0")
+        _require(0 < self.decay_fraction <= 1, f"train.decay_fraction = {self.decay_fraction}: must be in (0, 1]")
+        _require(self.weight_decay >= 0, f"train.weight_decay = {self.weight_decay}: must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
+        _require(self.grad_clip >= 0, f"train.grad_clip = {self.grad_clip}: must be >= 0 (0 = off)")
+        _require(self.threads >= 0, f"train.threads = {self.threads}: must be >= 0")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 f"train.device = {self.device!r}: must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as config.toml in the run directory."""
+
+    preset: str = option("quickstart", "named preset the other keys start from")
+    model: ModelConfig = option(ModelConfig(), "model")
+    data: DataConfig = option(DataConfig(), "data")
+    train: TrainConfig = option(TrainConfig(), "train")
+
+    def validate(self) -> "Config":
+        for section in (self.model, self.data, self.train):
+            _validate_tree(section, _section_name(section))
+        _require(self.data.seq_len <= self.model.max_seq_len,
+                 f"data.seq_len = {self.data.seq_len}: must be <= model.max_seq_len = {self.model.max_seq_len}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _section_name(obj: Any) -> str:
+    return {ModelConfig: "model", DataConfig: "data", TrainConfig: "train"}.get(type(obj), type(obj).__name__)
+
+
+def _validate_tree(obj: Any, prefix: str) -> None:
+    """Check choices of every field, then call validate() of every nested dataclass."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        choices = field_choices(f)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{prefix}.{f.name} = {value!r}: must be one of {', '.join(map(str, choices))}")
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value, f"{prefix}.{f.name}")
+    if hasattr(obj, "validate"):
+        obj.validate()
+
+
+# ---------------------------------------------------------------------------------------- presets
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # CPU, a few minutes on 2 cores: a 4-layer MLA model on the standard library's sources.
+    "quickstart": {
+        "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
+                      qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256),
+        "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
+        "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8,
+                      ckpt_every=100, log_every=10),
+    },
+    # GPU: a ~100M-parameter MLA model (12 layers, d_model 768), 32K vocabulary, 1K context.
+    "small": {
+        "model": dict(d_model=768, n_layers=12, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
+                      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, d_ff=3072,
+                      max_seq_len=1024),
+        "data": dict(vocab_size=32768, seq_len=1024, batch_size=32, tokenizer_train_chars=50_000_000),
+        "train": dict(steps=2000, lr=1e-3, warmup_steps=100, eval_every=250, eval_batches=20,
+                      ckpt_every=500, log_every=10, compile=True),
+    },
+}
+
+
+def preset_config(name: str) -> Config:
+    """A fresh Config for a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset {name!r} does not exist: choose one of {', '.join(PRESETS)}")
+    cfg = Config(preset=name)
+    for section, values in PRESETS[name].items():
+        for key, value in values.items():
+            set_key(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- setting by dotted key
+def _field_type(owner: Any, name: str) -> Any:
+    hints = typing.get_type_hints(type(owner))
+    return hints[name]
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a value (a CLI string or a TOML value) to a field's declared type, or fail naming key."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key} = {value!r}: must be true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: must be an integer")
+        try:
+            if isinstance(value, str):
+                value = value.replace("_", "")
+                return int(float(value)) if "e" in value.lower() and float(value).is_integer() else int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, int):
+                return value
+        except ValueError:
+            pass
+        raise ConfigError(f"{key} = {value!r}: must be an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: must be a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} = {value!r}: must be a number") from None
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} = {value!r}: must be a string")
+    if typ is list or origin is list:
+        (item_type,) = typing.get_args(typ) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""] if "," in value or value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: must be a list (comma-separated on the command line)")
+        return [coerce(v, item_type, key) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    return value
+
+
+def set_key(cfg: Any, dotted: str, value: Any) -> None:
+    """Set `section.key` (any depth) on a config, converting the value to the field's type."""
+    parts = dotted.split(".")
+    owner = cfg
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(owner)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown config key {dotted!r}: {where} has keys {', '.join(sorted(names))}")
+        if i == len(parts) - 1:
+            current = getattr(owner, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted} is a section: set its keys, e.g. {dotted}.<key>")
+                for k, v in value.items():
+                    set_key(cfg, f"{dotted}.{k}", v)
+                return
+            setattr(owner, part, coerce(value, _field_type(owner, part), dotted))
+        else:
+            owner = getattr(owner, part)
+            if not dataclasses.is_dataclass(owner):
+                raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(parts[:i + 1])} is not a section")
+
+
+def apply_dict(cfg: Config, values: dict, prefix: str = "") -> None:
+    """Apply a nested dict (e.g. a parsed TOML file) onto a config."""
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            apply_dict(cfg, value, dotted + ".")
+        else:
+            set_key(cfg, dotted, value)
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found: give the path of a .toml file")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def build_config(preset: str | None = None, config_file: str | None = None,
+                 overrides: list[tuple[str, str]] | None = None) -> Config:
+    """Resolve preset -> TOML file -> overrides into a validated Config."""
+    file_values = load_toml(config_file) if config_file else {}
+    preset = preset or file_values.pop("preset", None) or "quickstart"
+    file_values.pop("preset", None)
+    cfg = preset_config(preset)
+    apply_dict(cfg, file_values)
+    for key, value in overrides or []:
+        set_key(cfg, key, value)
+    return cfg.validate()
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config saved with `to_toml` (a run's config.toml)."""
+    values = dict(values)
+    cfg = Config(preset=values.pop("preset", "quickstart"))
+    apply_dict(cfg, values)
+    return cfg.validate()
+
+
+# --------------------------------------------------------------------------------------- printing
+def iter_options(obj: Any = None, prefix: str = ""):
+    """Yield (dotted key, type name, default, doc, choices) for every leaf option."""
+    obj = obj if obj is not None else Config()
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from iter_options(value, f"{prefix}{f.name}.")
+        elif prefix:
+            typ = hints[f.name]
+            yield f"{prefix}{f.name}", getattr(typ, "__name__", str(typ)), value, field_doc(f), field_choices(f)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialize a Config to TOML (sections nested with dotted table names)."""
+    lines = [f"preset = {_toml_value(cfg.preset)}"]
+
+    def emit(obj: Any, table: str) -> None:
+        lines.append(f"\n[{table}]")
+        nested = []
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                nested.append((value, f"{table}.{f.name}"))
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        for value, name in nested:
+            emit(value, name)
+
+    for name in ("model", "data", "train"):
+        emit(getattr(cfg, name), name)
+    return "\n".join(lines) + "\n"
