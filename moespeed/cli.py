@@ -1,0 +1,199 @@
+"""`moespeed` command line: prepare | train | generate | eval.
+
+Config keys are dotted options (`--model.n_layers 4`); `moespeed train --help` lists them all.
+Errors caused by input (config, data, checkpoint, prompt) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import typing
+
+from . import config as config_mod
+from .errors import ConfigError, MoespeedError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(config_mod.PRESETS), help="named preset (default: quickstart)")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file of config keys, applied over the preset")
+    groups = {name: parser.add_argument_group(f"{name} options") for name in ("model", "data", "train")}
+    for key, type_name, default, doc, choices in config_mod.iter_options():
+        section = key.split(".")[0]
+        is_list = isinstance(default, list)
+        hint = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        groups[section].add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, nargs="+" if is_list else None,
+                                     metavar=type_name.upper(), help=f"{doc}{hint} (default: {default!r})")
+
+
+def _overrides(args: argparse.Namespace) -> list[tuple[str, typing.Any]]:
+    return [(k, v) for k, v in vars(args).items() if "." in k]
+
+
+def _build_config(args: argparse.Namespace):
+    overrides = _overrides(args)
+    if getattr(args, "resume", False):
+        overrides.append(("train.resume", True))
+    return config_mod.build_config(args.preset, args.config, overrides)
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_prepare(args) -> None:
+    from .data.prepare import prepare_data
+
+    cfg = _build_config(args)
+    data = prepare_data(cfg.data)
+    print(f"tokenizer: {data.tokenizer_path}\ntrain shard: {data.train_path}\nval shard: {data.val_path}")
+
+
+def cmd_train(args) -> None:
+    from .run import latest_run
+    from .train.trainer import Trainer
+
+    if args.resume and not getattr(args, "train.run_dir", None):
+        setattr(args, "train.run_dir", str(latest_run()))
+    if args.resume and args.preset is None and args.config is None:
+        from .run import read_run_config
+        args.preset = read_run_config(getattr(args, "train.run_dir")).preset
+    Trainer(_build_config(args)).fit()
+
+
+def _stream_text(tokenizer, prompt_ids: list[int], new_ids: list[int], printed: int) -> int:
+    """Print the decoded continuation beyond `printed` characters; return the new count."""
+    text = tokenizer.decode(new_ids)
+    safe = len(text.rstrip("\ufffd"))  # a split multi-byte character waits for its next byte
+    if safe > printed:
+        sys.stdout.write(text[printed:safe])
+        sys.stdout.flush()
+    return max(printed, safe)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .data.tokenizer import encode_prompt
+    from .errors import PromptError
+    from .run import load
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    device = _device(args.device)
+    model, tokenizer = load(args.run, args.checkpoint, device)
+    prompt_ids = encode_prompt(tokenizer, args.prompt)
+    if len(prompt_ids) >= model.cfg.max_seq_len:
+        raise PromptError(f"the prompt is {len(prompt_ids)} tokens, the model's context is {model.cfg.max_seq_len}: shorten it")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    tokens = torch.tensor([prompt_ids], device=device)
+    sys.stdout.write(args.prompt)
+    new_ids: list[int] = []
+    printed, start = 0, time.time()
+    for next_token in model.generate(tokens, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator):
+        new_ids.append(int(next_token[0]))
+        printed = _stream_text(tokenizer, prompt_ids, new_ids, printed)
+    sys.stdout.write("\n")
+    if args.verbose:
+        elapsed = time.time() - start
+        cache = model.kv_cache_bytes_per_token(next(model.parameters()).dtype)
+        print(f"[{len(new_ids)} tokens in {elapsed:.2f}s, {len(new_ids) / elapsed:.1f} tok/s; KV cache "
+              f"{cache['per_layer']} B/token/layer, {cache['total']} B/token total "
+              f"(MHA equivalent {cache['mha_total']} B/token, {cache['mha_total'] / cache['total']:.1f}x larger)]",
+              file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from .data.loader import TokenLoader
+    from .data.prepare import prepare_data
+    from .run import load, read_run_config, resolve_checkpoint
+
+    device = _device(args.device)
+    run_dir, ckpt = resolve_checkpoint(args.run, args.checkpoint)
+    model, tokenizer = load(run_dir, ckpt.name, device)
+    cfg = read_run_config(run_dir)
+    cfg.data.tokenizer = str(run_dir / "tokenizer.json")
+    data = prepare_data(cfg.data, log=lambda m: print(m, file=sys.stderr))
+    loader = TokenLoader(data.val_path, cfg.data.batch_size, cfg.data.seq_len, data.bos_id, shuffle=False)
+    n_batches = min(args.batches, max(1, loader.n_windows // cfg.data.batch_size))
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(n_batches):
+            tokens, targets, doc_ids = (t.to(device) for t in loader.next_batch())
+            total += model(tokens, targets, doc_ids).item()
+    loss = total / n_batches
+    cache = model.kv_cache_bytes_per_token(torch.bfloat16)
+    print(f"{ckpt}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f} "
+          f"({n_batches} batches x {cfg.data.batch_size} x {cfg.data.seq_len} tokens)")
+    print(f"KV cache (bf16): {cache['per_layer']} B/token/layer, {cache['total']} B/token; "
+          f"MHA equivalent {cache['mha_total']} B/token ({cache['mha_total'] / cache['total']:.1f}x)")
+
+
+def _device(name: str):
+    import torch
+
+    from .train.trainer import resolve_device
+    return resolve_device(name) if name else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moespeed", description="Pre-train and run efficient sparse language models.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, **kw):
+        return sub.add_parser(name, allow_abbrev=False, **kw)
+
+    p = add("prepare", help="build the tokenizer and token shards (cached)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = add("train", help="train a model (default: the quickstart preset on the stdlib sources)")
+    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint of --train.run_dir (default: the latest run)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = add("generate", help="sample text from a trained run")
+    p.add_argument("--run", help="run directory (default: the latest run under runs/)")
+    p.add_argument("--checkpoint", help="checkpoint folder name (step-N) or path (default: the latest)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default="", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--verbose", action="store_true", help="print speed and KV-cache size to stderr")
+    p.set_defaults(func=cmd_generate)
+
+    p = add("eval", help="val loss and perplexity of a run or checkpoint")
+    p.add_argument("--run", help="run directory (default: the latest run under runs/)")
+    p.add_argument("--checkpoint", help="checkpoint folder name (step-N) or path (default: the latest)")
+    p.add_argument("--batches", type=int, default=50, help="val batches to average (default: 50)")
+    p.add_argument("--device", default="", help="cpu, cuda or auto (default: cpu)")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except MoespeedError as e:
+        print(f"moespeed: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moespeed: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

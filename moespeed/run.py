@@ -1,0 +1,87 @@
+"""Run directories: `runs/<name>/` holds config.toml, tokenizer.json, metrics.jsonl and step-N/ checkpoints.
+
+Also `load(run_dir)`, the Python API's way to get a trained model and its tokenizer back.
+"""
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+from .config import Config, config_from_dict, to_toml
+from .errors import CheckpointError, MoespeedError
+from .train.checkpoint import latest_checkpoint, list_checkpoints, load_model_state, read_state
+
+RUNS_ROOT = Path("runs")
+
+
+def new_run_dir(cfg: Config) -> Path:
+    if cfg.train.run_dir:
+        return Path(cfg.train.run_dir)
+    return RUNS_ROOT / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_run(root: Path = RUNS_ROOT) -> Path:
+    """The run whose newest checkpoint is the most recent."""
+    runs = [p for p in root.glob("*") if p.is_dir() and list_checkpoints(p)] if root.is_dir() else []
+    if not runs:
+        raise CheckpointError(f"no trained run under {root}/: run `moespeed train` first, or pass --run DIR")
+    return max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_run_config(run_dir: Path, cfg: Config) -> None:
+    write_atomic(run_dir / "config.toml", to_toml(cfg))
+
+
+def read_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no config.toml: not a moespeed run directory")
+    try:
+        return config_from_dict(tomllib.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, MoespeedError) as e:
+        raise CheckpointError(f"{path}: unreadable run config ({e})") from None
+
+
+def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, Path]:
+    """(run_dir, checkpoint dir) from --run and --checkpoint (a step-N folder or its name)."""
+    if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "model.pt").is_file():
+        ckpt = Path(checkpoint)
+        return ckpt.parent, ckpt
+    run_dir = Path(run) if run else latest_run()
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory: pass an existing --run DIR")
+    if checkpoint:
+        ckpt = run_dir / checkpoint
+        if not ckpt.is_dir():
+            names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+            raise CheckpointError(f"{ckpt}: no such checkpoint: this run has {names}")
+        return run_dir, ckpt
+    return run_dir, latest_checkpoint(run_dir)
+
+
+def load(run_dir: str | Path | None = None, checkpoint: str | None = None, device: str | torch.device = "cpu"):
+    """(model, tokenizer) of a run's latest (or named) checkpoint, in eval mode on `device`."""
+    from .data.tokenizer import load_tokenizer
+    from .model.transformer import Transformer
+
+    run_dir, ckpt = resolve_checkpoint(str(run_dir) if run_dir else None, checkpoint)
+    cfg = read_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    state = read_state(ckpt)
+    vocab = tokenizer.get_vocab_size()
+    if vocab != state.get("tokenizer_vocab_size", vocab) or vocab > cfg.model.vocab_size:
+        raise CheckpointError(f"{run_dir}/tokenizer.json has {vocab} tokens but the checkpoint was trained with "
+                              f"{state.get('tokenizer_vocab_size')}: restore the run's own tokenizer.json")
+    model = Transformer(cfg.model)
+    load_model_state(ckpt, model)
+    return model.to(device).eval(), tokenizer

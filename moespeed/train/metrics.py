@@ -1,0 +1,108 @@
+"""Training metrics: metrics.jsonl, TensorBoard events (when installed), FLOPs/MFU and the loss PNG.
+
+FLOPs per trained token (forward + backward = 3x forward, a matmul of m*n*k costs 2*m*n*k):
+    6 * N_matmul  +  3 * n_layers * n_heads * (qk_head_dim + v_head_dim) * T
+where N_matmul counts the weights of every matmul (all Linear layers and the output head; not the
+embedding lookup) and the second term is causal attention (QK^T and PV over T/2 keys on average).
+MFU = achieved FLOP/s / the GPU's datasheet dense bf16 peak (H100/H200 SXM: 989 TFLOP/s).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "B200": 2250e12}
+
+
+def matmul_params(model: nn.Module) -> int:
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    cfg = model.cfg
+    return n + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    cfg = model.cfg
+    attention = 3 * cfg.n_layers * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * seq_len
+    return 6 * matmul_params(model) + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Datasheet dense bf16 FLOP/s of a CUDA device, or None when unknown / on CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to run_dir/metrics.jsonl, mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                pass
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines written after the checkpoint's step (they will be redone)."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def plot_loss_curve(run_dir: Path) -> Path | None:
+    """loss_curve.png: train and val loss against tokens seen."""
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+        points = [(r["tokens"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=key.replace("_", " "))
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / "loss_curve.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
