@@ -217,6 +217,9 @@ def test_muon_eligible_rule():
     assert not muon_eligible("layers.3.moe.router.weight", m2)
     assert not muon_eligible("layers.0.attn_norm.weight", m2)
     assert not muon_eligible("layers.0.attn.wq.weight", v)
+    table = torch.nn.Parameter(torch.zeros(64, 4))
+    table._muon_eligible = False  # e.g. PEER's expert table: 2-D but embedding-like
+    assert not muon_eligible("layers.0.ffn.down", table)
 
 
 # ---------------------------------------------------------------- distributed (2 ranks, gloo)
@@ -298,7 +301,8 @@ def test_two_ranks_share_work_and_match_one_process(tmp_path):
     start = _dist_params(0)
     total_blocks = sum((s[0] if len(s) == 3 else 1) for s in DIST_SHAPES) + 1  # +1: the split
     counts = [r["shared_blocks_last_step"] for r in results]
-    assert sum(counts) == total_blocks and min(counts) > 0  # disjoint shares, nobody idle
+    assert sum(counts) == total_blocks  # disjoint shares: no block done twice
+    assert max(counts) - min(counts) <= 2  # balanced
     for r in results:
         for i, (p0, a, b) in enumerate(zip(start, r["shared"], r["local"])):
             if i == DIST_NONE_GRAD:

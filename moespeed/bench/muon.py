@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import subprocess
 import sys
@@ -135,6 +136,9 @@ def bench_case(name: str, shapes, device, check_shapes) -> dict:
     row["ns_ms"] = ns_only_ms(shapes, device, opt.batch_numel)
     row["ns_tflops"] = flops / row["ns_ms"] / 1e9
     del opt  # free our momentum buffers before the peer allocates its own
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     try:
         peer = torch.optim.Muon(_expert_views(params), **HP)
         peer.step()

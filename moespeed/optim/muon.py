@@ -109,11 +109,15 @@ def lr_scale(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
 def muon_eligible(name: str, p: torch.nn.Parameter) -> bool:
     """Whether the param named `name` should be trained by Muon (else AdamW).
 
-    Rule: 2-D and 3-D params are hidden matrices, except when a dotted component of the name
-    contains "embed", "norm" or "bias", or equals "lm_head", "head", "router" or "gate" (a MoE
-    router, as DeepSeek names it; "gate_proj" of a SwiGLU MLP stays eligible). Everything else
-    (vectors, scalars) goes to AdamW.
+    Rule: a param's own `_muon_eligible` attribute (True/False) wins, e.g. for PEER's expert tables,
+    which are 2-D but embedding-like. Otherwise 2-D and 3-D params are hidden matrices, except when a
+    dotted component of the name contains "embed", "norm" or "bias", or equals "lm_head", "head",
+    "router" or "gate" (a MoE router, as DeepSeek names it; "gate_proj" of a SwiGLU MLP stays
+    eligible). Everything else (vectors, scalars) goes to AdamW.
     """
+    override = getattr(p, "_muon_eligible", None)
+    if override is not None:
+        return bool(override) and p.ndim in (2, 3)
     if p.ndim not in (2, 3):
         return False
     parts = name.lower().split(".")
