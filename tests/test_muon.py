@@ -1,0 +1,316 @@
+"""Muon: Newton–Schulz quality, parity with torch.optim.Muon, batching, splits, and a 2-rank gloo run."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moespeed.optim import muon as muon_mod
+from moespeed.optim.muon import Muon, lr_scale, muon_eligible, newton_schulz
+
+HAS_TORCH_MUON = hasattr(torch.optim, "Muon")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one thread avoids OpenMP stalls on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _assert_update_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to one bf16 rounding of the largest entry (NS output is bf16)."""
+    assert torch.isfinite(ours).all()
+    atol = 2**-8 * ref.abs().max().item()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+
+
+def _params(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _set_grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def _run(params, opt, steps=3):
+    """Random grads (same per step whatever the optimizer), `steps` optimizer steps."""
+    for s in range(steps):
+        _set_grads(params, 100 + s)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def _count_ns(monkeypatch):
+    """Record the batch size of every newton_schulz call made by the optimizer."""
+    calls = []
+    real = muon_mod.newton_schulz
+
+    def counted(G, *args):
+        calls.append(G.shape[0])
+        return real(G, *args)
+
+    monkeypatch.setattr(muon_mod, "newton_schulz", counted)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 24), (24, 96), (5, 40, 20)])
+def test_newton_schulz_orthogonalizes(shape):
+    rows, cols = shape[-2:]
+    k = min(rows, cols)
+    U = torch.linalg.qr(torch.randn(*shape[:-2], rows, k)).Q  # (..., rows, k)
+    V = torch.linalg.qr(torch.randn(*shape[:-2], cols, k)).Q  # (..., cols, k)
+    S = torch.empty(*shape[:-2], k).uniform_(0.05, 1.0)  # condition number <= 20
+    G = U @ torch.diag_embed(S) @ V.mT  # (..., rows, cols)
+    O = newton_schulz(G)
+    assert O.dtype == torch.bfloat16 and O.shape == G.shape
+    sv = torch.linalg.svdvals(O.float())
+    assert sv.min() > 0.65 and sv.max() < 1.25, (sv.min(), sv.max())
+    # same singular vectors: O ~ U V^T up to the band
+    assert torch.linalg.matrix_norm(O.float() - U @ V.mT, ord=2).max() < 0.35
+
+
+def test_newton_schulz_random_rectangular_band():
+    for shape in [(128, 32), (32, 128), (8, 96, 48)]:
+        sv = torch.linalg.svdvals(newton_schulz(torch.randn(shape)).float())
+        assert sv.min() > 0.65 and sv.max() < 1.25
+
+
+def test_newton_schulz_zero_block_stays_zero():
+    G = torch.randn(3, 16, 8)
+    G[1] = 0  # an expert that got no tokens
+    O = newton_schulz(G)
+    assert torch.isfinite(O).all() and (O[1] == 0).all() and (O[0] != 0).any()
+
+
+@pytest.mark.skipif(not HAS_TORCH_MUON, reason="torch.optim.Muon needs torch >= 2.9")
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_2d_matches_torch_muon(nesterov, adjust_lr_fn):
+    shapes = [(32, 48), (32, 48), (64, 16), (16, 64), (24, 24)]
+    hp = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, ns_steps=5,
+              adjust_lr_fn=adjust_lr_fn)
+    start = _params(shapes)
+    ours = _params(shapes)
+    ref = _params(shapes)
+    out = _run(ours, Muon(ours, **hp))
+    expected = _run(ref, torch.optim.Muon(ref, **hp))
+    for p0, a, b in zip(start, out, expected):
+        _assert_update_close(a - p0, b - p0)
+
+
+def test_3d_batched_equals_per_expert_loop(monkeypatch):
+    E, rows, cols = 4, 24, 40
+    hp = dict(lr=0.05, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
+    (start,) = _params([(E, rows, cols)])
+    stacked = torch.nn.Parameter(start.detach().clone())  # (E, rows, cols)
+    experts = [torch.nn.Parameter(w.clone()) for w in start.detach()]  # E x (rows, cols)
+    opt = Muon([stacked], **hp)
+    loop_opts = [Muon([p], **hp) for p in experts]  # no batching at all
+    calls = _count_ns(monkeypatch)
+    for _ in range(2):
+        stacked.grad = torch.randn(E, rows, cols)
+        calls.clear()
+        opt.step()
+        assert calls == [E]  # all experts in one batched call
+        for e, (p, o) in enumerate(zip(experts, loop_opts)):
+            p.grad = stacked.grad[e].clone()
+            o.step()
+    loop = torch.stack([p.detach() for p in experts])  # (E, rows, cols)
+    _assert_update_close(stacked.detach() - start.detach(), loop - start.detach())
+    # the scale uses the per-expert shape, not the stack's first two dims
+    assert lr_scale("match_rms_adamw", rows, cols) == pytest.approx(0.2 * cols**0.5)
+
+
+def test_shape_grouped_equals_ungrouped(monkeypatch):
+    shapes = [(16, 32), (32, 16), (16, 32), (16, 32), (3, 32, 16)]
+    start = _params(shapes)
+    grouped, single = _params(shapes), _params(shapes)
+    calls = _count_ns(monkeypatch)
+    out = _run(grouped, Muon(grouped, lr=0.03), steps=1)
+    assert sorted(calls) == [3, 4]  # one call per block shape: 3x(16,32) and 1+3 x (32,16)
+    calls.clear()
+    ref = _run(single, Muon(single, lr=0.03, batch_numel=1), steps=1)  # one block per call
+    assert calls == [1] * 7
+    for p0, a, b in zip(start, out, ref):
+        _assert_update_close(a - p0, b - p0)
+
+
+def test_batch_numel_chunks_a_stack(monkeypatch):
+    calls = _count_ns(monkeypatch)
+    (p,) = _params([(10, 8, 8)])
+    p.grad = torch.randn(10, 8, 8)
+    Muon([p], batch_numel=4 * 64).step()
+    assert calls == [4, 4, 2]
+
+
+@pytest.mark.parametrize("how", ["attribute", "group"])
+def test_split_rows_equals_separate_blocks(how):
+    n, rows, cols = 4, 32, 24
+    (start,) = _params([(rows, cols)])
+    p = torch.nn.Parameter(start.detach().clone())
+    if how == "attribute":
+        p._muon_split = n
+        opt = Muon([p], lr=0.02, adjust_lr_fn="original")
+    else:
+        opt = Muon([{"params": [p], "split": n}], lr=0.02, adjust_lr_fn="original")
+    heads = [torch.nn.Parameter(h.clone()) for h in start.detach().view(n, rows // n, cols)]
+    head_opt = Muon(heads, lr=0.02, adjust_lr_fn="original")  # (rows/n, cols) each
+    for _ in range(2):
+        p.grad = torch.randn(rows, cols)
+        for h, g in zip(heads, p.grad.view(n, rows // n, cols)):  # (n, rows/n, cols)
+            h.grad = g.clone()
+        opt.step()
+        head_opt.step()
+    ref = torch.cat([h.detach() for h in heads])  # (rows, cols)
+    _assert_update_close(p.detach() - start.detach(), ref - start.detach())
+    whole = torch.nn.Parameter(start.detach().clone())
+    whole.grad = p.grad.clone()
+    Muon([whole], lr=0.02).step()
+    assert not torch.allclose(whole.detach(), p.detach(), atol=1e-4)  # the split matters
+
+
+def test_weight_decay_is_decoupled_and_missing_grads_are_skipped():
+    a, b = _params([(8, 16), (16, 8)])
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    a.grad = torch.zeros_like(a)  # zero update: only the decay acts
+    Muon([a, b], lr=0.1, weight_decay=0.5).step()
+    torch.testing.assert_close(a.detach(), a0 * (1 - 0.1 * 0.5), rtol=0, atol=0)
+    assert torch.equal(b.detach(), b0)  # no grad: untouched, no state
+    assert len(Muon([b]).state) == 0
+
+
+def test_hyperparameters_per_group():
+    a, b = _params([(8, 16), (8, 16)])
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    a.grad = b.grad = torch.randn(8, 16)
+    opt = Muon([{"params": [a]}, {"params": [b], "lr": 0.0, "weight_decay": 0.0}], lr=0.05)
+    opt.step()
+    assert torch.equal(b.detach(), b0) and not torch.allclose(a.detach(), a0)
+    assert opt.param_groups[1]["momentum"] == 0.95
+
+
+def test_rejects_bad_params_and_options():
+    with pytest.raises(ValueError, match="2-D and 3-D"):
+        Muon([torch.nn.Parameter(torch.randn(8))])
+    with pytest.raises(ValueError, match="split"):
+        Muon([torch.nn.Parameter(torch.randn(9, 4))], split=2)
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], adjust_lr_fn="rms")
+
+
+def test_muon_eligible_rule():
+    m2, m3, v = torch.zeros(4, 4), torch.zeros(2, 4, 4), torch.zeros(4)
+    assert muon_eligible("layers.0.attn.wq.weight", m2)
+    assert muon_eligible("layers.0.mlp.gate_proj.weight", m2)  # SwiGLU gate: a hidden matrix
+    assert muon_eligible("layers.3.moe.experts.w1", m3)
+    assert not muon_eligible("tok_embeddings.weight", m2)
+    assert not muon_eligible("lm_head.weight", m2)
+    assert not muon_eligible("layers.3.moe.gate.weight", m2)  # DeepSeek router
+    assert not muon_eligible("layers.3.moe.router.weight", m2)
+    assert not muon_eligible("layers.0.attn_norm.weight", m2)
+    assert not muon_eligible("layers.0.attn.wq.weight", v)
+    table = torch.nn.Parameter(torch.zeros(64, 4))
+    table._muon_eligible = False  # e.g. PEER's expert table: 2-D but embedding-like
+    assert not muon_eligible("layers.0.ffn.down", table)
+
+
+# ---------------------------------------------------------------- distributed (2 ranks, gloo)
+
+DIST_SHAPES = [(16, 32), (32, 16), (16, 32), (5, 16, 32), (24, 8), (7, 8, 8)]  # odd block counts
+DIST_NONE_GRAD = 4  # index of a param with no grad on any rank
+DIST_SPLIT = 1  # index of a param orthogonalized as 2 row-blocks
+
+
+def _dist_params(seed):
+    params = _params(DIST_SHAPES, seed)
+    params[DIST_SPLIT]._muon_split = 2
+    return params
+
+
+def _dist_grads(params, step):
+    _set_grads(params, 1000 + step)  # identical on every rank, as after DDP's all-reduce
+    params[DIST_NONE_GRAD].grad = None
+
+
+def _dist_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        blocks = []  # NS blocks this rank orthogonalized
+        real = muon_mod.newton_schulz
+        muon_mod.newton_schulz = lambda G, *a: (blocks.append(G.shape[0]), real(G, *a))[1]
+        hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", batch_numel=3 * 512)
+        shared, local = _dist_params(0), _dist_params(0)
+        opt = Muon(shared, **hp)
+        ref_opt = Muon(local, replicated=False, **hp)  # every rank does all the work itself
+        for step in range(2):
+            _dist_grads(shared, step)
+            _dist_grads(local, step)
+            before = len(blocks)
+            opt.step()
+            shared_blocks = len(blocks) - before
+            ref_opt.step()
+        result = {"shared": [p.detach() for p in shared], "local": [p.detach() for p in local],
+                  "shared_blocks_last_step": sum(blocks[before:before + shared_blocks])}
+        result["dtensor"] = _dtensor_case(world, hp)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _dtensor_case(world, hp):
+    """FSDP2-style params: DTensors sharded on dim 0 (uneven shards); compare with plain Muon."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    plain = _params([(9, 12), (3, 9, 12)], seed=5)
+    sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+               for p in plain]
+    opt, ref_opt = Muon(sharded, **hp), Muon(plain, replicated=False, **hp)
+    for step in range(2):
+        _set_grads(plain, 2000 + step)
+        for p, q in zip(sharded, plain):
+            p.grad = distribute_tensor(q.grad.clone(), mesh, [Shard(0)])
+        opt.step()
+        ref_opt.step()
+    return {"sharded": [p.full_tensor().detach() for p in sharded],
+            "plain": [p.detach() for p in plain]}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_ranks_share_work_and_match_one_process(tmp_path):
+    world = 2
+    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    start = _dist_params(0)
+    total_blocks = sum((s[0] if len(s) == 3 else 1) for s in DIST_SHAPES) + 1  # +1: the split
+    counts = [r["shared_blocks_last_step"] for r in results]
+    assert sum(counts) == total_blocks  # disjoint shares: no block done twice
+    assert max(counts) - min(counts) <= 2  # balanced
+    for r in results:
+        for i, (p0, a, b) in enumerate(zip(start, r["shared"], r["local"])):
+            if i == DIST_NONE_GRAD:
+                assert torch.equal(a, p0.detach()) and torch.equal(b, p0.detach())
+            else:
+                _assert_update_close(a - p0.detach(), b - p0.detach())
+        for p0, a, b in zip(_params([(9, 12), (3, 9, 12)], seed=5), r["dtensor"]["sharded"],
+                            r["dtensor"]["plain"]):
+            _assert_update_close(a - p0.detach(), b - p0.detach())
+    for a, b in zip(results[0]["shared"], results[1]["shared"]):
+        assert torch.equal(a, b)  # ranks stay replicas
