@@ -74,6 +74,7 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@torch.compiler.disable  # a clean graph break under torch.compile: the kernels launch eagerly
 def peer_experts_triton(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
                         down: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """Fused expert mix, same contract as `peer_experts_reference` (gradients for x, w, down, up)."""
