@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--topk", type=int, default=16, help="experts per head per token")
     p.add_argument("--query-dim", type=int, default=128, help="per head; peer-pytorch dim_key = half")
-    p.add_argument("--check-tokens", type=int, default=1024, help="tokens for the correctness check")
+    p.add_argument("--check-tokens", type=int, default=1024, help="tokens for the fp32 expert-mix check")
     p.add_argument("--cases", default="ours,reference,peer", help="comma list of ours,reference,peer")
     return p.parse_args(argv)
 
@@ -156,9 +156,11 @@ def check_mix(args, device: torch.device) -> dict:
 
 
 def check_layer(args, layer: PEER, device: torch.device) -> dict:
-    """The bf16 layer with kernel=triton vs kernel=reference: output and every gradient."""
+    """The bf16 layer with kernel=triton vs kernel=reference at the benchmark shape (so the kernels
+    are autotuned for it): output and every gradient."""
     g = torch.Generator(device=device).manual_seed(2)
-    x = torch.randn(1, args.check_tokens, args.d_model, device=device, generator=g, dtype=torch.bfloat16)
+    x = torch.randn(args.tokens // args.seq, args.seq, args.d_model, device=device, generator=g,
+                    dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     out = []
     for kernel in ("triton", "reference"):
@@ -320,11 +322,11 @@ def main(argv=None) -> int:
 
     check: dict = {}
     try:
-        check["mix"] = check_mix(args, device)
-        cleanup(device)
         layer = our_layer(args, device, "triton")
         check["layer"] = check_layer(args, layer, device)
         del layer
+        cleanup(device)
+        check["mix"] = check_mix(args, device)
     except Exception as e:  # noqa: BLE001 - report and go on
         check["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     cleanup(device)
