@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .model.peer import PEERConfig
 from .options import field_choices, field_doc, option
+
+FFN_KINDS = ("dense", "moe", "peer")
 
 
 @dataclass
@@ -41,8 +44,20 @@ class ModelConfig:
     norm_eps: float = option(1e-6, "epsilon of every RMSNorm")
     tie_embeddings: bool = option(True, "share the token embedding with the output head")
     init_std: float = option(0.02, "std of the normal init of weights; residual output projections get std/sqrt(2*n_layers)")
+    ffn_pattern: str = option("dense", "FFN kind per layer, comma-separated (dense, moe, peer), repeated to n_layers; e.g. dense,peer")
+    first_k_dense: int = option(0, "the first k layers use the dense MLP whatever ffn_pattern says")
+    peer: PEERConfig = option(PEERConfig(), "PEER layers (product-key retrieval over many tiny experts)")
+
+    def ffn_kinds(self) -> list[str]:
+        """The FFN kind of every layer."""
+        pattern = [k.strip() for k in self.ffn_pattern.split(",") if k.strip()]
+        return ["dense" if i < self.first_k_dense else pattern[i % len(pattern)] for i in range(self.n_layers)]
 
     def validate(self) -> None:
+        pattern = [k.strip() for k in self.ffn_pattern.split(",") if k.strip()]
+        _require(bool(pattern) and all(k in FFN_KINDS for k in pattern),
+                 f"model.ffn_pattern = {self.ffn_pattern!r}: must be a comma-separated list of {', '.join(FFN_KINDS)}")
+        _require(self.first_k_dense >= 0, f"model.first_k_dense = {self.first_k_dense}: must be >= 0")
         for key in ("d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
                     "max_seq_len", "d_ff"):
             _require(getattr(self, key) > 0, f"model.{key} = {getattr(self, key)}: must be a positive integer")
@@ -84,8 +99,12 @@ class TrainConfig:
     resume: bool = option(False, "continue from the latest checkpoint in run_dir")
     steps: int = option(300, "optimizer steps")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    optimizer: str = option("adamw", "optimizer", choices=["adamw"])
-    lr: float = option(3e-3, "peak learning rate")
+    optimizer: str = option("adamw", "adamw for everything, or muon for hidden matrices (AdamW for the rest)", choices=["adamw", "muon"])
+    lr: float = option(3e-3, "peak learning rate (AdamW; also Muon's with muon_adjust_lr = match_rms_adamw)")
+    muon_lr: float = option(0.0, "Muon's peak learning rate; 0 = the same as lr")
+    muon_momentum: float = option(0.95, "Muon's momentum")
+    muon_ns_steps: int = option(5, "Newton-Schulz iterations of Muon")
+    muon_adjust_lr: str = option("match_rms_adamw", "Muon's per-shape lr scale: match_rms_adamw = 0.2*sqrt(max(rows, cols)) (AdamW lrs carry over), original = sqrt(max(1, rows/cols))", choices=["match_rms_adamw", "original"])
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr")
     warmup_steps: int = option(20, "linear warmup steps")
     schedule: str = option("cosine", "decay after warmup: cosine, or warmup-stable-decay", choices=["cosine", "wsd"])
@@ -109,6 +128,9 @@ class TrainConfig:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every"):
             _require(getattr(self, key) > 0, f"train.{key} = {getattr(self, key)}: must be a positive integer")
         _require(self.lr > 0, f"train.lr = {self.lr}: must be > 0")
+        _require(self.muon_lr >= 0, f"train.muon_lr = {self.muon_lr}: must be >= 0 (0 = lr)")
+        _require(0 <= self.muon_momentum < 1, f"train.muon_momentum = {self.muon_momentum}: must be in [0, 1)")
+        _require(self.muon_ns_steps > 0, f"train.muon_ns_steps = {self.muon_ns_steps}: must be > 0")
         _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio = {self.min_lr_ratio}: must be in [0, 1]")
         _require(self.warmup_steps >= 0, f"train.warmup_steps = {self.warmup_steps}: must be >= 0")
         _require(0 < self.decay_fraction <= 1, f"train.decay_fraction = {self.decay_fraction}: must be in (0, 1]")
@@ -146,7 +168,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _section_name(obj: Any) -> str:
-    return {ModelConfig: "model", DataConfig: "data", TrainConfig: "train"}.get(type(obj), type(obj).__name__)
+    return {ModelConfig: "model", DataConfig: "data", TrainConfig: "train"}[type(obj)]
 
 
 def _validate_tree(obj: Any, prefix: str) -> None:
@@ -168,6 +190,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quickstart": {
         "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
                       qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256),
+        "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
+        "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8,
+                      ckpt_every=100, log_every=10),
+    },
+    # CPU: quickstart with a PEER FFN (4096 single-neuron experts, 4 heads x 8) in every other layer.
+    "quickstart-peer": {
+        "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
+                      qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256, ffn_pattern="dense,peer",
+                      peer=dict(num_experts=4096, product_key_dim=[64, 64], num_experts_per_tok=8, num_heads=4,
+                                query_dim=64)),
         "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
         "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8,
                       ckpt_every=100, log_every=10),

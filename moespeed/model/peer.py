@@ -141,6 +141,9 @@ class PEER(nn.Module):
         self.keys = nn.Parameter(torch.empty(self.pools, 2, n, cfg.query_dim // 2))
         self.down = nn.Parameter(torch.empty(rows, d_model))
         self.up = nn.Parameter(torch.empty(rows, d_model))
+        for table in (self.down, self.up):
+            table._muon_eligible = False  # embedding-like rows: AdamW without weight decay, never Muon
+            table._no_weight_decay = True
         self.reset_parameters(init_std)
 
     def reset_parameters(self, init_std: float = 0.02) -> None:

@@ -15,22 +15,33 @@ from torch import nn
 from ..kernels.linear_ce import linear_cross_entropy
 from .attention import MLA, LatentKVCache
 from .mlp import MLP
+from .peer import PEER
 from .rope import rope_tables
 
 
-class Block(nn.Module):
-    """x + attn(norm(x)), then + mlp(norm(x))."""
+def build_ffn(cfg, kind: str) -> nn.Module:
+    """The FFN of one block: the dense MLP, a DeepSeekMoE layer or a PEER layer."""
+    if kind == "peer":
+        return PEER(cfg.d_model, cfg.peer, cfg.init_std)
+    return MLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation)
 
-    def __init__(self, cfg):
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then + ffn(norm(x)); returns the new x and the FFN's auxiliary loss."""
+
+    def __init__(self, cfg, ffn_kind: str = "dense"):
         super().__init__()
+        self.ffn_kind = ffn_kind
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = MLA(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation)
+        self.mlp = build_ffn(cfg, ffn_kind)
 
     def forward(self, x, cos, sin, doc_ids=None, cache=None, start_pos=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids, cache, start_pos)
-        return x + self.mlp(self.mlp_norm(x))
+        out = self.mlp(self.mlp_norm(x))
+        y, aux = out if isinstance(out, tuple) else (out, None)  # MoE returns (y, aux_loss)
+        return x + y, aux
 
 
 class Transformer(nn.Module):
@@ -42,7 +53,7 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building a Transformer")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.ffn_kinds())
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -59,6 +70,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_out else std)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
+        for block in self.blocks:  # sparse FFNs own their init
+            if block.ffn_kind != "dense":
+                block.mlp.reset_parameters(std)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -68,29 +82,38 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       caches: list[LatentKVCache] | None = None, start_pos: int = 0) -> torch.Tensor:
         """tokens (B, T) -> final normed hidden states (B, T, D)."""
+        return self._hidden_and_aux(tokens, doc_ids, caches, start_pos)[0]
+
+    def _hidden_and_aux(self, tokens, doc_ids=None, caches=None, start_pos=0):
+        """(hidden states (B, T, D), summed auxiliary loss of the sparse FFNs or None)."""
         T = tokens.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.embed(tokens)
+        aux_total = None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, doc_ids, caches[i] if caches is not None else None, start_pos)
-        return self.norm(x)
+            x, aux = block(x, cos, sin, doc_ids, caches[i] if caches is not None else None, start_pos)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(x), aux_total
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, return_logits: bool = False,
                 ignore_index: int = -100):
         """tokens (B, T) [, targets (B, T), doc_ids (B, T)].
 
-        With targets: the mean cross-entropy (chunked: full logits never exist), or (loss, logits)
-        when return_logits. Without targets: logits (B, T, V).
+        With targets: the mean cross-entropy (chunked: full logits never exist) plus the sparse FFNs'
+        auxiliary losses, or (loss, logits) when return_logits. Without targets: logits (B, T, V).
         """
-        h = self.hidden_states(tokens, doc_ids)
+        h, aux = self._hidden_and_aux(tokens, doc_ids)
         if targets is None:
             return self.logits(h)
         B, T, D = h.shape
         loss = linear_cross_entropy(h.reshape(B * T, D), self.head_weight, targets.reshape(B * T),
                                     ignore_index=ignore_index)
+        if aux is not None:
+            loss = loss + aux
         return (loss, self.logits(h)) if return_logits else loss
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

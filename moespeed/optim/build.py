@@ -1,39 +1,78 @@
 """Parameter grouping and the optimizer: one place decides which parameter gets what.
 
-AdamW with decoupled weight decay on hidden matrices only: norms, biases, embeddings, the head and
-scalars get weight_decay = 0 (decaying them hurts and buys nothing). The grouping is printed at
-start-up so it can be checked.
+- `train.optimizer = adamw`: AdamW everywhere.
+- `train.optimizer = muon`: Muon for hidden matrices (attention projections, MLP and expert weights,
+  2-D and stacked 3-D; see `muon_eligible`), AdamW for embeddings, the head, norms, biases, scalars,
+  router vectors and PEER's expert tables (embedding-like: each step touches a few rows).
+AdamW's weight decay skips norms, biases, embeddings, the head and scalars. Every group records its
+peak lr as `base_lr`; the trainer multiplies it by the schedule's factor. The grouping is printed
+at start-up.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .muon import Muon, muon_eligible
+
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """True for parameters that must not be weight-decayed."""
+    if getattr(param, "_no_weight_decay", False):
+        return True
     return param.ndim < 2 or "embed" in name or "norm" in name or name.endswith(".bias") or name.startswith("head.")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, keep = [], []
+class OptimizerSet:
+    """Several optimizers stepped as one (Muon + AdamW), with one state_dict."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state has {sorted(state)}, expected {sorted(self.optimizers)}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
+    """The optimizer of a model for a TrainConfig, and a summary of the grouping."""
+    muon, decay, keep = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (keep if no_decay(name, p) else decay).append((name, p))
-    return [
-        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in keep], "names": [n for n, _ in keep], "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, train_cfg) -> tuple[torch.optim.Optimizer, str]:
-    """The optimizer for a model and a one-paragraph summary of the grouping."""
-    groups = param_groups(model, train_cfg.weight_decay)
-    fused = next(model.parameters()).is_cuda
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                            lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), fused=fused or None)
-    summary = "\n".join(
-        f"  AdamW wd={g['weight_decay']}: {len(g['params'])} tensors, "
-        f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M params"
-        for g in groups)
-    return opt, "optimizer groups:\n" + summary
+        if not p.requires_grad:
+            continue
+        if tc.optimizer == "muon" and muon_eligible(name, p):
+            muon.append(p)
+        elif no_decay(name, p):
+            keep.append(p)
+        else:
+            decay.append(p)
+    fused = next(model.parameters()).is_cuda or None
+    adamw_groups = [g for g in ({"params": decay, "weight_decay": tc.weight_decay, "base_lr": tc.lr},
+                                {"params": keep, "weight_decay": 0.0, "base_lr": tc.lr}) if g["params"]]
+    optimizers = {"adamw": torch.optim.AdamW(adamw_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)}
+    lines = [f"  AdamW wd={g['weight_decay']}: {len(g['params'])} tensors, "
+             f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M params" for g in adamw_groups]
+    if muon:
+        muon_lr = tc.muon_lr or tc.lr
+        optimizers["muon"] = Muon([{"params": muon, "base_lr": muon_lr}], lr=muon_lr, weight_decay=tc.weight_decay,
+                                  momentum=tc.muon_momentum, ns_steps=tc.muon_ns_steps, adjust_lr_fn=tc.muon_adjust_lr)
+        lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}: {len(muon)} tensors, "
+                        f"{sum(p.numel() for p in muon) / 1e6:.2f}M params")
+    return OptimizerSet(optimizers), "optimizer groups:\n" + "\n".join(lines)

@@ -6,7 +6,12 @@ import math
 
 def lr_at(step: int, cfg) -> float:
     """Learning rate for optimizer step `step` (0-based) of a TrainConfig."""
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    return cfg.lr * lr_factor(step, cfg)
+
+
+def lr_factor(step: int, cfg) -> float:
+    """The schedule's multiplier in [min_lr_ratio, 1] of every group's peak lr at step `step`."""
+    peak, floor = 1.0, cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "cosine":

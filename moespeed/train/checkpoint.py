@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -88,7 +89,7 @@ def read_state(ckpt: Path) -> dict:
 def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
     try:
         state = torch.load(Path(ckpt) / "model.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{ckpt}: model.pt missing or corrupt ({type(e).__name__}): use another checkpoint") from None
     try:
         model.load_state_dict(state)
@@ -101,5 +102,5 @@ def load_training_state(ckpt: Path, optimizer) -> None:
     try:
         optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=True))
         set_rng_state(torch.load(Path(ckpt) / "rng.pt", weights_only=False))
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{ckpt}: optimizer or RNG state missing or corrupt ({type(e).__name__})") from None

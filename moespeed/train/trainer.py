@@ -21,7 +21,7 @@ from ..data.prepare import prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..model.transformer import Transformer
 from ..optim.build import build_optimizer
-from ..optim.schedule import lr_at
+from ..optim.schedule import lr_at, lr_factor
 from ..run import new_run_dir, read_run_config, save_run_config
 from .checkpoint import latest_checkpoint, list_checkpoints, load_model_state, load_training_state, read_state, save_checkpoint
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss_curve
@@ -148,9 +148,9 @@ class Trainer:
 
         try:
             while step < tc.steps:
-                lr = lr_at(step, tc)
+                lr, factor = lr_at(step, tc), lr_factor(step, tc)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = group["base_lr"] * factor
                 for _ in range(tc.grad_accum):
                     tokens, targets, doc_ids = (t.to(self.device, non_blocking=True) for t in loader.next_batch())
                     with autocast_for(self.device, tc.dtype):

@@ -1,0 +1,43 @@
+"""Small shared builders for the tests: a tiny config, a tiny corpus."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from moespeed.config import ModelConfig, build_config
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                      qk_rope_head_dim=4, v_head_dim=8, d_ff=64, max_seq_len=64)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def write_corpus(folder: Path, n_files: int = 24) -> Path:
+    """A folder of small Python-like files (a stand-in for the stdlib corpus)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        body = "\n".join(f"def function_{i}_{j}(x, y):\n    return x * {j} + y - {i}\n" for j in range(30))
+        (folder / f"module_{i}.py").write_text(f'"""Module {i}."""\nimport os\n\n{body}\n')
+    return folder
+
+
+def tiny_train_args(data_dir: Path, run_dir: Path, cache_dir: Path, steps: int = 6) -> list[str]:
+    """CLI arguments for a few-second training run on the tiny corpus."""
+    return ["--data.data", str(data_dir), "--data.cache_dir", str(cache_dir), "--data.vocab_size", "300",
+            "--data.seq_len", "32", "--data.batch_size", "4", "--data.val_fraction", "0.2",
+            "--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--model.kv_lora_rank", "16",
+            "--model.qk_nope_head_dim", "8", "--model.qk_rope_head_dim", "4", "--model.v_head_dim", "8",
+            "--model.d_ff", "64", "--model.max_seq_len", "64",
+            "--train.steps", str(steps), "--train.eval_every", "3", "--train.eval_batches", "2",
+            "--train.ckpt_every", "3", "--train.log_every", "1", "--train.warmup_steps", "2",
+            "--train.run_dir", str(run_dir)]
+
+
+def tiny_config(data_dir: Path, run_dir: Path, cache_dir: Path, steps: int = 6):
+    args = tiny_train_args(data_dir, run_dir, cache_dir, steps)
+    pairs = [(args[i][2:], args[i + 1]) for i in range(0, len(args), 2)]
+    pairs = [(k, [v] if k == "data.data" else v) for k, v in pairs]
+    return build_config("quickstart", None, pairs)

@@ -1,0 +1,84 @@
+import pytest
+
+from moespeed import config as C
+from moespeed.cli import build_parser, main
+from moespeed.errors import ConfigError
+
+
+def test_presets_are_valid_and_small_is_about_100m_parameters():
+    from moespeed import Transformer
+    for name in C.PRESETS:
+        C.preset_config(name).validate()
+    cfg = C.preset_config("small")
+    cfg.model.vocab_size = cfg.data.vocab_size
+    n = sum(p.numel() for p in Transformer(cfg.model).parameters())
+    assert 80e6 < n < 150e6
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("model.n_layer", "3", "unknown config key 'model.n_layer'"),
+    ("modle.n_layers", "3", "unknown config key 'modle.n_layers'"),
+    ("model.n_layers", "three", "model.n_layers = 'three': must be an integer"),
+    ("model.n_layers", "0", "model.n_layers = 0: must be a positive integer"),
+    ("model.qk_rope_head_dim", "7", "must be a positive even number"),
+    ("model.kv_lora_rank", "-1", "model.kv_lora_rank = -1"),
+    ("model.qk_norm", "maybe", "must be true or false"),
+    ("train.schedule", "linear", "train.schedule = 'linear': must be one of cosine, wsd"),
+    ("data.val_fraction", "1.5", "data.val_fraction = 1.5: must be in (0, 1)"),
+    ("model.ffn_pattern", "dense,sparse", "model.ffn_pattern"),
+    ("model.peer.num_experts", "100", "model.peer.num_experts = 100"),
+])
+def test_bad_values_name_the_key(key, value, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        C.build_config("quickstart", None, [(key, value)])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_seq_len_longer_than_context_is_rejected():
+    with pytest.raises(ConfigError, match="data.seq_len = 512: must be <= model.max_seq_len"):
+        C.build_config("quickstart", None, [("data.seq_len", "512")])
+
+
+def test_toml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "quickstart"\n[model]\nn_layers = 3\nd_model = 64\n[train]\nlr = 0.01\n')
+    cfg = C.build_config(None, str(path), [("model.n_layers", "5")])
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.train.lr) == (5, 64, 0.01)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nn_layers = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        C.build_config(None, str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        C.build_config(None, str(tmp_path / "missing.toml"))
+
+
+def test_to_toml_round_trips():
+    import tomllib
+    cfg = C.build_config("quickstart-peer", None, [("data.data", ["a.txt", "b/"]), ("model.n_layers", "2")])
+    again = C.config_from_dict(tomllib.loads(C.to_toml(cfg)))
+    assert again == cfg
+
+
+def test_nested_defaults_are_not_shared():
+    a, b = C.Config(), C.Config()
+    a.model.peer.product_key_dim.append(5)
+    a.data.data.append("x")
+    assert b.model.peer.product_key_dim == [128, 128] and b.data.data == []
+
+
+def test_help_lists_every_option_with_its_doc(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    for key, _, _, doc, _ in C.iter_options():
+        assert f"--{key}" in out
+        assert doc.split()[0] in out
+
+
+def test_cli_config_error_is_one_line_and_exit_2(capsys):
+    assert main(["train", "--model.n_layers", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "moespeed: error: model.n_layers = 'x': must be an integer"
+    assert main(["train", "--model.n_layer", "3"]) == 2
+    assert "unrecognized arguments: --model.n_layer" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moespeed import Transformer
+from moespeed.kernels.linear_ce import linear_cross_entropy
+from moespeed.model.transformer import mla_param_count
+
+from helpers import tiny_model_config
+
+
+def test_causality_future_tokens_never_change_earlier_logits():
+    for q_lora_rank in (0, 8):
+        model = Transformer(tiny_model_config(q_lora_rank=q_lora_rank)).eval()
+        tokens = torch.randint(0, 97, (2, 24))
+        changed = tokens.clone()
+        changed[:, 15:] = torch.randint(0, 97, (2, 9))
+        a, b = model(tokens), model(changed)
+        assert torch.allclose(a[:, :15], b[:, :15], atol=1e-5)
+        assert not torch.allclose(a[:, 15:], b[:, 15:], atol=1e-3)
+
+
+def test_document_mask_isolates_documents():
+    model = Transformer(tiny_model_config()).eval()
+    tokens = torch.randint(0, 97, (1, 20))
+    doc_ids = torch.tensor([[0] * 10 + [1] * 10])
+    changed = tokens.clone()
+    changed[:, :10] = torch.randint(0, 97, (1, 10))  # rewrite document 0 only
+    a, b = model(tokens, doc_ids=doc_ids), model(changed, doc_ids=doc_ids)
+    assert torch.allclose(a[:, 10:], b[:, 10:], atol=1e-5)
+
+
+def test_mla_parameter_count_matches_formula():
+    for q_lora_rank, qk_norm in ((0, True), (12, False), (12, True)):
+        cfg = tiny_model_config(q_lora_rank=q_lora_rank, qk_norm=qk_norm)
+        attn = Transformer(cfg).blocks[0].attn
+        assert sum(p.numel() for p in attn.parameters()) == mla_param_count(cfg)
+
+
+def test_mla_cache_holds_only_latent_and_rope_key():
+    cfg = tiny_model_config()
+    caches = Transformer(cfg).new_cache(batch=3, max_len=10, dtype=torch.float32)
+    assert caches[0].latent.shape == (3, 10, cfg.kv_lora_rank)
+    assert caches[0].rope_key.shape == (3, 10, cfg.qk_rope_head_dim)
+    assert caches[0].bytes_per_token() == 4 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+def test_absorbed_decode_equals_full_forward():
+    torch.manual_seed(1)
+    for q_lora_rank in (0, 8):
+        model = Transformer(tiny_model_config(q_lora_rank=q_lora_rank)).eval()
+        for p in model.parameters():  # larger weights than init, so attention is far from uniform
+            p.data.normal_(0, 0.3)
+        tokens = torch.randint(0, 97, (2, 20))
+        full = model(tokens)
+        caches = model.new_cache(2, 20, dtype=torch.float32)
+        pieces = [model.hidden_states(tokens[:, :7], caches=caches, start_pos=0)]  # prefill (expanded)
+        for t in range(7, 20):  # one token at a time (absorbed)
+            pieces.append(model.hidden_states(tokens[:, t:t + 1], caches=caches, start_pos=t))
+        incremental = model.logits(torch.cat(pieces, dim=1))
+        assert (incremental - full).norm() / full.norm() < 1e-5
+
+
+def test_absorbed_weights_refresh_when_weights_change():
+    model = Transformer(tiny_model_config()).eval()
+    attn = model.blocks[0].attn
+    w_uk_t, _ = attn.absorbed_weights()
+    with torch.no_grad():
+        attn.wkv_b.weight.mul_(2)
+    w_uk_t2, _ = attn.absorbed_weights()
+    assert torch.allclose(w_uk_t2, 2 * w_uk_t)
+
+
+def test_chunked_loss_equals_reference_cross_entropy():
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 37, (50,))
+    targets[::7] = -100
+    ref = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100)
+    ref.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = linear_cross_entropy(hidden, weight, targets, backend="chunked", chunk_size=8)
+    loss.backward()
+    assert torch.allclose(loss, ref, atol=1e-5)
+    assert torch.allclose(hidden.grad, grads[0], atol=1e-5) and torch.allclose(weight.grad, grads[1], atol=1e-5)
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    model = Transformer(tiny_model_config())
+    tokens, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    loss, logits = model(tokens, targets, return_logits=True)
+    assert torch.allclose(loss, F.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1)), atol=1e-5)
+    assert abs(loss.item() - math.log(97)) < 0.5  # small init: near-uniform predictions
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config())
+    tokens = torch.randint(0, 97, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_generate_is_seeded_and_respects_context():
+    model = Transformer(tiny_model_config()).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    runs = [torch.stack(list(model.generate(prompt, 8, temperature=1.0, top_k=10,
+                                            generator=torch.Generator().manual_seed(3)))) for _ in range(2)]
+    assert runs[0].shape == (8, 2) and torch.equal(runs[0], runs[1])
+    greedy = list(model.generate(prompt, 100, temperature=0))
+    assert len(greedy) == model.cfg.max_seq_len - 5 + 1  # stops at the context length
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from moespeed.generate import sample_next
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {int(sample_next(logits, 1.0, None, 0.7, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert draws == {0, 1}

@@ -1,0 +1,145 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moespeed.cli import main
+from moespeed.train.checkpoint import list_checkpoints
+from moespeed.train.trainer import Trainer
+
+from helpers import tiny_config, tiny_train_args, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return write_corpus(root / "src"), root / "cache"
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in lines if "train_loss" in r}
+
+
+def _interrupted_fit(cfg, monkeypatch, after_batches: int) -> None:
+    """Run fit() and press Ctrl-C when the loader is asked for batch number after_batches + 1."""
+    from moespeed.data.loader import TokenLoader
+    real_next, calls = TokenLoader.next_batch, {"n": 0}
+
+    def next_batch(self):
+        if self.shuffle:  # the train loader (eval loaders do not shuffle)
+            calls["n"] += 1
+            if calls["n"] > after_batches:
+                raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(TokenLoader, "next_batch", next_batch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg).fit()
+    monkeypatch.setattr(TokenLoader, "next_batch", real_next)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_interrupt_is_bitwise_exact(corpus, tmp_path, monkeypatch, optimizer):
+    data, cache = corpus
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cfg = tiny_config(data, straight, cache, steps=8)
+    cfg.train.optimizer = optimizer
+    Trainer(cfg).fit()
+    cfg = tiny_config(data, split, cache, steps=8)
+    cfg.train.optimizer = optimizer
+    _interrupted_fit(cfg, monkeypatch, after_batches=5)  # Ctrl-C during step 6: step-5 is saved
+    assert [p.name for p in list_checkpoints(split)] == ["step-3", "step-5"]
+    cfg = tiny_config(data, split, cache, steps=8)
+    cfg.train.optimizer, cfg.train.resume = optimizer, True
+    Trainer(cfg).fit()
+    a, b = _losses(straight), _losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in a), (a, b)  # bitwise identical on CPU
+    sd_a = torch.load(straight / "step-8" / "model.pt", weights_only=True)
+    sd_b = torch.load(split / "step-8" / "model.pt", weights_only=True)
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_cli_train_generate_eval(corpus, tmp_path, capsys, monkeypatch):
+    data, cache = corpus
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    assert main(["train"] + tiny_train_args(data, run, cache, steps=6)) == 0
+    assert {p.name for p in run.iterdir()} >= {"config.toml", "tokenizer.json", "metrics.jsonl", "loss_curve.png",
+                                               "step-3", "step-6"}
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "val_loss" in records[0]
+    assert {"step", "train_loss", "lr", "tokens", "tokens_per_s", "elapsed_s"} <= set(records[1])
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "def function_1", "--max-new-tokens", "12", "--seed", "1"]) == 0  # latest run
+    first = capsys.readouterr().out
+    assert first.startswith("def function_1") and len(first) > len("def function_1\n")
+    assert main(["generate", "--run", str(run), "--prompt", "def function_1", "--max-new-tokens", "12",
+                 "--seed", "1", "--verbose"]) == 0
+    out = capsys.readouterr()
+    assert out.out == first and "KV cache" in out.err
+    assert main(["eval", "--run", str(run), "--batches", "2"]) == 0
+    assert "val loss" in capsys.readouterr().out
+    # the same run dir again without --resume is refused, with nothing overwritten
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train"] + tiny_train_args(data, run, cache, steps=6)) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_bad_inputs_exit_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
+    data, cache = corpus
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train"] + tiny_train_args(data, run, cache, steps=3)) == 0
+    cases = [
+        (["generate", "--run", str(tmp_path / "nope"), "--prompt", "x"], "no such run directory"),
+        (["generate", "--run", str(run), "--prompt", ""], "the prompt is empty"),
+        (["generate", "--run", str(run), "--prompt", "x" * 500], "the model's context is 64"),
+        (["generate", "--run", str(run), "--checkpoint", "step-99", "--prompt", "x"], "no such checkpoint"),
+        (["train", "--resume"] + tiny_train_args(data, run, cache, steps=6)[:-2]
+         + ["--train.run_dir", str(run), "--model.d_model", "64"], "cannot resume: model.d_model"),
+        (["train"] + tiny_train_args(tmp_path / "missing", tmp_path / "r2", cache), "no such file or folder"),
+    ]
+    for args, fragment in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and "\n" not in err, err
+    empty_run = tmp_path / "empty"
+    empty_run.mkdir()
+    assert main(["generate", "--run", str(empty_run), "--prompt", "x"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    # a tokenizer that does not match the checkpoint's vocabulary
+    from moespeed.data.tokenizer import train_tokenizer
+    original = (run / "tokenizer.json").read_bytes()
+    train_tokenizer(["abc def"] * 10, 280).save(str(run / "tokenizer.json"))
+    assert main(["generate", "--run", str(run), "--prompt", "x"]) == 2
+    assert "tokenizer.json has" in capsys.readouterr().err
+    (run / "tokenizer.json").write_bytes(original)
+    # a corrupt checkpoint
+    (run / "step-3" / "model.pt").write_bytes(b"garbage")
+    assert main(["eval", "--run", str(run)]) == 2
+    assert "model.pt missing or corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+
+
+def test_crash_while_saving_leaves_no_half_checkpoint(corpus, tmp_path, monkeypatch):
+    data, cache = corpus
+    import moespeed.train.checkpoint as ckpt_mod
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second checkpoint's optimizer file
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(OSError):
+        Trainer(tiny_config(data, tmp_path / "run", cache, steps=6)).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-3"]
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".tmp")]
