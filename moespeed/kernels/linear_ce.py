@@ -291,12 +291,16 @@ def default_chunk_size(n_tokens: int, vocab: int, itemsize: int) -> int:
 
 
 def _chunked_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
-                     mean: bool, z_loss: float, softcap: float, chunk_size: int, use_triton: bool,
+                     mean: bool, z_loss: float, softcap: float, chunk_size: int, backend: str,
                      fp32_accum: bool, need_grad_h: bool, need_grad_w: bool):
-    """Loss and (unscaled) gradients of hidden and weight, one chunk of tokens at a time."""
+    """Loss and (unscaled) gradients of hidden and weight, one chunk of tokens at a time.
+
+    backend: "triton", "chunked", or "auto" (decided here, at run time, outside torch.compile).
+    """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # GEMM operand (V, D)
+    use_triton = backend == "triton" or (backend == "auto" and triton_works(hidden.device.type))
     ce_chunk = _ce_chunk_triton if use_triton else _ce_chunk_torch
     valid = targets != ignore_index
     if mean:
@@ -329,17 +333,17 @@ def _chunked_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_ind
 
 @torch.library.custom_op("moespeed::linear_ce_fwd", mutates_args=())
 def _linear_ce_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
-                   mean: bool, z_loss: float, softcap: float, chunk_size: int, use_triton: bool,
+                   mean: bool, z_loss: float, softcap: float, chunk_size: int, backend: str,
                    fp32_accum: bool, need_grad_h: bool, need_grad_w: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Custom op around `_chunked_forward`: opaque to torch.compile, so compile runs it as is."""
     with torch.autocast(hidden.device.type, enabled=False):
         return _chunked_forward(hidden, weight, targets, ignore_index, mean, z_loss, softcap,
-                                chunk_size, use_triton, fp32_accum, need_grad_h, need_grad_w)
+                                chunk_size, backend, fp32_accum, need_grad_h, need_grad_w)
 
 
 @_linear_ce_fwd.register_fake
-def _(hidden, weight, targets, ignore_index, mean, z_loss, softcap, chunk_size, use_triton,
+def _(hidden, weight, targets, ignore_index, mean, z_loss, softcap, chunk_size, backend,
       fp32_accum, need_grad_h, need_grad_w):
     loss = hidden.new_empty((), dtype=torch.float32)
     grad_h = torch.empty_like(hidden) if need_grad_h else hidden.new_empty(0)
@@ -352,10 +356,10 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, mean, z_loss, softcap, chunk_size,
-                use_triton, fp32_accum, need_grad_h, need_grad_w):
+                backend, fp32_accum, need_grad_h, need_grad_w):
         loss, grad_h, grad_w = torch.ops.moespeed.linear_ce_fwd(
             hidden, weight, targets, ignore_index, mean, z_loss, softcap, chunk_size,
-            use_triton, fp32_accum, need_grad_h, need_grad_w)
+            backend, fp32_accum, need_grad_h, need_grad_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.need = (need_grad_h, need_grad_w)
         return loss
@@ -396,16 +400,13 @@ def triton_works(device_type: str) -> bool:
         return False
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _check_backend(backend: str, device: torch.device) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"linear_cross_entropy: backend={backend!r} is unknown; "
                          f"choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "triton" if triton_works(device.type) else "chunked"
     if backend == "triton" and not (HAS_TRITON and (device.type == "cuda" or _interpreting())):
         raise ValueError("linear_cross_entropy: backend='triton' needs triton and CUDA tensors "
                          "(or TRITON_INTERPRET=1); use backend='chunked' or 'auto'")
-    return backend
 
 
 def _check_args(hidden, weight, targets, reduction, z_loss, softcap, chunk_size) -> None:
@@ -459,7 +460,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     Under autocast the GEMMs run in the autocast dtype. Returns a 0-d fp32 tensor.
     """
     _check_args(hidden, weight, targets, reduction, z_loss, softcap, chunk_size)
-    backend = _resolve_backend(backend, hidden.device)
+    _check_backend(backend, hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     targets = targets.reshape(-1).long()  # (N,)
     if torch.is_autocast_enabled(hidden.device.type):
@@ -475,7 +476,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     args = (hidden, weight, targets, ignore_index, reduction == "mean", float(z_loss),
-            float(softcap or 0.0), int(chunk_size), backend == "triton",
+            float(softcap or 0.0), int(chunk_size), backend,
             accum_dtype == torch.float32, need_h, need_w)
     if not (need_h or need_w):
         return torch.ops.moespeed.linear_ce_fwd(*args)[0]
