@@ -210,6 +210,11 @@ TRITON_CHECK = textwrap.dedent("""
     loss = m.linear_cross_entropy(h, w, t_none, backend="triton")
     assert loss.item() == 0.0
     assert m.triton_works("cpu")
+    # backward's scaling kernel: skips g == 1, scales otherwise
+    for g in (1.0, -3.0):
+        x = torch.randn(5000); y = x.clone()
+        m._scale_unless_one_kernel[(2,)](x, torch.tensor(g), x.numel(), BLOCK=4096)
+        assert torch.allclose(x, g * y), g
     print("TRITON_OK")
 """)
 

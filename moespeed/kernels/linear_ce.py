@@ -196,6 +196,16 @@ if HAS_TRITON:
                     g = g * (1.0 - t * t)
                 tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _scale_unless_one_kernel(x_ptr, g_ptr, numel, BLOCK: tl.constexpr):
+        """x *= g in place, reading nothing when g == 1 (the usual incoming loss gradient)."""
+        g = tl.load(g_ptr).to(tl.float32)
+        if g != 1.0:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
+
 
 def _ce_chunk_triton(logits: Tensor, targets: Tensor, row_loss: Tensor, scale: Tensor,
                      ignore_index: int, z_loss: float, softcap: float, compute_grad: bool) -> None:
@@ -208,6 +218,16 @@ def _ce_chunk_triton(logits: Tensor, targets: Tensor, row_loss: Tensor, scale: T
         HAS_SOFTCAP=bool(softcap), COMPUTE_GRAD=compute_grad, BLOCK_V=block,
         num_warps=8 if block >= 2048 else 4,
     )
+
+
+def _scale_(x: Tensor, g: Tensor) -> Tensor:
+    """x *= g in place (g a 0-d tensor), skipping the memory pass when g == 1 on CUDA."""
+    if (x.is_cuda and HAS_TRITON and x.is_contiguous() and x.numel() > 0
+            and not torch.compiler.is_compiling()):
+        block = 4096
+        _scale_unless_one_kernel[(triton.cdiv(x.numel(), block),)](x, g, x.numel(), BLOCK=block)
+        return x
+    return x.mul_(g)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +317,7 @@ def _chunked_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_ind
 
     backend: "triton", "chunked", or "auto" (decided here, at run time, outside torch.compile).
     """
+    hidden, targets = hidden.contiguous(), targets.contiguous()
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # GEMM operand (V, D)
@@ -367,8 +388,8 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h.mul_(grad_loss) if ctx.need[0] else None
-        grad_w = grad_w.mul_(grad_loss) if ctx.need[1] else None
+        grad_h = _scale_(grad_h, grad_loss) if ctx.need[0] else None
+        grad_w = _scale_(grad_w, grad_loss) if ctx.need[1] else None
         return (grad_h, grad_w) + (None,) * 10
 
 
