@@ -289,6 +289,7 @@ def main(argv=None):
     for n, d, v in shapes:
         rows += bench_shape(n, d, v, dtype, args.sweep)
     results = to_results(rows)
+    extras["fp32_addmm_fused"] = lce._MIXED_ADDMM["ok"]  # False: the slower fallback was used
     if args.json:
         doc = {"device": extras["device"], "torch": extras["torch"], "triton": extras["triton"],
                "commit": _commit(), "date": datetime.date.today().isoformat(),

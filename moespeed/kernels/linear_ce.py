@@ -233,13 +233,28 @@ def _scale_(x: Tensor, g: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Weight-gradient accumulation
 # --------------------------------------------------------------------------------------------
+_MIXED_ADDMM = {"ok": True}  # set to False if this torch rejects addmm(fp32 C, bf16 A, bf16 B)
+
+
 def _addmm_into(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
     """acc = a @ b (first) or acc += a @ b, accumulating in acc's dtype (fp32 possibly from bf16)."""
     beta = 0.0 if first else 1.0  # beta=0 ignores acc's (uninitialized) contents
     if a.dtype == acc.dtype:
         torch.addmm(acc, a, b, beta=beta, out=acc)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)  # cuBLAS, bf16 in, fp32 C
+    elif acc.is_cuda and _MIXED_ADDMM["ok"]:
+        try:  # cuBLAS with 16-bit A, B and fp32 C (torch >= 2.10 accepts an fp32 `self`)
+            torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
+        except (RuntimeError, TypeError) as exc:
+            warnings.warn(f"linear_cross_entropy: mixed-dtype addmm unavailable ({exc}); "
+                          "falling back to a 16-bit product added into the fp32 accumulator")
+            _MIXED_ADDMM["ok"] = False
+            _addmm_into(acc, a, b, first)
+    elif acc.is_cuda:  # older torch: the chunk's product is rounded once before the fp32 sum
+        product = a @ b  # (rows, D) 16-bit temporary
+        if first:
+            acc.copy_(product)
+        else:
+            acc.add_(product)
     else:  # CPU has no mixed-dtype addmm: upcast the operands
         torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), beta=beta, out=acc)
 
