@@ -208,15 +208,22 @@ if HAS_TRITON:
 
 
 def _ce_chunk_triton(logits: Tensor, targets: Tensor, row_loss: Tensor, scale: Tensor,
-                     ignore_index: int, z_loss: float, softcap: float, compute_grad: bool) -> None:
-    """Triton version of `_ce_chunk_torch` (same arguments and effects)."""
+                     ignore_index: int, z_loss: float, softcap: float, compute_grad: bool,
+                     block: Optional[int] = None, num_warps: Optional[int] = None) -> None:
+    """Triton version of `_ce_chunk_torch` (same arguments and effects).
+
+    Default launch: blocks of up to 16384 columns and 32 warps, i.e. about one row in flight per
+    SM, so that a row read by pass 1 (<= 256 KiB) is still in L2 when pass 2 reads it again.
+    `block` / `num_warps` override it (the benchmark sweeps them).
+    """
     n_rows, n_cols = logits.shape
-    block = min(4096, triton.next_power_of_2(n_cols))
+    block = block or min(16384, triton.next_power_of_2(n_cols))
+    num_warps = num_warps or max(1, min(32, block // 512))
     _ce_rows_kernel[(n_rows,)](
         logits, logits.stride(0), targets, row_loss, scale,
         n_cols, ignore_index, float(z_loss), float(softcap) if softcap else 1.0,
         HAS_SOFTCAP=bool(softcap), COMPUTE_GRAD=compute_grad, BLOCK_V=block,
-        num_warps=8 if block >= 2048 else 4,
+        num_warps=num_warps,
     )
 
 
