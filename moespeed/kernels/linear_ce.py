@@ -27,7 +27,8 @@ Backends
   (softmax work), the gradients themselves, and the fp32 weight-gradient accumulator (below).
 - "triton": the same loop, with the softmax/loss/gradient step done by one Triton kernel that
   reads each logits row twice (online max/sum, then gradient) and writes the gradient in place in
-  the compute dtype: no fp32 copy of the chunk, ~3 bytes of traffic per logit element and byte size.
+  the compute dtype: no fp32 copy of the chunk; 2 reads + 1 write of it, the second read mostly
+  from L2 (about one row in flight per SM).
 - "liger": LigerFusedLinearCrossEntropyLoss (liger-kernel), for comparison.
 - "auto": "triton" for CUDA tensors when Triton compiles and runs here, else "chunked".
 
@@ -51,6 +52,13 @@ shapes; the softmax step is memory-bound and small. What chunking trades:
   this module uses Liger's memory but then also runs at roughly Liger's speed. So: fp32 accuracy,
   Liger's memory, and a large speedup cannot all be had at once with 3 GEMMs; the default picks
   accuracy and speed, and the benchmark reports both settings.
+- Extra memory of the default (triton, bf16, fp32 accumulation): 4*V*D (grad_W accumulator, which
+  becomes the output) + chunk*V*2 (logits) + N*D*2 (grad_hidden) bytes: ~2.6 GiB at
+  (N, D, V) = (16384, 4096, 131072) and ~290 MiB at (16384, 1024, 32768), against Liger's ~1.25 GiB
+  and ~130 MiB. The gradients are made in the forward pass and live until backward.
+- Time: 3 GEMMs at cuBLAS speed plus ~3 passes over the logits (~4 GiB of traffic at the large
+  shape). Beating Liger by 15% there needs the GEMMs at >~ 85% of the measured bf16 peak; the
+  benchmark reports TFLOP/s so this can be checked.
 - No host sync: the number of non-ignored tokens stays on the device (Liger calls .item()).
 - Backward multiplies the saved gradients by the incoming scalar in place, so calling backward twice
   through the same graph (retain_graph=True) is not supported.
@@ -63,7 +71,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
