@@ -211,6 +211,15 @@ def matmul_ceiling_tflops(dtype):
     return 2 * 8192**3 / ms / 1e9
 
 
+def copy_ceiling_gbps():
+    from triton.testing import do_bench
+
+    src = torch.empty(2**28, device=DEVICE)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6  # read + write
+
+
 def bench_shape(n, d, v, dtype, sweep):
     print(f"\n== N={n} D={d} V={v} {dtype} ==", flush=True)
     inputs = make_inputs(n, d, v, dtype)
@@ -287,6 +296,7 @@ def main(argv=None):
               "auto_uses_triton": lce.triton_works("cuda")}
     try:
         extras["matmul_8192_tflops"] = round(matmul_ceiling_tflops(dtype), 1)
+        extras["copy_gbps"] = round(copy_ceiling_gbps())
         chunk = lce.default_chunk_size(shapes[0][0], shapes[0][2], 2)
         for block, warps in CE_CONFIGS if args.sweep else CE_CONFIGS[:1]:
             ce_ms, ce_gbps = ce_kernel_gbps(chunk, shapes[0][2], dtype, block, warps)
