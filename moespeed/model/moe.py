@@ -110,13 +110,14 @@ _FUSE_ON_CUDA = os.environ.get("MOESPEED_NO_FUSE", "0") != "1"
 
 
 def _fused(fn: Callable) -> Callable:
-    """`fn` run through `torch.compile` on CUDA tensors (fuses its pointwise ops), eager elsewhere."""
+    """`fn` run through `torch.compile` on CUDA tensors (fuses its pointwise ops), eager elsewhere
+    (and plain when an outer torch.compile is already tracing it)."""
     compiled = None
 
     @functools.wraps(fn)
     def wrapper(*args):
         nonlocal compiled
-        if not (_FUSE_ON_CUDA and args[0].is_cuda):
+        if not (_FUSE_ON_CUDA and args[0].is_cuda) or torch.compiler.is_compiling():
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
@@ -257,11 +258,10 @@ def _sort_by_expert(ids: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor
     return perm, inv_perm, sorted_ids, counts, ends
 
 
-def _keep_mask(sorted_ids: Tensor, counts: Tensor, ends: Tensor, capacity: int) -> Tensor:
-    """(N,) bool: whether the n-th copy (expert order) is within its expert's first `capacity`."""
+def _position_in_group(sorted_ids: Tensor, counts: Tensor, ends: Tensor) -> Tensor:
+    """(N,) rank of the n-th copy (expert order) among the copies of its expert: 0, 1, ..."""
     starts = ends - counts  # (E,)
-    position = torch.arange(sorted_ids.numel(), device=sorted_ids.device) - starts[sorted_ids]  # (N,)
-    return position < capacity
+    return torch.arange(sorted_ids.numel(), device=sorted_ids.device) - starts[sorted_ids]
 
 
 def _block_layout(sorted_ids: Tensor, counts: Tensor, ends: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -275,7 +275,7 @@ def _block_layout(sorted_ids: Tensor, counts: Tensor, ends: Tensor) -> tuple[Ten
     rows = -(-n // n_experts)  # C0
     blocks = -(-counts // rows)  # (E,) blocks per expert
     block_ends = torch.cumsum(blocks, 0)  # (E,)
-    position = torch.arange(n, device=sorted_ids.device) - (ends - counts)[sorted_ids]  # (N,)
+    position = _position_in_group(sorted_ids, counts, ends)  # (N,)
     block = (block_ends - blocks)[sorted_ids] + position // rows  # (N,)
     slot = block * rows + position % rows  # (N,)
     all_blocks = torch.arange(2 * n_experts, device=counts.device)
@@ -455,7 +455,7 @@ class MoE(nn.Module):
                 return naive_loop_experts(x2, r.ids, r.weights, capacity, w1, w2, w3, act)
             scale = r.weights.reshape(-1)[r.perm]  # (N,) combine weight of each copy, expert order
             if capacity:
-                scale = scale * _keep_mask(r.sorted_ids, r.counts, r.ends, capacity)
+                scale = scale * (_position_in_group(r.sorted_ids, r.counts, r.ends) < capacity)
             token_idx = r.perm // k  # (N,) token of each copy, expert order
             xs = _Dispatch.apply(x2, token_idx, r.inv_perm, k)  # (N, D)
             if mode == "grouped_mm":
