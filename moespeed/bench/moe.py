@@ -130,7 +130,8 @@ def build_torchtitan(ours: MoE):
     from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
 
     cfg, d = ours.cfg, ours.d_model
-    e, h, k, hs = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.num_experts_per_tok, cfg.n_shared_experts * cfg.moe_inter_dim
+    e, h, k = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.num_experts_per_tok
+    hs = cfg.n_shared_experts * h
     titan = TitanMoE.Config(
         num_experts=e,
         load_balance_coeff=1e-3,  # gives it the expert_bias_E buffer (aux-loss-free balancing)
@@ -307,39 +308,52 @@ def environment(device) -> dict:
     except ImportError:
         triton_version = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        commit = git.stdout.strip() or None
     except OSError:
         commit = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit,
-            "date": datetime.date.today().isoformat(), "command": "python -m moespeed.bench.moe " + " ".join(sys.argv[1:])}
+            "date": datetime.date.today().isoformat(),
+            "command": "python -m moespeed.bench.moe " + " ".join(sys.argv[1:])}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+TABLE = [  # (header, width, cell)
+    ("shape", 5, lambda r: r["shape_name"]),
+    ("routing", 8, lambda r: r["shape"]["routing"]),
+    ("imb", 4, lambda r: _fmt(r["load_max_over_mean"], ".1f")),
+    ("ours ms", 8, lambda r: _fmt(r["ours_ms"], ".2f")),
+    ("TFLOP/s", 7, lambda r: _fmt(r["tflops"], ".0f")),
+    ("%dense", 6, lambda r: _fmt(r["frac_of_dense_swiglu"] and 100 * r["frac_of_dense_swiglu"], ".0f")),
+    ("padded", 7, lambda r: _fmt(r["padded_bmm_ms"], ".2f")),
+    ("naive", 7, lambda r: _fmt(r["naive_ms"], ".1f")),
+    ("xnaive", 6, lambda r: _fmt(r["speedup_vs_naive"], ".1f")),
+    ("titan", 7, lambda r: _fmt(r["peer_ms"], ".2f")),
+    ("xtitan", 6, lambda r: _fmt(r["speedup"], ".2f")),
+    ("MiB ours/titan", 15, lambda r: f"{_fmt(r['ours_peak_mib'], '.0f')}/{_fmt(r['peer_peak_mib'], '.0f')}"),
+    ("relerr", 7, lambda r: _fmt(r["rel_err"] and r["rel_err"]["max"], ".1e")),
+]
 
 
 def print_table(rows: list[dict]) -> None:
-    def f(v, fmt="{:.1f}"):
-        return "-" if v is None else fmt.format(v)
-
-    head = (f"{'shape':5} {'routing':8} {'imb':>4} {'ours ms':>8} {'TFLOP/s':>7} {'%dense':>6} {'padded':>7} "
-            f"{'naive':>7} {'xnaive':>6} {'titan':>7} {'xtitan':>6} {'MiB ours/titan':>15} {'relerr':>7}")
-    print(head)
+    """One line per case, then the dense ceilings, compiled timings and notes."""
+    for r in {r["shape_name"]: r for r in rows}.values():
+        print(f"dense ceilings {r['shape_name']}: SwiGLU width {r['dense_swiglu_width']} "
+              f"{_fmt(r['dense_swiglu_ms'], '.2f')} ms = {_fmt(r['dense_swiglu_tflops'], '.0f')} TFLOP/s; "
+              f"bf16 8192^3 matmul {_fmt(r['matmul_8192_tflops'], '.0f')} TFLOP/s")
     for r in rows:
-        err = r["rel_err"]["max"] if r.get("rel_err") else None
-        mib = f"{f(r['ours_peak_mib'], '{:.0f}')}/{f(r['peer_peak_mib'], '{:.0f}')}"
-        print(f"{r['shape_name']:5} {r['shape']['routing']:8} {f(r['load_max_over_mean'])} {f(r['ours_ms'], '{:.2f}'):>8} "
-              f"{f(r['tflops'], '{:.0f}'):>7} {f(r['frac_of_dense_swiglu'] and 100 * r['frac_of_dense_swiglu'], '{:.0f}'):>6} "
-              f"{f(r['padded_bmm_ms'], '{:.2f}'):>7} {f(r['naive_ms'], '{:.1f}'):>7} "
-              f"{f(r['speedup_vs_naive'], '{:.1f}'):>6} {f(r['peer_ms'], '{:.2f}'):>7} {f(r['speedup'], '{:.2f}'):>6} "
-              f"{mib:>15} {f(err, '{:.1e}'):>7}")
-    dense = {r["shape_name"]: r for r in rows}
-    for name, r in dense.items():
-        print(f"dense ceilings {name}: SwiGLU width {r['dense_swiglu_width']} {f(r['dense_swiglu_ms'], '{:.2f}')} ms "
-              f"= {f(r['dense_swiglu_tflops'], '{:.0f}')} TFLOP/s; bf16 8192^3 matmul {f(r['matmul_8192_tflops'], '{:.0f}')} TFLOP/s")
-    for r in rows:
+        case = f"{r['shape_name']}/{r['shape']['routing']}"
         if r["ours_compiled_ms"]:
-            print(f"torch.compile {r['shape_name']}/{r['shape']['routing']}: {r['ours_compiled_ms']:.2f} ms")
-    for r in rows:
+            print(f"torch.compile {case}: {r['ours_compiled_ms']:.2f} ms")
         if r["notes"]:
-            print(f"notes {r['shape_name']}/{r['shape']['routing']}: {r['notes']}")
+            print(f"notes {case}: {r['notes']}")
+    print(" ".join(f"{head:>{width}}" for head, width, _ in TABLE))
+    for r in rows:
+        print(" ".join(f"{cell(r):>{width}}" for _, width, cell in TABLE))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -110,8 +111,8 @@ _FUSE_ON_CUDA = os.environ.get("MOESPEED_NO_FUSE", "0") != "1"
 
 
 def _fused(fn: Callable) -> Callable:
-    """`fn` run through `torch.compile` on CUDA tensors (fuses its pointwise ops), eager elsewhere
-    (and plain when an outer torch.compile is already tracing it)."""
+    """`fn` (a pure function) run through `torch.compile` on CUDA tensors to fuse its pointwise ops;
+    eager elsewhere, when an outer torch.compile is already tracing it, or if compiling fails."""
     compiled = None
 
     @functools.wraps(fn)
@@ -121,7 +122,15 @@ def _fused(fn: Callable) -> Callable:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 - pure function: rerunning it eagerly is safe
+            if compiled is fn:
+                raise
+            warnings.warn(f"moespeed.model.moe: torch.compile of {fn.__name__} failed ({type(e).__name__}: "
+                          f"{e}); running it eagerly from now on")
+            compiled = fn
+            return fn(*args)
 
     return wrapper
 
