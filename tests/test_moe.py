@@ -1,0 +1,313 @@
+"""DeepSeekMoE layer: vectorized dispatch == per-expert loop, balance losses, bias, capacity, config."""
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from moespeed.errors import ConfigError
+from moespeed.model import moe as moe_mod
+from moespeed.model.moe import MoE, MoEConfig, scaled_activation
+
+
+def make_moe(d_model=16, dispatch="naive_loop", **overrides) -> MoE:
+    kw = dict(n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=8,
+              activation="swiglu", aux_loss_coef=0.01, seq_aux_loss_coef=0.1, z_loss_coef=0.01)
+    kw.update(overrides)
+    return MoE(d_model, MoEConfig(dispatch=dispatch, **kw), init_std=0.3)
+
+
+def with_dispatch(m: MoE, dispatch: str) -> MoE:
+    other = copy.deepcopy(m)
+    other.cfg = dataclasses.replace(m.cfg, dispatch=dispatch)
+    return other
+
+
+def skew(m: MoE) -> None:
+    """Expert 0 gets every token (duplicate ids), the last two experts none."""
+    m.expert_bias.zero_()
+    m.expert_bias[0] = 10.0
+    m.expert_bias[-2:] = -10.0
+
+
+def run(m: MoE, x: torch.Tensor, dy: torch.Tensor):
+    """Output, aux loss, grad of x and of every parameter for loss = <y, dy> + aux."""
+    m.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y, aux = m(x)
+    ((y.float() * dy).sum() + aux).backward()
+    return y, aux, x.grad, {n: p.grad for n, p in m.named_parameters()}
+
+
+def assert_same(a, b, rtol=1e-4, atol=1e-5):
+    (ya, auxa, gxa, gpa), (yb, auxb, gxb, gpb) = a, b
+    torch.testing.assert_close(ya, yb, rtol=rtol, atol=atol)
+    torch.testing.assert_close(auxa, auxb, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gxa, gxb, rtol=rtol, atol=atol)
+    assert gpa.keys() == gpb.keys()
+    for name in gpa:
+        torch.testing.assert_close(gpa[name], gpb[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+VARIANTS = [dict(activation="swiglu", score_func="softmax", norm_topk_prob=True),
+            dict(activation="relu2", score_func="sigmoid", norm_topk_prob=False, route_scale=2.5),
+            dict(activation="gelu", score_func="softmax", norm_topk_prob=True, n_shared_experts=0)]
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v["activation"])
+def test_vectorized_matches_naive_loop(dispatch, variant):
+    ref = make_moe(**variant)
+    x, dy = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    fast = with_dispatch(ref, dispatch)
+    assert_same(run(fast, x, dy), run(ref, x, dy))
+    # Skewed: duplicate ids piled on expert 0, experts 4 and 5 receive no token.
+    skew(ref)
+    fast = with_dispatch(ref, dispatch)
+    out_fast, out_ref = run(fast, x, dy), run(ref, x, dy)
+    assert_same(out_fast, out_ref)
+    counts = fast.route(x.view(-1, 16)).counts
+    assert counts[0] == 16 and counts[-2:].sum() == 0
+    for name in ("w1", "w2"):
+        assert out_fast[3][name][-2:].abs().max() == 0  # unused experts: exactly zero gradient
+        assert out_fast[3][name][0].abs().max() > 0
+    assert out_fast[3]["gate"].abs().max() > 0  # the router learns through the combine weights
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu2", "gelu"])
+def test_scaled_activation_matches_autograd(activation):
+    h, g = torch.randn(12, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True)
+    scale = torch.rand(12, requires_grad=True)
+    g_in = g if activation == "swiglu" else None
+    grad = torch.randn(12, 8)
+    for s in (scale, None):
+        out = scaled_activation(h, g_in, s, activation)
+        ref_act = {"swiglu": lambda: F.silu(h) * g, "relu2": lambda: F.relu(h) ** 2,
+                   "gelu": lambda: F.gelu(h, approximate="tanh")}[activation]()
+        ref = ref_act * s.unsqueeze(-1) if s is not None else ref_act
+        inputs = [t for t in (h, g_in, s) if t is not None]
+        torch.testing.assert_close(out, ref)
+        got = torch.autograd.grad(out, inputs, grad)
+        want = torch.autograd.grad(ref, inputs, grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_uses_grouped_mm_and_matches_fp32():
+    ref = make_moe()
+    fast = with_dispatch(ref, "auto")
+    x, dy = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast.dispatch_mode(x.view(-1, 16)) == "grouped_mm"
+        y, aux, gx, gp = run(fast, x, dy)
+    assert y.dtype == torch.bfloat16
+    y_ref, _, gx_ref, gp_ref = run(ref, x, dy)
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(y, y_ref) < 2e-2 and rel(gx, gx_ref) < 2e-2
+    assert rel(gp["w1"], gp_ref["w1"]) < 2e-2 and rel(gp["w2"], gp_ref["w2"]) < 2e-2
+
+
+def test_auto_picks_padded_bmm_for_fp32():
+    m = make_moe(dispatch="auto")
+    assert m.dispatch_mode(torch.randn(4, 16)) == "padded_bmm"
+
+
+def test_aux_losses_hand_computed():
+    m = make_moe(d_model=4, n_routed_experts=4, num_experts_per_tok=1, moe_inter_dim=4,
+                 aux_loss_coef=0.01, seq_aux_loss_coef=0.1, z_loss_coef=0.001, dispatch="auto")
+    with torch.no_grad():
+        m.gate.copy_(torch.eye(4))  # logits = x
+    rows = [[2.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 1.0, 0]]  # experts 0, 1 | 2, 2
+    x = torch.tensor(rows).view(2, 2, 4)
+    _, aux = m(x)
+
+    def softmax(row):
+        z = sum(math.exp(v) for v in row)
+        return [math.exp(v) / z for v in row]
+
+    p = [softmax(r) for r in rows]
+    f = [0.25, 0.25, 0.5, 0.0]  # 1, 1, 2, 0 of 4 slots
+    balance = 4 * sum(f[i] * sum(pr[i] for pr in p) / 4 for i in range(4))
+    f0, f1 = [0.5, 0.5, 0, 0], [0, 0, 1.0, 0]
+    seq0 = 4 * sum(f0[i] * (p[0][i] + p[1][i]) / 2 for i in range(4))
+    seq1 = 4 * sum(f1[i] * (p[2][i] + p[3][i]) / 2 for i in range(4))
+    z = sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in rows) / 4
+    want = 0.01 * balance + 0.1 * (seq0 + seq1) / 2 + 0.001 * z
+    assert aux.item() == pytest.approx(want, rel=1e-5)
+    stats = m.load_stats()
+    assert stats["aux_balance"] == pytest.approx(balance, rel=1e-5)
+    assert stats["aux_seq"] == pytest.approx((seq0 + seq1) / 2, rel=1e-5)
+    assert stats["z_loss"] == pytest.approx(z, rel=1e-5)
+    assert stats["expert_share"] == [0.25, 0.25, 0.5, 0.0]
+    assert stats["max_over_mean"] == pytest.approx(2.0)
+
+
+def test_perfectly_balanced_softmax_gives_unit_balance_loss():
+    m = make_moe(d_model=8, n_routed_experts=4, num_experts_per_tok=2, aux_loss_coef=1.0,
+                 seq_aux_loss_coef=0.0, z_loss_coef=0.0)
+    with torch.no_grad():
+        m.gate.zero_()  # uniform probabilities 1/E
+        m.expert_bias.copy_(torch.tensor([0.0, 1e-3, 2e-3, 3e-3]))
+    _, aux = m(torch.randn(1, 4, 8))  # every token picks experts 2, 3: f = [0, 0, .5, .5], P = 1/4
+    assert aux.item() == pytest.approx(4 * (0.5 * 0.25 + 0.5 * 0.25))
+
+
+def skewed_router_moe(gamma: float) -> tuple[MoE, torch.Tensor]:
+    m = make_moe(d_model=8, n_routed_experts=4, num_experts_per_tok=1, bias_update_speed=gamma,
+                 dispatch="auto")
+    x = torch.randn(1, 256, 8)
+    x[..., 0] += 1.0
+    with torch.no_grad():
+        m.gate.normal_(std=0.1)
+        m.gate[0, 0] = 2.0  # expert 0 favoured by most tokens
+    return m.train(), x
+
+
+def test_bias_update_moves_skewed_router_toward_balance():
+    m, x = skewed_router_moe(gamma=0.01)
+
+    def train_steps(n: int) -> float:
+        """Imbalance (max/mean) of the load summed over n steps, each followed by a bias update."""
+        m.load_stats()  # reset
+        with torch.no_grad():
+            for _ in range(n):
+                m(x)
+                m.update_bias()
+        return m.load_stats()["max_over_mean"]
+
+    assert train_steps(1) > 3.0
+    train_steps(100)
+    assert train_steps(20) < 1.4  # sign updates oscillate around balance, balanced on average
+    assert m.expert_bias[0] < 0 and m._bias_counts.sum() == 0
+
+
+def test_bias_update_off_is_noop():
+    m, x = skewed_router_moe(gamma=0.0)
+    with torch.no_grad():
+        m(x)
+    m.update_bias()
+    assert m.expert_bias.abs().max() == 0
+
+
+def test_bias_update_uses_all_reduced_counts(monkeypatch):
+    m, x = skewed_router_moe(gamma=0.1)
+    with torch.no_grad():
+        m(x)
+    m._bias_counts.copy_(torch.tensor([10, 0, 5, 5]))  # this rank: expert 0 busiest
+    other_rank = torch.tensor([0, 30, 5, 5])  # all ranks: expert 1 busiest, mean 15
+    monkeypatch.setattr(moe_mod.dist, "is_available", lambda: True)
+    monkeypatch.setattr(moe_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(moe_mod.dist, "all_reduce", lambda t: t.add_(other_rank))
+    m.update_bias()
+    torch.testing.assert_close(m.expert_bias, torch.tensor([0.1, -0.1, 0.1, 0.1]))
+    assert m._bias_counts.sum() == 0
+
+
+def test_capacity_drops_copies_beyond_capacity():
+    m = make_moe(d_model=8, n_routed_experts=2, n_shared_experts=0, num_experts_per_tok=1,
+                 capacity_factor=0.5, dispatch="auto").train()
+    m.expert_bias[0] = 10.0  # all 16 tokens pick expert 0; capacity = ceil(0.5 * 16 / 2) = 4
+    y, _ = m(torch.randn(2, 8, 8))
+    y = y.view(16, 8)
+    assert m.capacity(16) == 4
+    assert (y[:4].abs().sum(-1) > 0).all()  # the first 4 tokens (token order) are kept
+    assert (y[4:] == 0).all()  # the rest are dropped and add nothing
+    assert m.load_stats()["drop_frac"] == pytest.approx(12 / 16)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm"])
+def test_capacity_matches_naive_loop(dispatch):
+    ref = make_moe(capacity_factor=0.7)
+    x, dy = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    ref.expert_bias[0] = 0.5  # uneven enough that some experts overflow
+    out_ref = run(ref, x, dy)
+    assert ref.route(x.view(-1, 16)).counts.max() > ref.capacity(16)
+    assert_same(run(with_dispatch(ref, dispatch), x, dy), out_ref)
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm"])
+def test_memory_never_scales_with_tokens_times_experts(dispatch):
+    n_tokens, n_experts, d_model, hidden = 64, 32, 16, 8
+    m = make_moe(d_model=d_model, n_routed_experts=n_experts, moe_inter_dim=hidden, dispatch=dispatch)
+    m.expert_bias[0] = 10.0  # also skewed: expert 0 gets all 64 tokens
+    x = torch.randn(2, n_tokens // 2, d_model, requires_grad=True)
+    with MaxNumel() as probe:
+        y, aux = m(x)
+        (y.sum() + aux).backward()
+    assert probe.largest <= 2 * n_experts * d_model * hidden  # padded_bmm gathers <= 2E expert weights
+    assert probe.largest < n_tokens * n_experts * d_model // 2
+
+
+def test_load_stats_reset():
+    m = make_moe().train()
+    with torch.no_grad():
+        m(torch.randn(2, 8, 16))
+    stats = m.load_stats()
+    assert stats["tokens_routed"] == 32 and len(stats["expert_share"]) == 6
+    assert sum(stats["expert_share"]) == pytest.approx(1.0)
+    assert "expert_share" not in m.load_stats()  # counts were reset
+    m.eval()
+    with torch.no_grad():
+        m(torch.randn(2, 8, 16))
+    assert "expert_share" not in m.load_stats()  # eval forwards are not counted
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("num_experts_per_tok", 9, "model.moe.num_experts_per_tok"),
+    ("num_experts_per_tok", 0, "model.moe.num_experts_per_tok"),
+    ("n_routed_experts", 0, "model.moe.n_routed_experts"),
+    ("activation", "tanh", "model.moe.activation"),
+    ("score_func", "relu", "model.moe.score_func"),
+    ("dispatch", "loop", "model.moe.dispatch"),
+    ("capacity_factor", -1.0, "model.moe.capacity_factor"),
+    ("bias_update_speed", float("nan"), "model.moe.bias_update_speed"),
+    ("route_scale", 0.0, "model.moe.route_scale"),
+])
+def test_config_validation(key, value, needle):
+    cfg = dataclasses.replace(MoEConfig(), **{key: value})
+    with pytest.raises(ConfigError, match=needle):
+        cfg.validate()
+    with pytest.raises(ConfigError):
+        MoE(16, cfg)
+
+
+def test_grouped_mm_on_unaligned_dims_is_a_config_error():
+    m = make_moe(d_model=6, dispatch="grouped_mm")  # 6 fp32 = 24 bytes: not a multiple of 16
+    with pytest.raises(ConfigError, match="model.moe.dispatch"):
+        m(torch.randn(1, 4, 6))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_grouped_mm_matches_fp32_reference():
+    ref = make_moe(d_model=64, n_routed_experts=8, moe_inter_dim=32).cuda()
+    fast = with_dispatch(ref, "auto").to(torch.bfloat16)
+    x, dy = torch.randn(4, 32, 64, device="cuda"), torch.randn(4, 32, 64, device="cuda")
+    xb = x.to(torch.bfloat16)
+    assert fast.dispatch_mode(xb.view(-1, 64)) == "grouped_mm"
+    with torch.no_grad():  # same (bf16-rounded) weights for the fp32 reference
+        for p_ref, p_fast in zip(ref.parameters(), fast.parameters()):
+            p_ref.copy_(p_fast.float())
+    y, _, gx, gp = run(fast, xb, dy)
+    y_ref, _, gx_ref, gp_ref = run(ref, xb.float(), dy)
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(y, y_ref) < 1e-2 and rel(gx, gx_ref) < 1e-2
+    for name in gp_ref:
+        assert rel(gp[name], gp_ref[name]) < 1e-2, name
