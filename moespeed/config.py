@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .model.moe import MoEConfig
 from .model.peer import PEERConfig
 from .options import field_choices, field_doc, option
 
@@ -46,6 +47,7 @@ class ModelConfig:
     init_std: float = option(0.02, "std of the normal init of weights; residual output projections get std/sqrt(2*n_layers)")
     ffn_pattern: str = option("dense", "FFN kind per layer, comma-separated (dense, moe, peer), repeated to n_layers; e.g. dense,peer")
     first_k_dense: int = option(0, "the first k layers use the dense MLP whatever ffn_pattern says")
+    moe: MoEConfig = option(MoEConfig(), "DeepSeekMoE layers (shared + routed experts)")
     peer: PEERConfig = option(PEERConfig(), "PEER layers (product-key retrieval over many tiny experts)")
 
     def ffn_kinds(self) -> list[str]:
@@ -204,6 +206,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8,
                       ckpt_every=100, log_every=10),
     },
+    # CPU: quickstart with DeepSeekMoE FFNs after one dense layer: 1 shared + 8 routed experts, top-2.
+    "quickstart-moe": {
+        "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
+                      qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256, ffn_pattern="moe",
+                      first_k_dense=1, moe=dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                                moe_inter_dim=192, bias_update_speed=0.001)),
+        "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
+        "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8,
+                      ckpt_every=100, log_every=10),
+    },
     # GPU: a ~100M-parameter MLA model (12 layers, d_model 768), 32K vocabulary, 1K context.
     "small": {
         "model": dict(d_model=768, n_layers=12, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
@@ -213,6 +225,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(steps=2000, lr=1e-3, warmup_steps=100, eval_every=250, eval_batches=20,
                       ckpt_every=500, log_every=10, compile=True),
     },
+}
+
+
+# GPU: small with DeepSeekMoE FFNs (first layer dense): 2 shared + 64 routed experts of width 256, top-6.
+PRESETS["small-moe"] = {
+    "model": {**PRESETS["small"]["model"], "ffn_pattern": "moe", "first_k_dense": 1,
+              "moe": dict(n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_inter_dim=256,
+                          bias_update_speed=0.001, aux_loss_coef=0.001)},
+    "data": dict(PRESETS["small"]["data"]),
+    "train": dict(PRESETS["small"]["train"]),
 }
 
 
@@ -272,7 +294,9 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is list or origin is list:
         (item_type,) = typing.get_args(typ) or (str,)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""] if "," in value or value else []
+            value = [value]
+        if isinstance(value, (list, tuple)):  # CLI: `a b` or `a,b`
+            value = [part for v in value for part in (v.split(",") if isinstance(v, str) else [v]) if part != ""]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} = {value!r}: must be a list (comma-separated on the command line)")
         return [coerce(v, item_type, key) for v in value]

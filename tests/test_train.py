@@ -143,3 +143,25 @@ def test_crash_while_saving_leaves_no_half_checkpoint(corpus, tmp_path, monkeypa
         Trainer(tiny_config(data, tmp_path / "run", cache, steps=6)).fit()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-3"]
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("ffn_args", [
+    ["--model.ffn_pattern", "moe", "--model.first_k_dense", "1", "--model.moe.n_routed_experts", "4",
+     "--model.moe.moe_inter_dim", "32", "--model.moe.bias_update_speed", "0.01"],
+    ["--model.ffn_pattern", "dense,peer", "--model.peer.num_experts", "256", "--model.peer.product_key_dim", "16,16",
+     "--model.peer.num_heads", "2", "--model.peer.num_experts_per_tok", "4", "--model.peer.query_dim", "16"],
+])
+def test_sparse_ffn_models_train_and_val_loss_falls(corpus, tmp_path, ffn_args):
+    data, cache = corpus
+    run = tmp_path / "run"
+    args = tiny_train_args(data, run, cache, steps=30)
+    args[args.index("--train.eval_every") + 1] = "15"
+    assert main(["train", "--train.optimizer", "muon", "--train.lr", "0.01"] + args + ffn_args) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val[-1] < 0.8 * val[0]
+    if "moe" in ffn_args:
+        assert (run / "expert_load.png").is_file()
+        assert all("moe/1/max_over_mean" in r for r in records if "train_loss" in r)
+        bias = torch.load(run / "step-30" / "model.pt", weights_only=True)["blocks.1.mlp.expert_bias"]
+        assert bias.abs().max() > 0  # aux-loss-free balancing moved the bias

@@ -141,15 +141,16 @@ class PEER(nn.Module):
         self.keys = nn.Parameter(torch.empty(self.pools, 2, n, cfg.query_dim // 2))
         self.down = nn.Parameter(torch.empty(rows, d_model))
         self.up = nn.Parameter(torch.empty(rows, d_model))
+        self.init_std = init_std
         for table in (self.down, self.up):
             table._muon_eligible = False  # embedding-like rows: AdamW without weight decay, never Muon
             table._no_weight_decay = True
-        self.reset_parameters(init_std)
+        self.reset_parameters()
 
-    def reset_parameters(self, init_std: float = 0.02) -> None:
+    def reset_parameters(self) -> None:
         """Normal(0, init_std) for the query projection, keys and both expert tables."""
         for p in (self.query.weight, self.keys, self.down, self.up):
-            nn.init.normal_(p, std=init_std)
+            nn.init.normal_(p, std=self.init_std)
 
     def retrieve(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head expert choice: (weights (B, T, H, k) fp32 softmax, expert ids (B, T, H, k))."""

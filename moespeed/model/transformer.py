@@ -15,6 +15,7 @@ from torch import nn
 from ..kernels.linear_ce import linear_cross_entropy
 from .attention import MLA, LatentKVCache
 from .mlp import MLP
+from .moe import MoE
 from .peer import PEER
 from .rope import rope_tables
 
@@ -23,6 +24,8 @@ def build_ffn(cfg, kind: str) -> nn.Module:
     """The FFN of one block: the dense MLP, a DeepSeekMoE layer or a PEER layer."""
     if kind == "peer":
         return PEER(cfg.d_model, cfg.peer, cfg.init_std)
+    if kind == "moe":
+        return MoE(cfg.d_model, cfg.moe, cfg.init_std)
     return MLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation)
 
 
@@ -72,7 +75,11 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
         for block in self.blocks:  # sparse FFNs own their init
             if block.ffn_kind != "dense":
-                block.mlp.reset_parameters(std)
+                block.mlp.reset_parameters()
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        """(layer index, MoE module) of every MoE block."""
+        return [(i, b.mlp) for i, b in enumerate(self.blocks) if b.ffn_kind == "moe"]
 
     @property
     def head_weight(self) -> torch.Tensor:

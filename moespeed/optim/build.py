@@ -20,6 +20,8 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     """True for parameters that must not be weight-decayed."""
     if getattr(param, "_no_weight_decay", False):
         return True
+    if name.split(".")[-1] in ("gate", "router"):  # MoE router vectors
+        return True
     return param.ndim < 2 or "embed" in name or "norm" in name or name.endswith(".bias") or name.startswith("head.")
 
 

@@ -77,6 +77,43 @@ class MetricsLogger:
             self.tb.close()
 
 
+def moe_metrics(model: nn.Module) -> tuple[dict, list[list[float]]]:
+    """Scalars for metrics.jsonl from every MoE layer (and reset its counts), plus the load matrix
+    (layer x expert share of routed tokens) for the heatmap. Empty when the model has no MoE."""
+    record, loads = {}, []
+    for i, moe in model.moe_layers():
+        stats = moe.load_stats(reset=True)
+        for key in ("max_over_mean", "aux_loss", "aux_balance"):
+            if key in stats:
+                record[f"moe/{i}/{key}"] = stats[key]
+        if "expert_share" in stats:
+            loads.append(stats["expert_share"])
+    if loads:
+        record["moe_max_over_mean"] = max(max(l) * len(l) for l in loads)
+    return record, loads
+
+
+def plot_expert_load(run_dir: Path, loads: list[list[float]], step: int) -> Path | None:
+    """expert_load.png: share of routed tokens per expert (columns) for every MoE layer (rows)."""
+    if not loads:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.15 * len(loads[0])), 1.5 + 0.35 * len(loads)))
+    image = ax.imshow([[v * len(row) for v in row] for row in loads], aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"expert load / mean at step {step}")
+    fig.colorbar(image, ax=ax)
+    out = Path(run_dir) / "expert_load.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []

@@ -24,7 +24,7 @@ from ..optim.build import build_optimizer
 from ..optim.schedule import lr_at, lr_factor
 from ..run import new_run_dir, read_run_config, save_run_config
 from .checkpoint import latest_checkpoint, list_checkpoints, load_model_state, load_training_state, read_state, save_checkpoint
-from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss_curve
+from .metrics import MetricsLogger, flops_per_token, moe_metrics, peak_flops, plot_expert_load, plot_loss_curve
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,6 +139,7 @@ class Trainer:
         step = start_step
         interval_loss = torch.tensor(counters["interval_loss_sum"], device=self.device)
         interval_start, interval_tokens = time.time(), 0
+        expert_loads: list = []
         bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
         def checkpoint_state() -> dict:
@@ -161,6 +162,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                for _, moe in model.moe_layers():
+                    moe.update_bias()
                 step += 1
                 counters["interval_steps"] += 1
                 counters["tokens"] += tokens_per_step
@@ -178,6 +181,8 @@ class Trainer:
                         record["mfu"] = flops_tok * tok_s / peak
                     if self.device.type == "cuda":
                         record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    moe_record, expert_loads = moe_metrics(model)
+                    record.update(moe_record)
                     metrics.log(record)
                     bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
                     interval_loss.zero_()
@@ -188,6 +193,7 @@ class Trainer:
                     metrics.log({"step": step, "val_loss": val_loss, "lr": lr, "tokens": counters["tokens"],
                                  "tokens_per_s": 0.0, "elapsed_s": counters["elapsed_s"]})
                     self.log(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
+                    plot_expert_load(self.run_dir, expert_loads, step)
                     interval_start = time.time()
                 if step % tc.ckpt_every == 0 or step == tc.steps:
                     save_checkpoint(self.run_dir, step, model, optimizer, checkpoint_state(), tc.keep_last)
