@@ -385,10 +385,12 @@ class MoE(nn.Module):
         self.shared = (SharedExperts(d_model, cfg.n_shared_experts * h, cfg.activation)
                        if cfg.n_shared_experts > 0 else None)
         self.register_buffer("expert_bias", torch.zeros(e), persistent=True)  # selection only
-        # Token counters: plain tensors, not buffers, so DDP never broadcasts (overwrites) them.
-        self._load_counts: Tensor | None = None  # (E,) since the last load_stats()
-        self._bias_counts: Tensor | None = None  # (E,) since the last update_bias()
-        self._dropped: Tensor | None = None  # () copies dropped by capacity since the last load_stats()
+        # Token counters: preallocated non-persistent buffers (they follow .to(device) and are mutated
+        # in place, which torch.compile supports). Under DDP use broadcast_buffers=False so rank 0's
+        # counts never overwrite the others'.
+        self.register_buffer("_load_counts", torch.zeros(e, dtype=torch.long), persistent=False)  # since load_stats()
+        self.register_buffer("_bias_counts", torch.zeros(e, dtype=torch.long), persistent=False)  # since update_bias()
+        self.register_buffer("_dropped", torch.zeros((), dtype=torch.long), persistent=False)  # capacity drops
         self._last_aux: dict[str, Tensor] = {}
         self.reset_parameters()
 
@@ -502,10 +504,6 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _count(self, r: Routing, capacity: int) -> None:
         """Accumulate per-expert token counts (and dropped copies) on the device, no sync."""
-        if self._load_counts is None or self._load_counts.device != r.counts.device:
-            self._load_counts = torch.zeros_like(r.counts)
-            self._bias_counts = torch.zeros_like(r.counts)
-            self._dropped = r.counts.new_zeros(())
         self._load_counts += r.counts
         if self.cfg.bias_update_speed > 0:
             self._bias_counts += r.counts
@@ -520,7 +518,7 @@ class MoE(nn.Module):
         so every rank applies the same update. No-op when bias_update_speed == 0 or nothing was counted.
         """
         gamma = self.cfg.bias_update_speed
-        if gamma == 0 or self._bias_counts is None:
+        if gamma == 0:
             return
         counts = self._bias_counts.clone()
         if dist.is_available() and dist.is_initialized():
@@ -537,7 +535,7 @@ class MoE(nn.Module):
         n_experts = self.cfg.n_routed_experts
         stats: dict = {name: float(v) for name, v in self._last_aux.items()}
         stats["expert_bias_absmax"] = float(self.expert_bias.abs().max())
-        if self._load_counts is None or int(self._load_counts.sum()) == 0:
+        if int(self._load_counts.sum()) == 0:
             return stats
         counts = self._load_counts.double()
         share = counts / counts.sum()  # (E,)

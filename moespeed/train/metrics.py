@@ -2,8 +2,8 @@
 
 FLOPs per trained token (forward + backward = 3x forward, a matmul of m*n*k costs 2*m*n*k):
     6 * N_matmul  +  3 * n_layers * n_heads * (qk_head_dim + v_head_dim) * T
-where N_matmul counts the weights of every matmul (all Linear layers and the output head; not the
-embedding lookup) and the second term is causal attention (QK^T and PV over T/2 keys on average).
+where N_matmul counts the weights of every matmul a token goes through (all Linear layers, the output
+head, the top-k active routed experts and PEER rows; not the embedding lookup) and the second term is causal attention (QK^T and PV over T/2 keys on average).
 MFU = achieved FLOP/s / the GPU's datasheet dense bf16 peak (H100/H200 SXM: 989 TFLOP/s).
 """
 from __future__ import annotations
@@ -20,7 +20,18 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
 
 
 def matmul_params(model: nn.Module) -> int:
+    """Weights each token multiplies with: every Linear, the tied head, and only the *active* share
+    of routed MoE experts (top-k of E) and PEER tables (heads * k rows of each table)."""
+    from ..model.moe import MoE
+    from ..model.peer import PEER
+
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    for m in model.modules():
+        if isinstance(m, MoE):
+            experts = sum(w.numel() for w in (m.w1, m.w2, m.w3) if w is not None)
+            n += experts * m.cfg.num_experts_per_tok // m.cfg.n_routed_experts
+        elif isinstance(m, PEER):
+            n += 2 * m.cfg.num_heads * m.cfg.num_experts_per_tok * m.cfg.expert_hidden_size * m.d_model
     cfg = model.cfg
     return n + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
 
