@@ -44,6 +44,8 @@ class ModelConfig:
     mlp_activation: str = option("relu2", "activation of the dense MLP", choices=["relu2", "gelu", "swiglu"])
     norm_eps: float = option(1e-6, "epsilon of every RMSNorm")
     tie_embeddings: bool = option(True, "share the token embedding with the output head")
+    loss_backend: str = option("auto", "linear cross-entropy: auto (fused Triton on CUDA, else chunked), triton, chunked, reference (materialized logits), liger (needs liger-kernel)",
+                               choices=["auto", "triton", "chunked", "reference", "liger"])
     init_std: float = option(0.02, "std of the normal init of weights; residual output projections get std/sqrt(2*n_layers)")
     ffn_pattern: str = option("dense", "FFN kind per layer, comma-separated (dense, moe, peer), repeated to n_layers; e.g. dense,peer")
     first_k_dense: int = option(0, "the first k layers use the dense MLP whatever ffn_pattern says")

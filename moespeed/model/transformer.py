@@ -118,7 +118,7 @@ class Transformer(nn.Module):
             return self.logits(h)
         B, T, D = h.shape
         loss = linear_cross_entropy(h.reshape(B * T, D), self.head_weight, targets.reshape(B * T),
-                                    ignore_index=ignore_index)
+                                    ignore_index=ignore_index, backend=self.cfg.loss_backend)
         if aux is not None:
             loss = loss + aux
         return (loss, self.logits(h)) if return_logits else loss
