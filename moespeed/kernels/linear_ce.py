@@ -45,7 +45,7 @@ shapes; the softmax step is memory-bound and small. What chunking trades:
 - Per chunk of n rows, grad_W += G.T @ h_c is a GEMM with K = n that reads and writes all of grad_W.
   With n = 512 (Liger's choice at V/D = 32) that read-modify-write (2 GiB per chunk for a bf16
   V=131072, D=4096 head) makes the GEMM memory-bound and grad_h = G @ W has too few output tiles.
-  Larger chunks (default ~2048 rows, logits capped at `_MAX_CHUNK_BYTES`) keep all three GEMMs
+  Larger chunks (default ~4096 rows, logits capped at `_MAX_CHUNK_BYTES`) keep all three GEMMs
   compute-bound, at the cost of a larger logits buffer.
 - fp32 accumulation needs 4*V*D bytes. At V=131072, D=4096 that is 2 GiB, more than Liger's whole
   bf16-accumulating peak (~1.25 GiB). With `accum_dtype=None` and `chunk_size` ~= N*D/V (Liger's)
@@ -87,9 +87,9 @@ BACKENDS = ("auto", "reference", "chunked", "triton", "liger")
 REDUCTIONS = ("mean", "sum")
 
 # Default chunk: enough rows for compute-bound GEMMs, at most this many bytes of logits per chunk.
-_TARGET_CHUNK_ROWS = 2048
+_TARGET_CHUNK_ROWS = 4096
 _MIN_CHUNK_ROWS = 128
-_MAX_CHUNK_BYTES = 512 * 2**20
+_MAX_CHUNK_BYTES = 2**30
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ class _WeightGradAccumulator:
 # The chunked forward (computes the loss and both gradients)
 # --------------------------------------------------------------------------------------------
 def default_chunk_size(n_tokens: int, vocab: int, itemsize: int) -> int:
-    """~2048 rows, fewer when a chunk's logits would pass `_MAX_CHUNK_BYTES` (>= 128 rows)."""
+    """~4096 rows, fewer when a chunk's logits would pass `_MAX_CHUNK_BYTES` (>= 128 rows)."""
     rows = min(_TARGET_CHUNK_ROWS, _MAX_CHUNK_BYTES // max(1, vocab * itemsize))
     return max(1, min(n_tokens, max(_MIN_CHUNK_ROWS, rows)))
 
@@ -504,7 +504,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     z_loss: adds z_loss * logsumexp(logits)**2 per non-ignored token, reduced like the loss.
     softcap: c applies c * tanh(logits / c) before the softmax (Gemma 2).
     backend: "auto" | "triton" | "chunked" | "reference" | "liger" (see the module docstring).
-    chunk_size: tokens per chunk (default: `default_chunk_size`, ~2048 rows).
+    chunk_size: tokens per chunk (default: `default_chunk_size`, ~4096 rows).
     accum_dtype: torch.float32 (default) sums the weight gradient in fp32; None sums it in the
         weight's dtype like Liger (less memory, one rounding per chunk).
     Under autocast the GEMMs run in the autocast dtype. Returns a 0-d fp32 tensor.
