@@ -52,10 +52,13 @@ def main(argv=None) -> None:
     best = {opt: min(c, key=lambda lr: c[lr][-1][1]) for opt, c in curves.items()}
     target = curves["muon"][best["muon"]][-1][1]
     adamw_steps = steps_to_reach(curves["adamw"][best["adamw"]], target)
+    muon_steps = steps_to_reach(curves["muon"][best["muon"]], curves["adamw"][best["adamw"]][-1][1])
     summary = {"preset": args.preset, "steps": args.steps, "best_lr": best,
                "final_val_loss": {o: curves[o][best[o]][-1][1] for o in curves},
-               "adamw_steps_to_muon_final": adamw_steps,
-               "ratio": (adamw_steps / args.steps) if adamw_steps else None,
+               "adamw_steps_to_muon_final": adamw_steps,  # None: AdamW never got there within --steps
+               "muon_steps_to_adamw_final": muon_steps,
+               "steps_ratio_adamw_over_muon": (adamw_steps / args.steps) if adamw_steps
+               else (args.steps / muon_steps if muon_steps else None),
                "curves": {o: {f"{lr:g}": c for lr, c in cs.items()} for o, cs in curves.items()}}
     (out / "convergence.json").write_text(json.dumps(summary, indent=1))
 
