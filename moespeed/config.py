@@ -189,54 +189,40 @@ def _validate_tree(obj: Any, prefix: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- presets
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # CPU, a few minutes on 2 cores: a 4-layer MLA model on the standard library's sources.
-    "quickstart": {
-        "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
-                      qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256),
-        "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
-        "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8,
-                      ckpt_every=100, log_every=10),
-    },
-    # CPU: quickstart with a PEER FFN (4096 single-neuron experts, 4 heads x 8) in every other layer.
-    "quickstart-peer": {
-        "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
-                      qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256, ffn_pattern="dense,peer",
-                      peer=dict(num_experts=4096, product_key_dim=[64, 64], num_experts_per_tok=8, num_heads=4,
-                                query_dim=64)),
-        "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
-        "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8,
-                      ckpt_every=100, log_every=10),
-    },
-    # CPU: quickstart with DeepSeekMoE FFNs after one dense layer: 1 shared + 8 routed experts, top-2.
-    "quickstart-moe": {
-        "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
-                      qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256, ffn_pattern="moe",
-                      first_k_dense=1, moe=dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                                                moe_inter_dim=192, bias_update_speed=0.001)),
-        "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
-        "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8,
-                      ckpt_every=100, log_every=10),
-    },
-    # GPU: a ~100M-parameter MLA model (12 layers, d_model 768), 32K vocabulary, 1K context.
-    "small": {
-        "model": dict(d_model=768, n_layers=12, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
-                      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, d_ff=3072,
-                      max_seq_len=1024),
-        "data": dict(vocab_size=32768, seq_len=1024, batch_size=32, tokenizer_train_chars=50_000_000),
-        "train": dict(steps=2000, lr=1e-3, warmup_steps=100, eval_every=250, eval_batches=20,
-                      ckpt_every=500, log_every=10, compile=True),
-    },
+def _derived(base: dict, **model_changes) -> dict:
+    """A preset equal to `base` but for some model keys."""
+    return {"model": {**base["model"], **model_changes}, "data": dict(base["data"]), "train": dict(base["train"])}
+
+
+# CPU, a few minutes on 2 cores: a 4-layer MLA model on the standard library's sources.
+_QUICKSTART = {
+    "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
+                  qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256),
+    "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
+    "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=100,
+                  log_every=10),
 }
-
-
-# GPU: small with DeepSeekMoE FFNs (first layer dense): 2 shared + 64 routed experts of width 256, top-6.
-PRESETS["small-moe"] = {
-    "model": {**PRESETS["small"]["model"], "ffn_pattern": "moe", "first_k_dense": 1,
-              "moe": dict(n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_inter_dim=256,
-                          bias_update_speed=0.001, aux_loss_coef=0.001)},
-    "data": dict(PRESETS["small"]["data"]),
-    "train": dict(PRESETS["small"]["train"]),
+# GPU: a ~100M-parameter MLA model (12 layers, d_model 768), 32K vocabulary, 1K context.
+_SMALL = {
+    "model": dict(d_model=768, n_layers=12, n_heads=12, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+                  qk_rope_head_dim=32, v_head_dim=64, d_ff=3072, max_seq_len=1024),
+    "data": dict(vocab_size=32768, seq_len=1024, batch_size=32, tokenizer_train_chars=50_000_000),
+    "train": dict(steps=2000, lr=1e-3, warmup_steps=100, eval_every=250, eval_batches=20, ckpt_every=500,
+                  log_every=10, compile=True),
+}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "quickstart": _QUICKSTART,
+    # quickstart with DeepSeekMoE FFNs after one dense layer: 1 shared + 8 routed experts, top-2.
+    "quickstart-moe": _derived(_QUICKSTART, ffn_pattern="moe", first_k_dense=1, moe=dict(
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=192, bias_update_speed=0.001)),
+    # quickstart with a PEER FFN (4096 single-neuron experts, 4 heads x 8) in every other layer.
+    "quickstart-peer": _derived(_QUICKSTART, ffn_pattern="dense,peer", peer=dict(
+        num_experts=4096, product_key_dim=[64, 64], num_experts_per_tok=8, num_heads=4, query_dim=64)),
+    "small": _SMALL,
+    # small with DeepSeekMoE FFNs (first layer dense): 2 shared + 64 routed experts of width 256, top-6.
+    "small-moe": _derived(_SMALL, ffn_pattern="moe", first_k_dense=1, moe=dict(
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_inter_dim=256, bias_update_speed=0.001,
+        aux_loss_coef=0.001)),
 }
 
 
