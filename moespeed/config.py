@@ -401,3 +401,20 @@ def to_toml(cfg: Config) -> str:
     for name in ("model", "data", "train"):
         emit(getattr(cfg, name), name)
     return "\n".join(lines) + "\n"
+
+
+def options_markdown() -> str:
+    """docs/config.md: every config key with its type, default and doc (regenerate with
+    `python -c "from moespeed.config import options_markdown; print(options_markdown(), end='')" > docs/config.md`)."""
+    lines = ["# Configuration reference", "",
+             "Every key, as `--section.key VALUE` on the command line or `key = value` under `[section]` in a",
+             "TOML file. Generated from `moespeed/config.py` (a test checks it is current).", ""]
+    section = None
+    for key, type_name, default, doc, choices in iter_options():
+        head = key.rsplit(".", 1)[0]
+        if head != section:
+            section = head
+            lines += ["", f"## `{section}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        allowed = f" One of: {', '.join(f'`{c}`' for c in choices)}." if choices else ""
+        lines.append(f"| `{key}` | {type_name} | `{default!r}` | {doc.replace('|', '/')}{allowed} |")
+    return "\n".join(lines) + "\n"

@@ -82,3 +82,9 @@ def test_cli_config_error_is_one_line_and_exit_2(capsys):
     assert err == "moespeed: error: model.n_layers = 'x': must be an integer"
     assert main(["train", "--model.n_layer", "3"]) == 2
     assert "unrecognized arguments: --model.n_layer" in capsys.readouterr().err
+
+
+def test_config_reference_doc_is_current():
+    from pathlib import Path
+    doc = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert doc.read_text() == C.options_markdown(), "regenerate docs/config.md (see options_markdown's docstring)"
