@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from .checkpoint import is_sharded, load_sharded, read_single_checkpoint
 
 try:  # absent from builds without torch.distributed
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.nn.parallel import DistributedDataParallel as DDP
 except ImportError:  # pragma: no cover
@@ -198,7 +199,9 @@ class Parallel:
         if self.local_experts:  # DDP neither broadcasts nor all-reduces them
             DDP._set_params_and_buffers_to_ignore_for_model(self.model, list(self.local_experts))
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return DDP(self.model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+        # buffers (RoPE tables, expert_bias) are identical on all ranks: no broadcast per forward
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        return DDP(self.model, device_ids=device_ids, gradient_as_bucket_view=True, **{no_sync: False})
 
     def _fully_shard(self, bf16: bool) -> None:
         """FSDP2: each block is one all-gather unit, the root holds embedding, final norm and head."""
@@ -236,6 +239,7 @@ class Parallel:
         optimizer, summary = build_optimizer(self.model, tc)
         if self.local_experts:
             _separate_rank_local(optimizer, {id(p) for p in self.local_experts.values()})
+            summary += f"\n  ({len(self.local_experts)} expert-parallel tensors in rank-local groups)"
         return optimizer, summary
 
     @contextlib.contextmanager
@@ -314,6 +318,10 @@ class Parallel:
         Sharded tensors are DTensors, so DCP saves and loads them in any layout. Param groups are
         not saved: their hyperparameters come from the config.
         """
+        if self.fsdp:  # after a forward without backward (eval) the root still holds unsharded params
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
         names = {id(p): n for n, p in self.model.named_parameters()}
         model = {k: self._global(k, v) for k, v in self.model.state_dict().items()}
         optim = {}
