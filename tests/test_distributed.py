@@ -133,12 +133,32 @@ def _config(args: list[str]):
     return build_config("quickstart", None, pairs)
 
 
-def _torchrun(args: list[str], cwd: Path) -> None:
+def _run_distributed(plan: list[dict], cwd: Path) -> None:
+    """Run a plan of trainings in ONE `torchrun` launch of 2 processes (see `_driver`)."""
+    (cwd / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "moespeed", "train", *args]
+           "--master_port", str(_free_port()), __file__, str(cwd / "plan.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _driver(plan_path: str) -> None:
+    """Under torchrun: each plan item runs `moespeed train ARGS` (the CLI, in this process) and checks
+    its exit status, or copies a run directory; one launch pays the imports once for all runs."""
+    from moespeed.cli import main
+
+    dist.init_process_group("gloo")
+    for item in json.loads(Path(plan_path).read_text()):
+        if "copy_until" in item:
+            if dist.get_rank() == 0:
+                _copy_until(Path(item["copy_until"][0]), Path(item["copy_until"][1]), item["copy_until"][2])
+            dist.barrier()
+            continue
+        status = main(["train", *item["args"]])
+        if status != item.get("status", 0):
+            raise SystemExit(f"rank {dist.get_rank()}: `moespeed train {' '.join(item['args'])}` exited {status}")
+    dist.destroy_process_group()
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -169,29 +189,37 @@ def _copy_until(src: Path, dst: Path, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process with grad_accum 2 (the reference) and a 2-process expert-parallel run."""
+    """A one-process reference (grad_accum 2, batches of 4) and, in one torchrun launch of 2 processes:
+    expert parallel, DDP with accumulation, a same-size EP resume, FSDP2 continuing the reference's
+    step-2, and a layout error."""
     root = tmp_path_factory.mktemp("dist")
     data, cache = write_corpus(root / "src"), root / "cache"
     Trainer(_config(_args(data, root / "ref", cache, **{"train.grad_accum": 2}))).fit()
-    _torchrun(_args(data, root / "ep", cache, **{"train.ep_size": 2}), root)
+    _copy_until(root / "ref", root / "fsdp", 2)
+    ep = _args(data, root / "ep", cache, **{"train.ep_size": 2})
+    _run_distributed([
+        {"args": ep},
+        {"args": _args(data, root / "ddp", cache, **{"data.batch_size": 2, "train.grad_accum": 2})},
+        {"copy_until": [str(root / "ep"), str(root / "ep-resumed"), 2]},
+        {"args": _args(data, root / "ep-resumed", cache, **{"train.ep_size": 2}) + ["--resume"]},
+        {"args": _args(data, root / "fsdp", cache, **{"train.parallel": "fsdp"}) + ["--resume"]},
+        {"args": _args(data, root / "bad", cache, **{"train.ep_size": 3}), "status": 2},
+    ], root)
     return data, cache, root
 
 
 def test_ddp_no_sync_accumulation_matches_one_process(runs):
     """DDP, 2 processes x 2 micro-batches of 2 sequences = one process x 2 micro-batches of 4."""
-    data, cache, root = runs
-    _torchrun(_args(data, root / "ddp", cache, **{"data.batch_size": 2, "train.grad_accum": 2}), root)
+    _, _, root = runs
     _assert_same_training(root / "ddp", root / "ref", steps=[1, 2, 3, 4])
 
 
 def test_expert_parallel_training_matches_and_resumes_exactly(runs):
-    data, cache, root = runs
+    _, _, root = runs
     _assert_same_training(root / "ep", root / "ref", steps=[1, 2, 3, 4])
     info = json.loads((root / "ep" / "parallel.json").read_text())
     assert info["ep_size"] == 2 and info["routed_expert_params"] == 2 * 32 * 32 * 2  # half of the 4 experts
-    # resume at the same world size: bitwise the uninterrupted run
-    _copy_until(root / "ep", root / "ep-resumed", 2)
-    _torchrun(_args(data, root / "ep-resumed", cache, **{"train.ep_size": 2}) + ["--resume"], root)
+    # resumed from step-2 at the same world size: bitwise the uninterrupted run
     assert _losses(root / "ep-resumed") == _losses(root / "ep")
     a, b = _params(root / "ep-resumed"), _params(root / "ep")
     assert all(torch.equal(a[k], b[k]) for k in b)
@@ -206,10 +234,17 @@ def test_sharded_checkpoint_loads_at_world_size_one_and_continues(runs):
     _assert_same_training(root / "ep-to-1", root / "ref", steps=[3, 4])
 
 
-def test_fsdp_resumes_single_process_checkpoint_and_matches(runs):
-    """FSDP2 on 2 processes continues the one-process run from its step-2 checkpoint (reshards it)."""
-    data, cache, root = runs
-    _copy_until(root / "ref", root / "fsdp", 2)
-    _torchrun(_args(data, root / "fsdp", cache, **{"train.parallel": "fsdp"}) + ["--resume"], root)
+def test_fsdp_continues_a_single_process_checkpoint_and_matches(runs):
+    """FSDP2 on 2 processes continues the one-process run from its step-2 checkpoint (resharding it)."""
+    _, _, root = runs
     assert (root / "fsdp" / "step-4" / "dcp" / ".metadata").is_file()
     _assert_same_training(root / "fsdp", root / "ref", steps=[3, 4])
+
+
+def test_bad_layout_fails_on_every_rank_before_writing(runs):
+    _, _, root = runs
+    assert not (root / "bad").exists()  # the plan checked exit status 2 on both ranks
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1])

@@ -19,6 +19,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,9 @@ def load_sharded(ckpt: Path, state_dict: dict, distributed: bool) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state_dict, checkpoint_id=Path(ckpt) / "dcp", no_dist=not distributed)
+        with warnings.catch_warnings():  # one process reading is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state_dict, checkpoint_id=Path(ckpt) / "dcp", no_dist=not distributed)
     except Exception as e:  # noqa: BLE001 - DCP wraps file and key errors in several exception types
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{ckpt}: cannot load the sharded checkpoint into this model and optimizer "

@@ -137,6 +137,21 @@ def check_same_config(config_text: str, env: DistEnv) -> None:
                               f"has {diff[-1][1:] if diff else '?'}: give every rank the same command line and files")
 
 
+def check_layout(world: int, ep_size: int, n_routed_experts: int | None) -> None:
+    """ConfigError unless train.ep_size fits the world size and the MoE layers (None: the model has none)."""
+    if ep_size == 1:
+        return
+    if world == 1:
+        raise ConfigError(f"train.ep_size = {ep_size}: expert parallelism needs several processes: launch with "
+                          f"torchrun --nproc_per_node=N, N a multiple of {ep_size}")
+    if world % ep_size:
+        raise ConfigError(f"train.ep_size = {ep_size}: must divide the number of processes ({world})")
+    if n_routed_experts is None:
+        raise ConfigError(f"train.ep_size = {ep_size}: the model has no MoE layer (model.ffn_pattern): use 1")
+    if n_routed_experts % ep_size:
+        raise ConfigError(f"train.ep_size = {ep_size}: must divide model.moe.n_routed_experts = {n_routed_experts}")
+
+
 # ------------------------------------------------------------------------------------- parallel
 class Parallel:
     """A model made ready for this process group, and what the trainer needs from its parallelism.
@@ -153,12 +168,10 @@ class Parallel:
         self.fsdp = env.distributed and tc.parallel == "fsdp"
         self.ddp = None
         self.train_model = model
+        moes = model.moe_layers()
+        check_layout(env.world_size, tc.ep_size, moes[0][1].cfg.n_routed_experts if moes else None)
         if not env.distributed:
-            if tc.ep_size > 1:
-                raise ConfigError(f"train.ep_size = {tc.ep_size}: expert parallelism needs several processes: launch "
-                                  f"with torchrun --nproc_per_node=N, N a multiple of {tc.ep_size}")
             return
-        self._check_layout()
         kind = env.device.type
         self.mesh = init_device_mesh(kind, (env.world_size // self.ep_size, self.ep_size), mesh_dim_names=("dp", "ep"))
         self.world_mesh = init_device_mesh(kind, (env.world_size,), mesh_dim_names=("world",))
@@ -169,18 +182,6 @@ class Parallel:
             self._fully_shard(bf16)
         else:
             self.ddp = self.train_model = self._wrap_ddp()
-
-    def _check_layout(self) -> None:
-        world, ep = self.env.world_size, self.ep_size
-        if world % ep:
-            raise ConfigError(f"train.ep_size = {ep}: must divide the number of processes ({world})")
-        if ep > 1:
-            moes = self.model.moe_layers()
-            if not moes:
-                raise ConfigError(f"train.ep_size = {ep}: the model has no MoE layer (model.ffn_pattern): use 1")
-            n_experts = moes[0][1].cfg.n_routed_experts
-            if n_experts % ep:
-                raise ConfigError(f"train.ep_size = {ep}: must divide model.moe.n_routed_experts = {n_experts}")
 
     def _shard_experts(self) -> None:
         """Keep only this rank's slice of every routed expert stack; install the EP dispatcher."""

@@ -29,7 +29,7 @@ from ..optim.schedule import lr_at, lr_factor
 from ..run import new_run_dir, read_run_config, save_run_config
 from .checkpoint import (is_sharded, latest_checkpoint, list_checkpoints, load_model_state, load_rng_state,
                          load_training_state, read_state, save_checkpoint, save_sharded_checkpoint)
-from .distributed import Parallel, check_same_config, init_distributed, parallelize, write_parallel_info
+from .distributed import Parallel, check_layout, check_same_config, init_distributed, parallelize, write_parallel_info
 from .metrics import MetricsLogger, flops_per_token, moe_metrics, peak_flops, plot_expert_load, plot_loss_curve
 
 
@@ -74,6 +74,8 @@ class Trainer:
         self.env = init_distributed(resolve_device(cfg.train.device))
         self.device = self.env.device
         check_same_config(to_toml(cfg), self.env)
+        n_experts = cfg.model.moe.n_routed_experts if "moe" in cfg.model.ffn_kinds() else None
+        check_layout(self.env.world_size, cfg.train.ep_size, n_experts)
         self.log = (log or (lambda msg: tqdm.write(msg))) if self.env.is_main else (lambda msg: None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
