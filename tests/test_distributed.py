@@ -4,6 +4,7 @@ The layer test spawns 4 processes (2 EP groups of 2); the training tests run `to
 train` on 2 processes and compare with one process that accumulates the same global batch.
 """
 import copy
+import datetime
 import json
 import os
 import shutil
@@ -60,7 +61,8 @@ def _objective(y, aux, dy, n_tokens):
 
 def _ep_layer_worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails instead
     try:
         # a clear error when the ranks disagree on the config
         with pytest.raises(ConfigError, match="ranks disagree on the config"):
@@ -88,6 +90,10 @@ def _ep_layer_worker(rank: int, world: int, port: int) -> None:
             par = parallelize(ep_model, TrainConfig(ep_size=2), DistEnv(rank, world))
             mine = slice(2 * rank, 2 * rank + 2)
             x_ep = x[mine].clone().requires_grad_()
+            with par.micro_step(last=False):  # accumulation: DDP skips its all-reduce
+                assert not par.ddp.require_backward_grad_sync
+            with par.micro_step(last=True):
+                assert par.ddp.require_backward_grad_sync
             y_ep, aux_ep = par.train_model(x_ep)
             _objective(y_ep, aux_ep, dy[mine], x_ep.shape[0] * x_ep.shape[1]).backward()  # DDP averages over ranks
             par.finish_grads()

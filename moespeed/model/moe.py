@@ -39,6 +39,9 @@ averaged), router z-loss (mean logsumexp(logits)^2) and the aux-loss-free bias (
 `update_bias()` moves `expert_bias` by +-gamma against each expert's load since the last call.
 Optional capacity factor: an expert keeps its first C = ceil(capacity_factor * N / E) copies in
 token order (causal: a copy is only ever dropped because of earlier tokens); dropped copies add 0.
+
+Expert parallelism (experts split over ranks) lives in moe_ep.py; `moespeed.train.distributed`
+installs it as `expert_parallel`, the only hook here (steps 3-5 then run across ranks).
 """
 from __future__ import annotations
 

@@ -91,6 +91,7 @@ class ExpertParallel:
         """The rows of a full (E, ...) expert stack that this rank holds."""
         return slice(self.first, self.first + self.n_local)
 
+    @torch.compiler.disable  # a graph break: collectives and their host sync run eagerly
     @torch.no_grad()
     def group_counts(self, counts: Tensor) -> Tensor:
         """(E,) copies per expert summed over the EP group."""
@@ -98,6 +99,7 @@ class ExpertParallel:
         dist.all_reduce(counts, group=self.group)
         return counts
 
+    @torch.compiler.disable  # the expert FFN's fused activation inside still compiles on CUDA
     def routed(self, moe, x2: Tensor, r, capacity: int) -> Tensor:
         """The routed experts' output (S, D) for this rank's tokens x2 (S, D) and routing r."""
         k, act = moe.cfg.num_experts_per_tok, moe.cfg.activation
