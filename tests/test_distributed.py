@@ -65,7 +65,7 @@ def _ep_layer_worker(rank: int, world: int, port: int) -> None:
                             timeout=datetime.timedelta(seconds=60))  # a hang fails instead
     try:
         # a clear error when the ranks disagree on the config
-        with pytest.raises(ConfigError, match="ranks disagree on the config"):
+        with pytest.raises(ConfigError, match="rank 0 has train.steps = 200, rank 3 has train.steps = 300"):
             check_same_config(f"[train]\nsteps = {300 if rank == 3 else 200}\n", DistEnv(rank, world))
         cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
                         activation="swiglu", aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01)

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
     p.add_argument("--log-every", type=int, default=5, help="tokens/s interval in steps (default 5)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slower start)")
-    p.add_argument("--timeout", type=int, default=180, help="seconds per run before it is reported as failed")
+    p.add_argument("--timeout", type=int, default=150, help="seconds per run before it is reported as failed")
     p.add_argument("--work-dir", help="where runs and the data cache go (default: a temporary folder)")
     p.add_argument("--preset", default=PRESET, help=f"model preset (default {PRESET})")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),

@@ -124,17 +124,29 @@ def init_distributed(device: torch.device) -> DistEnv:
 
 
 def check_same_config(config_text: str, env: DistEnv) -> None:
-    """Raise ConfigError on every rank when the ranks were given different configs."""
+    """Raise ConfigError on every rank when the ranks were given different configs (TOML texts)."""
     if not env.distributed:
         return
     texts = [None] * env.world_size
     dist.all_gather_object(texts, config_text)
     for rank, text in enumerate(texts):
         if text != texts[0]:
-            diff = [line for line in difflib.unified_diff(texts[0].splitlines(), text.splitlines(), lineterm="", n=0)
-                    if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-            raise ConfigError(f"ranks disagree on the config: rank 0 has {diff[0][1:] if diff else '?'}, rank {rank} "
-                              f"has {diff[-1][1:] if diff else '?'}: give every rank the same command line and files")
+            ours, theirs = _toml_keys(texts[0]), _toml_keys(text)
+            key = next((k for k in {**ours, **theirs} if ours.get(k) != theirs.get(k)), "?")
+            raise ConfigError(f"ranks disagree on the config: rank 0 has {key} = {ours.get(key)}, rank {rank} has "
+                              f"{key} = {theirs.get(key)}: give every rank the same command line and files")
+
+
+def _toml_keys(text: str) -> dict[str, str]:
+    """{"section.key": "value"} of a config TOML text (as `to_toml` writes it)."""
+    section, keys = "", {}
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]") + "."
+        elif " = " in line:
+            key, value = line.split(" = ", 1)
+            keys[section + key] = value
+    return keys
 
 
 def check_layout(world: int, ep_size: int, n_routed_experts: int | None) -> None:
@@ -193,7 +205,8 @@ class Parallel:
                 full = getattr(moe, name)
                 if full is not None:
                     setattr(moe, name, nn.Parameter(full.detach()[rows].clone()))  # (E/P, ., .)
-        local = {id(getattr(moe, n)) for _, moe in self.model.moe_layers() for n in ("w1", "w2", "w3")}
+        local = {id(getattr(moe, n)) for _, moe in self.model.moe_layers() for n in ("w1", "w2", "w3")
+                 if getattr(moe, n) is not None}
         self.local_experts = {n: p for n, p in self.model.named_parameters() if id(p) in local}
 
     def _wrap_ddp(self) -> nn.Module:
