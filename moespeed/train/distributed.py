@@ -34,7 +34,6 @@ the same world size, another one, or a single process.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import json
 import os
@@ -214,7 +213,8 @@ class Parallel:
             DDP._set_params_and_buffers_to_ignore_for_model(self.model, list(self.local_experts))
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         # buffers (RoPE tables, expert_bias) are identical on all ranks: no broadcast per forward
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"  # torch < 2.13
         return DDP(self.model, device_ids=device_ids, gradient_as_bucket_view=True, **{no_sync: False})
 
     def _fully_shard(self, bf16: bool) -> None:
@@ -226,7 +226,8 @@ class Parallel:
         local_ids = {id(p) for p in self.local_experts.values()}
         for module in [*self.model.blocks, self.model]:
             ignored = {p for p in module.parameters() if id(p) in local_ids}
-            fully_shard(module, mesh=self.world_mesh, mp_policy=policy, **({"ignored_params": ignored} if ignored else {}))
+            kwargs = {"ignored_params": ignored} if ignored else {}  # EP-local experts stay whole and local
+            fully_shard(module, mesh=self.world_mesh, mp_policy=policy, **kwargs)
 
     def _broadcast_local_experts(self) -> None:
         """Same init for the replicas of an expert shard (DDP does this for the params it owns)."""

@@ -24,7 +24,6 @@ from ..data.loader import TokenLoader
 from ..data.prepare import prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..model.transformer import Transformer
-from ..optim.build import build_optimizer
 from ..optim.schedule import lr_at, lr_factor
 from ..run import new_run_dir, read_run_config, save_run_config
 from .checkpoint import (is_sharded, latest_checkpoint, list_checkpoints, load_model_state, load_rng_state,
