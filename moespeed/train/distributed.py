@@ -118,7 +118,10 @@ def init_distributed(device: torch.device) -> DistEnv:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not initialized:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # binding the device lets barriers and NCCL know it up front
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=not initialized)
 
 
