@@ -1,7 +1,8 @@
 """torch.distributed on CPU (gloo): expert parallelism, DDP, FSDP2 and DCP checkpoints.
 
-The layer test spawns 4 processes (2 EP groups of 2); the training tests run `torchrun -m moespeed
-train` on 2 processes and compare with one process that accumulates the same global batch.
+The layer test starts 4 processes (2 EP groups of 2). The training tests share one `torchrun` launch
+of 2 processes that runs several `moespeed train` command lines in turn (imports paid once) and
+compare with one process that accumulates the same global batch.
 """
 import copy
 import datetime
