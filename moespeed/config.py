@@ -127,6 +127,8 @@ class TrainConfig:
     dtype: str = option("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
     compile: bool = option(False, "torch.compile the model")
     threads: int = option(0, "CPU threads for torch; 0 = torch's default")
+    parallel: str = option("ddp", "with several processes (torchrun): ddp replicates the model; fsdp shards params, grads and optimizer state (FSDP2)", choices=["ddp", "fsdp"])
+    ep_size: int = option(1, "expert parallelism: routed experts split over groups of ep_size ranks (must divide the number of processes and model.moe.n_routed_experts); data parallel over the groups")
 
     def validate(self) -> None:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every"):
@@ -142,6 +144,7 @@ class TrainConfig:
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
         _require(self.grad_clip >= 0, f"train.grad_clip = {self.grad_clip}: must be >= 0 (0 = off)")
         _require(self.threads >= 0, f"train.threads = {self.threads}: must be >= 0")
+        _require(self.ep_size >= 1, f"train.ep_size = {self.ep_size}: must be >= 1 (1 = no expert parallelism)")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"train.device = {self.device!r}: must be auto, cpu, cuda or cuda:N")
 

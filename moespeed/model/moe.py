@@ -39,6 +39,9 @@ averaged), router z-loss (mean logsumexp(logits)^2) and the aux-loss-free bias (
 `update_bias()` moves `expert_bias` by +-gamma against each expert's load since the last call.
 Optional capacity factor: an expert keeps its first C = ceil(capacity_factor * N / E) copies in
 token order (causal: a copy is only ever dropped because of earlier tokens); dropped copies add 0.
+
+Expert parallelism (experts split over ranks) lives in moe_ep.py; `moespeed.train.distributed`
+installs it as `expert_parallel`, the only hook here (steps 3-5 then run across ranks).
 """
 from __future__ import annotations
 
@@ -392,6 +395,9 @@ class MoE(nn.Module):
         self.register_buffer("_bias_counts", torch.zeros(e, dtype=torch.long), persistent=False)  # since update_bias()
         self.register_buffer("_dropped", torch.zeros((), dtype=torch.long), persistent=False)  # capacity drops
         self._last_aux: dict[str, Tensor] = {}
+        # Set by moespeed.train.distributed when the routed experts are split over ranks (moe_ep.py);
+        # None = every expert lives here (the single-device path below).
+        self.expert_parallel = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -455,6 +461,8 @@ class MoE(nn.Module):
 
     def _routed(self, x2: Tensor, r: Routing, capacity: int) -> Tensor:
         """Routed experts for all S tokens: (S, D), in the compute dtype."""
+        if self.expert_parallel is not None:
+            return self.expert_parallel.routed(self, x2, r, capacity)
         mode, k = self.dispatch_mode(x2), self.cfg.num_experts_per_tok
         dtype = _compute_dtype(x2)
         w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
@@ -483,7 +491,8 @@ class MoE(nn.Module):
         n_experts, n_slots = cfg.n_routed_experts, r.ids.numel()
         terms: dict[str, tuple[float, Tensor]] = {}
         if cfg.aux_loss_coef > 0:
-            f = r.counts.float() / n_slots  # (E,) share of slots
+            counts = r.counts if self.expert_parallel is None else self.expert_parallel.group_counts(r.counts)
+            f = counts.float() / counts.sum()  # (E,) share of slots (of the whole EP group under EP)
             terms["aux_balance"] = (cfg.aux_loss_coef, n_experts * (f * r.probs.mean(0)).sum())
         if cfg.seq_aux_loss_coef > 0:
             seq = torch.arange(batch, device=r.ids.device).repeat_interleave(r.ids.numel() // batch)  # (N,)

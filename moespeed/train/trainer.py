@@ -3,6 +3,10 @@
 One `Trainer` owns a run directory. `Trainer(cfg).fit()` prepares data, builds (or resumes) the
 model and optimizer, and trains to `train.steps`, evaluating at step 0, every `eval_every` steps and
 at the end, checkpointing every `ckpt_every` steps, at the end, and on Ctrl-C.
+
+Under torchrun (see `distributed.py`) every rank runs the same loop on its own micro-batches: the
+config must agree on all ranks, rank 0 alone prepares the run directory and writes logs, metrics,
+progress and plots; losses and MoE loads are averaged over the ranks before they are logged.
 """
 from __future__ import annotations
 
@@ -15,15 +19,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, to_toml
 from ..data.loader import TokenLoader
 from ..data.prepare import prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..model.transformer import Transformer
-from ..optim.build import build_optimizer
 from ..optim.schedule import lr_at, lr_factor
 from ..run import new_run_dir, read_run_config, save_run_config
-from .checkpoint import latest_checkpoint, list_checkpoints, load_model_state, load_training_state, read_state, save_checkpoint
+from .checkpoint import (is_sharded, latest_checkpoint, list_checkpoints, load_model_state, load_rng_state,
+                         load_training_state, read_state, save_checkpoint, save_sharded_checkpoint)
+from .distributed import Parallel, check_layout, check_same_config, init_distributed, parallelize, write_parallel_info
 from .metrics import MetricsLogger, flops_per_token, moe_metrics, peak_flops, plot_expert_load, plot_loss_curve
 
 
@@ -35,10 +40,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_bf16(device: torch.device, dtype: str) -> bool:
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
 def autocast_for(device: torch.device, dtype: str):
     """bf16 autocast on CUDA (dtype auto/bf16), fp32 elsewhere."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(device, dtype):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -62,15 +70,29 @@ def check_resume_compatible(saved: Config, given: Config) -> None:
 class Trainer:
     def __init__(self, cfg: Config, log=None):
         self.cfg = cfg
-        self.log = log or (lambda msg: tqdm.write(msg))
-        self.device = resolve_device(cfg.train.device)
+        self.env = init_distributed(resolve_device(cfg.train.device))
+        self.device = self.env.device
+        check_same_config(to_toml(cfg), self.env)
+        n_experts = cfg.model.moe.n_routed_experts if "moe" in cfg.model.ffn_kinds() else None
+        check_layout(self.env.world_size, cfg.train.ep_size, n_experts)
+        self.log = (log or (lambda msg: tqdm.write(msg))) if self.env.is_main else (lambda msg: None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.run_dir = new_run_dir(cfg)
+        self.run_dir = Path(self.env.broadcast(str(new_run_dir(cfg))))  # rank 0's timestamp
 
     # ----------------------------------------------------------------------------------- setup
+    def _prepare_data(self):
+        """Tokenizer and shards: the first rank of each node prepares (or finds) them, then the others."""
+        env = self.env
+        if env.local_rank == 0:
+            data = prepare_data(self.cfg.data, log=self.log)
+        env.barrier()
+        if env.local_rank != 0:
+            data = prepare_data(self.cfg.data, log=lambda msg: None)
+        return data
+
     def _setup_run_dir(self, data) -> int:
-        """Create or check the run directory; returns the step to start from."""
+        """Check (every rank) and create (rank 0) the run directory; returns the step to start from."""
         cfg, run_dir = self.cfg, self.run_dir
         if cfg.train.resume:
             if not list_checkpoints(run_dir):
@@ -82,56 +104,86 @@ class Trainer:
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue it, "
                                   "or choose another --train.run_dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = padded_vocab(data.vocab_size)
         elif cfg.model.vocab_size < data.vocab_size:
             raise CheckpointError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
                                   f"{data.vocab_size} tokens: set it to 0 (automatic) or >= {data.vocab_size}")
-        shutil.copyfile(data.tokenizer_path, run_dir / ".tokenizer.json.tmp")
-        (run_dir / ".tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
-        save_run_config(run_dir, cfg)
+        if self.env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data.tokenizer_path, run_dir / ".tokenizer.json.tmp")
+            (run_dir / ".tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
+            save_run_config(run_dir, cfg)
+        self.env.barrier()
         return 0
+
+    def _resume(self, par: Parallel, optimizer, loader: TokenLoader, counters: dict) -> None:
+        """Load the latest checkpoint (written at any world size) into model, optimizer, loader, counters."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if not self.env.distributed and not is_sharded(ckpt):
+            load_model_state(ckpt, par.model)
+            load_training_state(ckpt, optimizer)
+        else:
+            par.load_checkpoint(ckpt, optimizer)
+            load_rng_state(ckpt, self.env.rank)
+        state = read_state(ckpt)
+        loader.load_state_dict(state["loader"])
+        counters.update(state["counters"])
+        self.log(f"resumed {ckpt} at step {state['step']}")
+
+    def _save(self, step: int, par: Parallel, optimizer, state: dict) -> Path:
+        tc = self.cfg.train
+        if self.env.distributed:
+            return save_sharded_checkpoint(self.run_dir, step, par.state_dict(optimizer), state, tc.keep_last)
+        return save_checkpoint(self.run_dir, step, par.model, optimizer, state, tc.keep_last)
 
     # -------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self, model, val_path, bos_id) -> float:
-        """Mean val loss over the first eval_batches val batches (the same batches every time)."""
+        """Mean val loss over the first eval_batches val batches (the same batches every time).
+
+        Under torch.distributed the ranks share the batches (ceil(eval_batches / world) each, the
+        same batches as one process when the world size divides eval_batches) and average.
+        """
         model.eval()
-        loader = TokenLoader(val_path, self.cfg.data.batch_size, self.cfg.data.seq_len, bos_id, shuffle=False)
+        env = self.env
+        n_batches = math.ceil(self.cfg.train.eval_batches / env.world_size)
+        loader = TokenLoader(val_path, self.cfg.data.batch_size, self.cfg.data.seq_len, bos_id, shuffle=False,
+                             rank=env.rank, world_size=env.world_size)
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.train.eval_batches):
+        for _ in range(n_batches):
             tokens, targets, doc_ids = (t.to(self.device) for t in loader.next_batch())
             with autocast_for(self.device, self.cfg.train.dtype):
                 total += model(tokens, targets, doc_ids).float()
         model.train()
-        return (total / self.cfg.train.eval_batches).item()
+        return env.all_reduce_mean(total / n_batches).item()
 
     # ------------------------------------------------------------------------------------- fit
     def fit(self) -> Path:
-        cfg, tc = self.cfg, self.cfg.train
-        data = prepare_data(cfg.data, log=self.log)
+        run_dir = self._fit()
+        self.env.close()
+        return run_dir
+
+    def _fit(self) -> Path:
+        cfg, tc, env = self.cfg, self.cfg.train, self.env
+        data = self._prepare_data()
         start_step = self._setup_run_dir(data)
         torch.manual_seed(tc.seed)
         model = Transformer(cfg.model).to(self.device)
-        optimizer, summary = build_optimizer(model, tc)
-        loader = TokenLoader(data.train_path, cfg.data.batch_size, cfg.data.seq_len, data.bos_id, seed=tc.seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        flops_tok, peak = flops_per_token(model, cfg.data.seq_len), peak_flops(self.device)
+        par = parallelize(model, tc, env, bf16=uses_bf16(self.device, tc.dtype))
+        optimizer, summary = par.build_optimizer(tc)
+        loader = TokenLoader(data.train_path, cfg.data.batch_size, cfg.data.seq_len, data.bos_id, seed=tc.seed,
+                             rank=env.rank, world_size=env.world_size)
         counters = {"tokens": 0, "elapsed_s": 0.0, "interval_loss_sum": 0.0, "interval_steps": 0}
         if start_step:
-            ckpt = latest_checkpoint(self.run_dir)
-            load_model_state(ckpt, model)
-            load_training_state(ckpt, optimizer)
-            state = read_state(ckpt)
-            loader.load_state_dict(state["loader"])
-            counters.update(state["counters"])
-            self.log(f"resumed {ckpt} at step {start_step}")
-        n_params = sum(p.numel() for p in model.parameters())
-        self.log(f"run {self.run_dir}: {n_params / 1e6:.2f}M parameters on {self.device}\n{summary}")
-        metrics = MetricsLogger(self.run_dir)
+            self._resume(par, optimizer, loader, counters)
+        self.log(f"run {self.run_dir}: {n_params / 1e6:.2f}M parameters, {par.describe()}\n{summary}")
+        metrics = MetricsLogger(self.run_dir, enabled=env.is_main)
         metrics.truncate_after(start_step)
-        train_model = torch.compile(model) if tc.compile else model
-        flops_tok, peak = flops_per_token(model, cfg.data.seq_len), peak_flops(self.device)
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum
+        train_model = torch.compile(par.train_model) if tc.compile else par.train_model
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * env.world_size
 
         if start_step == 0:
             metrics.log({"step": 0, "val_loss": self.evaluate(model, data.val_path, data.bos_id), "lr": lr_at(0, tc),
@@ -140,10 +192,11 @@ class Trainer:
         interval_loss = torch.tensor(counters["interval_loss_sum"], device=self.device)
         interval_start, interval_tokens = time.time(), 0
         expert_loads: list = []
-        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not env.is_main)
 
         def checkpoint_state() -> dict:
-            counters["interval_loss_sum"] = interval_loss.item()
+            counters["interval_loss_sum"] = env.all_reduce_mean(interval_loss).item()
             return {"step": step, "loader": loader.state_dict(), "counters": counters,
                     "tokenizer_vocab_size": data.vocab_size}
 
@@ -152,14 +205,16 @@ class Trainer:
                 lr, factor = lr_at(step, tc), lr_factor(step, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
-                for _ in range(tc.grad_accum):
+                for micro in range(tc.grad_accum):
                     tokens, targets, doc_ids = (t.to(self.device, non_blocking=True) for t in loader.next_batch())
-                    with autocast_for(self.device, tc.dtype):
-                        loss = train_model(tokens, targets, doc_ids)
-                    (loss / tc.grad_accum).backward()
+                    with par.micro_step(last=micro == tc.grad_accum - 1):
+                        with autocast_for(self.device, tc.dtype):
+                            loss = train_model(tokens, targets, doc_ids)
+                        (loss / tc.grad_accum).backward()
                     interval_loss += loss.detach().float() / tc.grad_accum
+                par.finish_grads()
                 if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    par.clip_grad_norm(tc.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 for _, moe in model.moe_layers():
@@ -173,14 +228,15 @@ class Trainer:
                 if step % tc.log_every == 0 or step == tc.steps:
                     now = time.time()
                     counters["elapsed_s"] += now - interval_start
-                    train_loss = interval_loss.item() / counters["interval_steps"]
+                    train_loss = env.all_reduce_mean(interval_loss).item() / counters["interval_steps"]
                     tok_s = interval_tokens / max(now - interval_start, 1e-9)
                     record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": counters["tokens"],
                               "tokens_per_s": tok_s, "elapsed_s": counters["elapsed_s"]}
                     if peak:
-                        record["mfu"] = flops_tok * tok_s / peak
+                        record["mfu"] = flops_tok * tok_s / (peak * env.world_size)
                     if self.device.type == "cuda":
                         record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    par.reduce_moe_counts()
                     moe_record, expert_loads = moe_metrics(model)
                     record.update(moe_record)
                     metrics.log(record)
@@ -193,20 +249,25 @@ class Trainer:
                     metrics.log({"step": step, "val_loss": val_loss, "lr": lr, "tokens": counters["tokens"],
                                  "tokens_per_s": 0.0, "elapsed_s": counters["elapsed_s"]})
                     self.log(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
-                    plot_expert_load(self.run_dir, expert_loads, step)
+                    if env.is_main:
+                        plot_expert_load(self.run_dir, expert_loads, step)
                     interval_start = time.time()
                 if step % tc.ckpt_every == 0 or step == tc.steps:
-                    save_checkpoint(self.run_dir, step, model, optimizer, checkpoint_state(), tc.keep_last)
+                    self._save(step, par, optimizer, checkpoint_state())
                     interval_start = time.time()
         except KeyboardInterrupt:
             bar.close()
-            if step > start_step:
-                path = save_checkpoint(self.run_dir, step, model, optimizer, checkpoint_state(), tc.keep_last)
+            if env.distributed:  # the ranks stopped at different points: no collective save is possible
+                self.log(f"interrupted: continue from the last checkpoint with --resume --train.run_dir {self.run_dir}")
+            elif step > start_step:
+                path = self._save(step, par, optimizer, checkpoint_state())
                 self.log(f"interrupted: saved {path}; continue with --resume --train.run_dir {self.run_dir}")
             metrics.close()
             raise
         bar.close()
         metrics.close()
-        png = plot_loss_curve(self.run_dir)
-        self.log(f"done: {self.run_dir} (loss curve: {png})")
+        write_parallel_info(self.run_dir, par, optimizer)
+        if env.is_main:
+            png = plot_loss_curve(self.run_dir)
+            self.log(f"done: {self.run_dir} (loss curve: {png})")
         return self.run_dir

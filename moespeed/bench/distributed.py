@@ -1,0 +1,282 @@
+"""Benchmark distributed training: `small-moe` on 1 GPU vs DDP on 2 GPUs vs expert parallel (EP=2).
+
+    python -m moespeed.bench.distributed --json benchmarks/results/distributed.json
+
+1. Correctness: on 2 GPUs (NCCL, bf16 autocast) an EP=2 MoE layer of small-moe's shape against the
+   same layer on one GPU in fp32 over the EP group's whole batch: relative errors of the output and
+   of every gradient (NaN fails).
+2. Data: the tokenizer and shards are prepared once (this Python's stdlib; cache dir shared by the
+   runs; a smaller tokenizer sample than the preset's, to stay fast; it does not change speed).
+3. Runs, N steps each, the same micro-batch per GPU (the preset's 32 x 1024 tokens): "1gpu" with
+   grad_accum 2 (the same global batch and data as the 2-GPU runs, so the loss curves must match),
+   "ddp2" (`torchrun --nproc_per_node 2`, DDP), "ep2" (the same with `--train.ep_size 2`).
+   Reported: tokens/s (median over the logged intervals after the first; goal: >= 1.8x one GPU),
+   peak GPU memory of rank 0, routed-expert bytes per GPU (params + grads + optimizer state; EP=2
+   halves them) and the largest train-loss difference to the 1-GPU run.
+A failing run is reported and the others continue. Prints a table last; `--json` writes the
+results in the BENCHMARKING.md format. Needs 2 GPUs for the 2-GPU parts.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PRESET = "small-moe"
+TOKENIZER_CHARS = 10_000_000  # the tokenizer's training sample: smaller than the preset's, to prepare fast
+
+
+# -- 1. correctness of the EP layer on GPUs (run under torchrun by --ep-check) ----------------------
+
+class _OneMoE(torch.nn.Module):
+    """A model of one MoE layer, as `parallelize` expects (it has `moe_layers()`)."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def moe_layers(self):
+        return [(0, self.moe)]
+
+    def forward(self, x):
+        return self.moe(x)
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    err = ((a.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
+    return err if err == err else float("inf")  # NaN fails
+
+
+def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int = 1024) -> None:
+    """Per rank: EP=2 layer (bf16) vs the fp32 one-GPU layer over the whole batch; rank 0 writes JSON."""
+    import torch.distributed as dist
+
+    from moespeed.config import TrainConfig, preset_config
+    from moespeed.model.moe import MoE
+    from moespeed.train.distributed import init_distributed, parallelize
+
+    env = init_distributed(torch.device("cuda"))
+    cfg = preset_config(preset).model
+    torch.manual_seed(0)  # the same layer and batch on every rank
+    ref = MoE(cfg.d_model, copy.deepcopy(cfg.moe)).cuda()
+    x = torch.randn(batch * env.world_size, seq_len, cfg.d_model, device="cuda")  # (B, T, D)
+    dy = torch.randn_like(x)
+    model = _OneMoE(copy.deepcopy(ref))
+    ref.cfg.dispatch = "padded_bmm"  # fp32 reference
+    x_ref = x.clone().requires_grad_()
+    y_ref, aux_ref = ref(x_ref)
+    ((y_ref * dy).sum() / dy[..., 0].numel() + aux_ref).backward()
+
+    par = parallelize(model, TrainConfig(ep_size=env.world_size), env)
+    mine = slice(env.rank * batch, (env.rank + 1) * batch)
+    x_ep = x[mine].clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ep, aux_ep = par.train_model(x_ep)
+    ((y_ep.float() * dy[mine]).sum() / dy[mine][..., 0].numel() + aux_ep).backward()
+    par.finish_grads()
+    moe, shard = model.moe, model.moe.expert_parallel.expert_slice()
+    errors = {"output": _rel_err(y_ep, y_ref[mine]), "x_grad": _rel_err(x_ep.grad, x_ref.grad[mine] * env.world_size)}
+    for name, p in moe.named_parameters():
+        full = ref.get_parameter(name).grad
+        errors[f"{name}_grad"] = _rel_err(p.grad, full[shard] if name in ("w1", "w2", "w3") else full)
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, errors)
+    if env.is_main:
+        worst = {k: max(e[k] for e in gathered) for k in errors}
+        Path(out_path).write_text(json.dumps(worst))
+    env.close()
+
+
+# -- 2./3. training runs ----------------------------------------------------------------------------
+
+def prepare(preset: str, overrides: list[str]) -> None:
+    """Tokenizer and shards into the shared cache (the runs then find them there)."""
+    from moespeed.config import build_config
+    from moespeed.data.prepare import prepare_data
+
+    pairs = [(overrides[i][2:], overrides[i + 1]) for i in range(0, len(overrides), 2)]
+    prepare_data(build_config(preset, None, pairs).data)
+
+
+def train_args(preset: str, run_dir: Path, steps: int, log_every: int, compile_: bool,
+               overrides: list[str]) -> list[str]:
+    return ["train", "--preset", preset, *overrides,
+            "--train.run_dir", str(run_dir), "--train.steps", str(steps), "--train.log_every", str(log_every),
+            "--train.eval_every", str(10 * steps), "--train.eval_batches", "2", "--train.ckpt_every", str(10 * steps),
+            "--train.warmup_steps", "5", "--train.compile", str(compile_).lower()]
+
+
+def launch(args: list[str], gpus: int, timeout: int) -> tuple[bool, str, float]:
+    """Run `moespeed ARGS` on 1 GPU (python) or several (torchrun); (ok, output tail, seconds)."""
+    if gpus == 1:
+        cmd = [sys.executable, "-m", "moespeed", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+               "-m", "moespeed", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "4"}
+    if torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as e:
+        ok, tail = False, f"timed out after {timeout}s: {str(e.stderr)[-2000:]}"
+    return ok, tail, time.time() - start
+
+
+def summarize(run_dir: Path) -> dict:
+    """tokens/s, peak memory, losses and routed-expert bytes of a finished run."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    train = [r for r in records if "train_loss" in r]
+    info = json.loads((run_dir / "parallel.json").read_text())
+    expert_bytes = 2 * info["routed_expert_param_bytes"] + info["routed_expert_optimizer_bytes"]  # + grads
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[1:]) if len(train) > 1 else None,
+            "peak_mem_gib": max((r["peak_mem_gib"] for r in train if "peak_mem_gib" in r), default=None),
+            "losses": {r["step"]: r["train_loss"] for r in train},
+            "routed_expert_mib_per_gpu": expert_bytes / 2**20, "layout": info}
+
+
+def environment() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+            "date": datetime.date.today().isoformat(),
+            "command": "python -m moespeed.bench.distributed " + " ".join(sys.argv[1:])}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(check: dict | None, rows: list[dict]) -> None:
+    if check is not None:
+        worst = max(check.values()) if check else None
+        print(f"EP=2 layer check (bf16 vs fp32 one GPU): worst relative error {_fmt(worst, '.1e')} "
+              f"({'ok' if worst is not None and worst <= 1e-2 else 'FAIL'}): "
+              + ", ".join(f"{k} {v:.1e}" for k, v in check.items()))
+    for r in rows:
+        if r["notes"]:
+            print(f"notes {r['bench']}: {r['notes']}")
+    head = f"{'run':>6} {'GPUs':>4} {'tok/s':>9} {'x1gpu':>6} {'peak GiB':>8} {'experts MiB/GPU':>15} " \
+           f"{'final loss':>10} {'max dloss':>9} {'wall s':>6}"
+    print(head)
+    for r in rows:
+        print(f"{r['bench'].split('.')[-1]:>6} {r['gpus']:>4} {_fmt(r['tokens_per_s'], ',.0f'):>9} "
+              f"{_fmt(r['speedup'], '.2f'):>6} {_fmt(r['peak_mem_gib'], '.1f'):>8} "
+              f"{_fmt(r['routed_expert_mib_per_gpu'], '.0f'):>15} {_fmt(r['final_loss'], '.4f'):>10} "
+              f"{_fmt(r['max_abs_loss_diff_vs_1gpu'], '.4f'):>9} {r['wall_s']:>6.0f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", help="write the results here (BENCHMARKING.md format)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
+    p.add_argument("--log-every", type=int, default=5, help="tokens/s interval in steps (default 5)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slower start)")
+    p.add_argument("--timeout", type=int, default=150, help="seconds per run before it is reported as failed")
+    p.add_argument("--work-dir", help="where runs and the data cache go (default: a temporary folder)")
+    p.add_argument("--preset", default=PRESET, help=f"model preset (default {PRESET})")
+    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="extra config key for every run, e.g. --set data.batch_size 16")
+    p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on CPU (gloo), no GPU needed")
+    p.add_argument("--ep-check", metavar="OUT", help=argparse.SUPPRESS)  # internal: the torchrun worker of step 1
+    args = p.parse_args(argv)
+    if args.ep_check:
+        return ep_check(args.ep_check, args.preset)
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="moespeed-bench-dist-"))
+    work.mkdir(parents=True, exist_ok=True)
+    devices = torch.cuda.device_count() or (2 if args.allow_cpu else 0)
+    overrides = ["--data.cache_dir", str(work / "cache"), "--data.tokenizer_train_chars", str(TOKENIZER_CHARS)]
+    overrides += [x for key, value in args.set for x in (f"--{key}", value)]
+
+    check = run_ep_check(work, args) if torch.cuda.device_count() >= 2 else None
+    t0 = time.time()
+    prepare(args.preset, overrides)
+    print(f"data prepared in {time.time() - t0:.0f}s ({work / 'cache'})", flush=True)
+
+    rows, base = [], None
+    for name, n_gpus, extra in (("1gpu", 1, ["--train.grad_accum", "2"]), ("ddp2", 2, []),
+                                ("ep2", 2, ["--train.ep_size", "2"])):
+        row = run_case(name, n_gpus, devices, train_args(args.preset, work / name, args.steps, args.log_every,
+                                                          args.compile, overrides) + extra, args)
+        if name == "1gpu":
+            base = row
+        elif base is not None and base["tokens_per_s"] and row["tokens_per_s"]:
+            row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+            common = set(base["losses"]) & set(row["losses"])
+            row["max_abs_loss_diff_vs_1gpu"] = max(abs(base["losses"][k] - row["losses"][k]) for k in common)
+        rows.append(row)
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({**environment(), "ep_check_rel_err": check, "results": rows}, fh, indent=1)
+    print_table(check, rows)
+
+
+def run_ep_check(work: Path, args) -> dict:
+    """Step 1 on GPUs 0 and 1; {} when it fails."""
+    out = work / "ep_check.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "moespeed.bench.distributed", "--ep-check", str(out), "--preset", args.preset]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
+        tail = (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired:
+        tail = "timed out"
+    if out.is_file():
+        return json.loads(out.read_text())
+    print(f"EP layer check failed:\n{tail}", flush=True)
+    return {}
+
+
+def run_case(name: str, n_gpus: int, devices: int, cmd_args: list[str], args) -> dict:
+    """One training run and its summary row (notes say why fields are null)."""
+    row = {"bench": f"distributed.{name}", "gpus": n_gpus,
+           "shape": {"preset": args.preset, "steps": args.steps, "set": dict(args.set)},
+           "tokens_per_s": None, "speedup": None, "peak_mem_gib": None, "routed_expert_mib_per_gpu": None,
+           "final_loss": None, "max_abs_loss_diff_vs_1gpu": None, "losses": {}, "wall_s": 0.0, "notes": ""}
+    if n_gpus > devices:
+        row["notes"] = f"needs {n_gpus} GPUs, {devices} visible"
+        return row
+    run_dir = Path(cmd_args[cmd_args.index("--train.run_dir") + 1])
+    ok, tail, row["wall_s"] = launch(cmd_args, n_gpus, args.timeout)
+    if not ok:
+        lines = tail.strip().splitlines()
+        row["notes"] = "failed: " + (lines[-1][:300] if lines else "")
+        print(f"{name} failed:\n{tail}", flush=True)
+        return row
+    s = summarize(run_dir)
+    for ckpt in run_dir.glob("step-*"):  # gigabytes each: not needed any more
+        shutil.rmtree(ckpt, ignore_errors=True)
+    row.update(tokens_per_s=s["tokens_per_s"], peak_mem_gib=s["peak_mem_gib"], layout=s["layout"],
+               routed_expert_mib_per_gpu=s["routed_expert_mib_per_gpu"], losses=s["losses"],
+               final_loss=s["losses"][max(s["losses"])] if s["losses"] else None)
+    print(f"{name}: {_fmt(row['tokens_per_s'], ',.0f')} tok/s, {row['wall_s']:.0f}s", flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()

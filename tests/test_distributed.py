@@ -1,0 +1,266 @@
+"""torch.distributed on CPU (gloo): expert parallelism, DDP, FSDP2 and DCP checkpoints.
+
+The layer test starts 4 processes (2 EP groups of 2). The training tests share one `torchrun` launch
+of 2 processes that runs several `moespeed train` command lines in turn (imports paid once) and
+compare with one process that accumulates the same global batch.
+"""
+import copy
+import datetime
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from moespeed.config import TrainConfig, build_config
+from moespeed.errors import ConfigError
+from moespeed.model.moe import MoE, MoEConfig
+from moespeed.run import load
+from moespeed.train.distributed import DistEnv, check_same_config, parallelize
+from moespeed.train.trainer import Trainer
+
+from helpers import tiny_train_args, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ expert-parallel MoE layer
+class _OneMoE(nn.Module):
+    """The smallest model `parallelize` accepts: one MoE layer."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        self.moe = moe
+
+    def moe_layers(self):
+        return [(0, self.moe)]
+
+    def forward(self, x):
+        return self.moe(x)
+
+
+def _objective(y, aux, dy, n_tokens):
+    """A loss like the LM's: mean over the tokens of y * dy summed over D, plus the aux loss."""
+    return (y * dy).sum() / n_tokens + aux
+
+
+def _ep_layer_worker(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails instead
+    try:
+        # a clear error when the ranks disagree on the config
+        with pytest.raises(ConfigError, match="rank 0 has train.steps = 200, rank 3 has train.steps = 300"):
+            check_same_config(f"[train]\nsteps = {300 if rank == 3 else 200}\n", DistEnv(rank, world))
+        cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
+                        activation="swiglu", aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01)
+        for case in ("random", "rank 1 of each EP group receives nothing"):
+            torch.manual_seed(0)  # the same layer and batch on every rank
+            ref = MoE(24, cfg)
+            if case != "random":  # bias the selection to experts 0 and 1 (held by EP rank 0)
+                ref.expert_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))
+            ref.train()
+            x, dy = torch.randn(2 * world, 8, 24), torch.randn(2 * world, 8, 24)  # (B, T, D): 2 sequences per rank
+            ep_model = _OneMoE(copy.deepcopy(ref))
+            # one process: the batch of each EP group in turn (the balance loss covers one EP group's tokens)
+            x_ref = x.clone().requires_grad_()
+            y_ref, aux_ref = [], []
+            for group in (slice(0, 4), slice(4, 8)):
+                y, aux = ref(x_ref[group])
+                _objective(y, aux / 2, dy[group], x.shape[0] * x.shape[1]).backward()
+                y_ref.append(y.detach())
+                aux_ref.append(aux.detach())
+            y_ref, aux_ref = torch.cat(y_ref), aux_ref[rank // 2]  # (B, T, D), this rank's EP group's aux
+            # expert parallel: EP groups {0, 1}, {2, 3}; data parallel over the groups
+            par = parallelize(ep_model, TrainConfig(ep_size=2), DistEnv(rank, world))
+            mine = slice(2 * rank, 2 * rank + 2)
+            x_ep = x[mine].clone().requires_grad_()
+            with par.micro_step(last=False):  # accumulation: DDP skips its all-reduce
+                assert not par.ddp.require_backward_grad_sync
+            with par.micro_step(last=True):
+                assert par.ddp.require_backward_grad_sync
+            y_ep, aux_ep = par.train_model(x_ep)
+            _objective(y_ep, aux_ep, dy[mine], x_ep.shape[0] * x_ep.shape[1]).backward()  # DDP averages over ranks
+            par.finish_grads()
+            moe, shard = ep_model.moe, slice(2 * (rank % 2), 2 * (rank % 2) + 2)
+            assert moe.w1.shape[0] == 2 and moe.expert_parallel is not None
+            assert (ref._load_counts[2:].sum() == 0) == (case != "random")  # nothing for EP rank 1
+            close = dict(rtol=1e-4, atol=1e-6, msg=lambda m: f"{case}, rank {rank}: {m}")
+            torch.testing.assert_close(y_ep, y_ref[mine], **close)
+            aux_mean = aux_ep.detach().clone()
+            dist.all_reduce(aux_mean, group=moe.expert_parallel.group)
+            torch.testing.assert_close(aux_mean / 2, aux_ref, **close)
+            torch.testing.assert_close(x_ep.grad, x_ref.grad[mine] * world, **close)
+            for name in ("gate", "shared.w1.weight", "shared.w2.weight", "shared.w3.weight"):
+                torch.testing.assert_close(moe.get_parameter(name).grad, ref.get_parameter(name).grad, **close)
+            for name in ("w1", "w2", "w3"):
+                torch.testing.assert_close(getattr(moe, name).grad, getattr(ref, name).grad[shard], **close)
+                assert getattr(ref, name).grad[shard].abs().sum() > 0 or case != "random"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_layer_matches_single_process():
+    """EP=2 x DP=2 on 4 processes: outputs, aux loss and every gradient equal the one-process layer's."""
+    # fork: the children inherit the imported modules (a spawn pays ~5 s of imports per process);
+    # each child first drops to one thread, so no OpenMP pool is used across the fork
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method=method)
+
+
+# ------------------------------------------------------------------------- training end to end
+MOE_ARGS = ["--model.ffn_pattern", "moe", "--model.first_k_dense", "1", "--model.moe.n_routed_experts", "4",
+            "--model.moe.moe_inter_dim", "32", "--model.moe.aux_loss_coef", "0",
+            "--model.moe.bias_update_speed", "0.01", "--train.optimizer", "muon"]
+
+
+def _args(data, run, cache, **overrides) -> list[str]:
+    """CLI args of a 4-step MoE run with checkpoints at steps 2 and 4 (one batch of 8 sequences per step)."""
+    args = tiny_train_args(data, run, cache, steps=4) + MOE_ARGS
+    for key, value in {"train.eval_every": 2, "train.ckpt_every": 2, **overrides}.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _config(args: list[str]):
+    pairs = [(k[2:], [v] if k == "--data.data" else v) for k, v in zip(args[::2], args[1::2])]
+    return build_config("quickstart", None, pairs)
+
+
+def _run_distributed(plan: list[dict], cwd: Path) -> None:
+    """Run a plan of trainings in ONE `torchrun` launch of 2 processes (see `_driver`)."""
+    (cwd / "plan.json").write_text(json.dumps(plan))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), __file__, str(cwd / "plan.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _driver(plan_path: str) -> None:
+    """Under torchrun: each plan item runs `moespeed train ARGS` (the CLI, in this process) and checks
+    its exit status, or copies a run directory; one launch pays the imports once for all runs."""
+    from moespeed.cli import main
+
+    dist.init_process_group("gloo")
+    for item in json.loads(Path(plan_path).read_text()):
+        if "copy_until" in item:
+            if dist.get_rank() == 0:
+                _copy_until(Path(item["copy_until"][0]), Path(item["copy_until"][1]), item["copy_until"][2])
+            dist.barrier()
+            continue
+        status = main(["train", *item["args"]])
+        if status != item.get("status", 0):
+            raise SystemExit(f"rank {dist.get_rank()}: `moespeed train {' '.join(item['args'])}` exited {status}")
+    dist.destroy_process_group()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    return load(run)[0].state_dict()  # either checkpoint format, read by one process
+
+
+def _assert_same_training(run: Path, ref: Path, steps) -> None:
+    a, b = _losses(run), _losses(ref)
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=1e-5), (s, a, b)
+    pa, pb = _params(run), _params(ref)
+    for key in pb:  # Muon's Newton-Schulz runs in bf16: rounding differences of ~1e-4 are expected
+        torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-3, msg=lambda m: f"{run.name} {key}: {m}")
+
+
+def _copy_until(src: Path, dst: Path, step: int) -> None:
+    """A copy of a run directory whose latest checkpoint is step-<step>."""
+    shutil.copytree(src, dst)
+    for ckpt in dst.glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A one-process reference (grad_accum 2, batches of 4) and, in one torchrun launch of 2 processes:
+    expert parallel, DDP with accumulation, a same-size EP resume, FSDP2 continuing the reference's
+    step-2, FSDP2 with expert parallelism, and a layout error."""
+    root = tmp_path_factory.mktemp("dist")
+    data, cache = write_corpus(root / "src"), root / "cache"
+    Trainer(_config(_args(data, root / "ref", cache, **{"train.grad_accum": 2}))).fit()
+    _copy_until(root / "ref", root / "fsdp", 2)
+    ep = _args(data, root / "ep", cache, **{"train.ep_size": 2})
+    _run_distributed([
+        {"args": ep},
+        {"args": _args(data, root / "ddp", cache, **{"data.batch_size": 2, "train.grad_accum": 2})},
+        {"copy_until": [str(root / "ep"), str(root / "ep-resumed"), 2]},
+        {"args": _args(data, root / "ep-resumed", cache, **{"train.ep_size": 2}) + ["--resume"]},
+        {"args": _args(data, root / "fsdp", cache, **{"train.parallel": "fsdp"}) + ["--resume"]},
+        {"args": _args(data, root / "fsdp-ep", cache, **{"train.parallel": "fsdp", "train.ep_size": 2})},
+        {"args": _args(data, root / "bad", cache, **{"train.ep_size": 3}), "status": 2},
+    ], root)
+    return data, cache, root
+
+
+def test_ddp_no_sync_accumulation_matches_one_process(runs):
+    """DDP, 2 processes x 2 micro-batches of 2 sequences = one process x 2 micro-batches of 4."""
+    _, _, root = runs
+    _assert_same_training(root / "ddp", root / "ref", steps=[1, 2, 3, 4])
+
+
+def test_expert_parallel_training_matches_and_resumes_exactly(runs):
+    _, _, root = runs
+    _assert_same_training(root / "ep", root / "ref", steps=[1, 2, 3, 4])
+    info = json.loads((root / "ep" / "parallel.json").read_text())
+    assert info["ep_size"] == 2 and info["routed_expert_params"] == 2 * 32 * 32 * 2  # half of the 4 experts
+    # resumed from step-2 at the same world size: bitwise the uninterrupted run
+    assert _losses(root / "ep-resumed") == _losses(root / "ep")
+    a, b = _params(root / "ep-resumed"), _params(root / "ep")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_sharded_checkpoint_loads_at_world_size_one_and_continues(runs):
+    """The EP run's step-2 (DCP, experts split over 2 ranks) resumed by one process with grad_accum 2."""
+    data, cache, root = runs
+    _copy_until(root / "ep", root / "ep-to-1", 2)
+    Trainer(_config(_args(data, root / "ep-to-1", cache, **{"train.grad_accum": 2, "train.resume": True}))).fit()
+    assert (root / "ep-to-1" / "step-4" / "model.pt").is_file()  # one process writes the single-process format
+    _assert_same_training(root / "ep-to-1", root / "ref", steps=[3, 4])
+
+
+def test_fsdp_continues_a_single_process_checkpoint_and_matches(runs):
+    """FSDP2 on 2 processes continues the one-process run from its step-2 checkpoint (resharding it)."""
+    _, _, root = runs
+    assert (root / "fsdp" / "step-4" / "dcp" / ".metadata").is_file()
+    _assert_same_training(root / "fsdp", root / "ref", steps=[3, 4])
+
+
+def test_fsdp_with_expert_parallelism_matches(runs):
+    _, _, root = runs
+    _assert_same_training(root / "fsdp-ep", root / "ref", steps=[1, 2, 3, 4])
+
+
+def test_bad_layout_fails_on_every_rank_before_writing(runs):
+    _, _, root = runs
+    assert not (root / "bad").exists()  # the plan checked exit status 2 on both ranks
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1])
