@@ -62,7 +62,8 @@ def tiles(counts, indices, n):
 
 
 @pytest.mark.parametrize("T, block, window, docs", [(48, 8, 10, True), (45, 8, 0, True), (40, 8, 8, False),
-                                                     (64, 16, 20, True), (33, 8, 5, True)])
+                                                     (64, 16, 20, True), (33, 8, 5, True),
+                                                     (48, 8, 15, False), (48, 8, 9, True)])  # tile-edge windows
 def test_block_mask_tiles_summarize_the_dense_mask(T, block, window, docs):
     doc_ids = random_doc_ids(2, T) if docs else None
     w = torch.tensor(window) if window else None
@@ -193,12 +194,12 @@ def test_cached_decode_equals_full_forward(kind, position):
     tokens = torch.randint(0, 97, (2, 20))
     full = model(tokens)
     assert rel(decode_logits(model, tokens, 7, static=False), full) < 1e-5
-    if position == "rope":  # static shapes (the whole cache under a position mask), chunked prefill
+    caches = model.new_cache(2, 20, dtype=torch.float32)  # chunked prefill: 11 new tokens on a cache
+    first = model.hidden_states(tokens[:, :9], caches=caches)
+    rest = model.hidden_states(tokens[:, 9:], caches=caches, start_pos=9)
+    assert rel(model.logits(torch.cat([first, rest], dim=1)), full) < 1e-5
+    if position == "rope":  # static shapes: the whole cache under a position mask
         assert rel(decode_logits(model, tokens, 7, static=True), full) < 1e-5
-        caches = model.new_cache(2, 20, dtype=torch.float32)
-        first = model.hidden_states(tokens[:, :9], caches=caches)
-        rest = model.hidden_states(tokens[:, 9:], caches=caches, start_pos=9)
-        assert rel(model.logits(torch.cat([first, rest], dim=1)), full) < 1e-5
     if kind == "mla":  # the naive path: expand every cached latent
         for block in model.blocks:
             block.attn.absorb = False
