@@ -7,12 +7,18 @@ through the same operator the CUDA kernel compiles. The CPU forward never looks 
 structure, so the block masks are checked separately against the dense mask, tile by tile.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from moespeed import Transformer
 from moespeed import config as C
 from moespeed.errors import ConfigError
+from moespeed.kernels import decode_attention as decode_kernels
 from moespeed.model import masks
 from moespeed.model.attention import AttentionContext
 from moespeed.model.transformer import attention_param_count
@@ -249,6 +255,54 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
 
 
+# ------------------------------------------------------------------------- decode kernel (Triton)
+TRITON_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, "tests")
+    from helpers import tiny_model_config
+    from moespeed import Transformer
+    from moespeed.kernels import decode_attention as K
+    torch.manual_seed(0)
+    # fp32 only: the interpreter's bf16 tl.dot is wrong (bf16 is checked on the GPU)
+    for B, Hkv, T, G, S, dk, dv, shared, window, alibi in [
+            (2, 1, 2, 6, 300, 24, 16, True, 0, False), (2, 1, 1, 12, 150, 40, 32, True, 37, True),
+            (1, 2, 3, 2, 200, 16, 16, False, 0, True), (2, 3, 1, 1, 70, 16, 8, False, 20, False)]:
+        q = torch.randn(B, Hkv, T * G, dk)
+        k = torch.randn(B, Hkv, S + 5, dk)[:, :, :S]  # a strided view of a larger cache
+        v = None if shared else torch.randn(B, Hkv, S, dv)
+        q_pos = torch.arange(S - T, S) - 2  # the last keys are masked (a static cache past the context)
+        w = torch.tensor(window) if window else None
+        slopes = torch.rand(Hkv * G) if alibi else None
+        args = (q, k, v, q_pos, 0.3, w, slopes, dv if shared else 0)
+        ref, got = K.decode_attention(*args, kernel="torch"), K.decode_attention(*args, kernel="triton")
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5, (B, Hkv, T, G, S)
+    for kind, extra in (("mla", {}), ("gqa", dict(n_heads=4, n_kv_heads=2))):
+        model = Transformer(tiny_model_config(attention=kind, window_pattern="0,6", decode_kernel="triton",
+                                              **extra)).eval()
+        tokens = torch.randint(0, 97, (2, 12))
+        with torch.no_grad():
+            full = model(tokens)
+            caches = model.new_cache(2, 16, dtype=torch.float32)
+            pieces = [model.hidden_states(tokens[:, :5], caches=caches)]
+            pieces += [model.hidden_states(tokens[:, t:t + 1], caches=caches, start_pos=torch.tensor(t))
+                       for t in range(5, 12)]
+            got = model.logits(torch.cat(pieces, dim=1))
+        assert ((got - full).norm() / full.norm()).item() < 1e-5, kind
+    print("TRITON_OK")
+""")
+
+
+@pytest.mark.skipif(not decode_kernels.HAS_TRITON, reason="triton is not installed")
+def test_decode_kernel_interpreted_matches_reference():
+    """Runs in a subprocess: TRITON_INTERPRET=1 must be set before the kernel is defined."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "TRITON_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("overrides, fragment", [
     ([("model.attention", "gqa"), ("model.n_kv_heads", "3")], "model.n_kv_heads = 3: must divide n_heads = 4"),
@@ -285,3 +339,17 @@ def test_compiled_flex_on_gpu_matches_dense_reference():
         results.append((out, *torch.autograd.grad(out.float().square().sum(), (q, k, v))))
     for a, b in zip(*results):
         assert rel(a.float(), b) < 2e-2
+
+
+@pytest.mark.gpu
+def test_decode_kernel_on_gpu_matches_reference_in_bf16():
+    torch.manual_seed(0)
+    for Hkv, G, dk, dv, shared in ((1, 12, 288, 256, True), (12, 1, 64, 64, False), (2, 4, 64, 64, False)):
+        q = torch.randn(3, Hkv, 2 * G, dk, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(3, Hkv, 5000, dk, device="cuda", dtype=torch.bfloat16)
+        v = None if shared else torch.randn(3, Hkv, 5000, dv, device="cuda", dtype=torch.bfloat16)
+        q_pos = torch.tensor([4000, 4001], device="cuda")
+        for window in (None, torch.tensor(700, device="cuda")):
+            args = (q, k, v, q_pos, dk ** -0.5, window, None, dv if shared else 0)
+            ref = decode_kernels.decode_attention(*args, kernel="torch")
+            assert rel(decode_kernels.decode_attention(*args, kernel="triton").float(), ref.float()) < 2e-2

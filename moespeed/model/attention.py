@@ -4,7 +4,8 @@ Every attention module is called as `attn(x, ctx, cache=None)` with x (B, T, D),
 `AttentionContext` the Transformer builds once per forward (positions, RoPE angles, masks), and
 returns (B, T, D). Training and prefill go through `ctx.attend` (FlexAttention or SDPA); decoding
 with a cache goes through `ctx.attend_cached`, where the query heads that share one key/value head
-are folded into the query rows, so scores are one batched matmul (B, Hkv, T*G, d) @ (B, Hkv, d, S).
+are folded into the query rows (B, Hkv, T*G, d), computed by `kernels.decode_attention`: a fused
+Triton flash-decoding kernel on CUDA (`model.decode_kernel`), batched matmuls otherwise.
 
 MLA (DeepSeek-V2/V3). Shapes: H heads, n = qk_nope_head_dim, p = qk_rope_head_dim, v = v_head_dim,
 r = kv_lora_rank.
@@ -27,7 +28,7 @@ Baselines (`GQA`): wq, wk, wv, wo with n_heads query heads and n_kv_heads key/va
 head_dim (MHA: n_kv_heads = n_heads; MQA: 1); RoPE rotates the whole head. Their cache (`KVCache`)
 holds K and V, (B, n_kv_heads, max_len, head_dim) each.
 
-Caches are static and preallocated; writes go to absolute positions (`index_copy_`). With a tensor
+Caches are static and preallocated; writes go to absolute positions (index_put_). With a tensor
 start position the attention reads the whole cache under a position mask, so a decode step has fixed
 shapes and can be captured in a CUDA graph (`torch.compile(mode="reduce-overhead")`).
 """
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import flex_attention
 
+from ..kernels.decode_attention import decode_attention
 from . import masks
 from .rope import apply_rope
 
@@ -62,7 +64,7 @@ class LatentKVCache:
 
     def write(self, positions: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor) -> None:
         """Store (B, T, r) latents and (B, T, p) rope keys at positions (T,)."""
-        self.kv.index_copy_(1, positions, torch.cat([latent, rope_key], dim=-1).to(self.kv.dtype))
+        self.kv[:, positions] = torch.cat([latent, rope_key], dim=-1).to(self.kv.dtype)
 
     def bytes_per_token(self) -> int:
         return self.kv.shape[-1] * self.kv.element_size()
@@ -79,8 +81,8 @@ class KVCache:
 
     def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, Hkv, T, head_dim) at positions (T,)."""
-        self.k.index_copy_(2, positions, k.to(self.k.dtype))
-        self.v.index_copy_(2, positions, v.to(self.v.dtype))
+        self.k[:, :, positions] = k.to(self.k.dtype)
+        self.v[:, :, positions] = v.to(self.v.dtype)
 
     def bytes_per_token(self) -> int:
         return 2 * self.k.shape[1] * self.k.shape[-1] * self.k.element_size()
@@ -112,11 +114,11 @@ class AttentionContext:
     def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                  start_pos: int | torch.Tensor = 0, doc_ids: torch.Tensor | None = None,
                  windows: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", decode_kernel: str = "auto"):
         self.positions = positions  # (T,) absolute positions of the new tokens
         self.cos, self.sin = cos, sin  # (T, rope_dim / 2)
         self.start_pos, self.doc_ids, self.windows = start_pos, doc_ids, windows
-        self.alibi_slopes, self.backend = alibi_slopes, backend
+        self.alibi_slopes, self.backend, self.decode_kernel = alibi_slopes, backend, decode_kernel
         self._built: dict = {}
 
     @property
@@ -170,24 +172,16 @@ class AttentionContext:
         bias = masks.alibi_bias(self.alibi_slopes, self.positions, T)[None]  # (1, H, T, T)
         return bias.masked_fill(~keep, float("-inf"))
 
-    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int | None,
-                      scale: float) -> torch.Tensor:
+    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, slot: int | None,
+                      scale: float, v_dim: int = 0) -> torch.Tensor:
         """New queries against cached keys/values (positions 0..S-1; one document).
 
         q (B, Hkv, T*G, dk): the G query heads of each key/value head folded into the rows, ordered
-        (token, head); k (B, Hkv, S, dk), v (B, Hkv, S, dv) -> (B, Hkv, T*G, dv).
+        (token, head); k (B, Hkv, S, dk), v (B, Hkv, S, dv) or None: the values are k[..., :v_dim].
+        Returns (B, Hkv, T*G, dv).
         """
-        B, Hkv, R, _ = q.shape
-        S, T = k.shape[2], len(self.positions)
-        scores = (q.to(k.dtype) @ k.transpose(-1, -2)).float() * scale  # (B, Hkv, T*G, S)
-        scores = scores.view(B, Hkv, T, R // T, S)  # (B, Hkv, T, G, S)
-        if self.alibi_slopes is not None:
-            bias = self._once(("alibi_cached", S), lambda: masks.alibi_bias(self.alibi_slopes, self.positions, S))
-            scores = scores + bias.view(Hkv, R // T, T, S).transpose(1, 2)  # (H, T, S) -> (Hkv, T, G, S)
-        keep = self._once(("visible", slot, S), lambda: masks.visible(self.positions, S, self.window(slot)))
-        scores = scores.masked_fill(~keep[:, None, :], float("-inf"))  # (T, S) -> (T, 1, S)
-        probs = scores.softmax(dim=-1).to(v.dtype).view(B, Hkv, R, S)
-        return probs @ v
+        return decode_attention(q, k, v, self.positions, scale, self.window(slot), self.alibi_slopes,
+                                v_dim, self.decode_kernel)
 
 
 # ---------------------------------------------------------------------------------------- modules
@@ -298,7 +292,7 @@ class MLA(nn.Module):
         q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)  # (B, T, H, r + p)
         q = q.reshape(B, 1, T * H, self.kv_lora_rank + self.rope_dim)  # all heads share one latent "kv head"
         kv = cache.kv[:, None, :S]  # (B, 1, S, r + p)
-        out_latent = ctx.attend_cached(q, kv, kv[..., : self.kv_lora_rank], self.window_slot, self.scale)
+        out_latent = ctx.attend_cached(q, kv, None, self.window_slot, self.scale, v_dim=self.kv_lora_rank)
         out_latent = out_latent.view(B, T, H, self.kv_lora_rank)  # (B, 1, T*H, r) -> (B, T, H, r)
         out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))  # (B, T, H, v)
         return self.wo(out.reshape(B, T, H * self.v_dim))
