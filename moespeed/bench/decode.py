@@ -5,12 +5,15 @@
 Models: the `small` preset (12 layers, d_model 768, 12 heads, MLA r 256 + p 32, bf16 weights) and the
 same model with MHA attention (12 heads x 64). One decode step = one new token per sequence at
 position ctx - 1 over a static cache of ctx positions (filled with random values), for batch 1, 16,
-64 and ctx 4K, 16K, 32K. Paths:
-  mla_absorbed   latent cache, wkv_b absorbed into query/output (MQA in latent space)
-  mla_expanded   latent cache, every cached latent re-expanded to per-head K and V (naive)
-  mha            K and V cache of 12 heads x 64
-The step (`hidden_states` with a tensor start position + logits) is torch.compile'd and captured in
-a CUDA graph (fallbacks: compiled, then eager; the `mode` column says which ran).
+64 and ctx 4K, 16K, 32K. Paths (attention, decode kernel):
+  mla_absorbed        latent cache, wkv_b absorbed into query/output (MQA in latent space), Triton
+                      flash-decoding kernel (reads each cached latent once)
+  mla_absorbed_torch  the same with batched matmuls + softmax (reads the cache twice)
+  mla_expanded        latent cache, every cached latent re-expanded to per-head K and V (naive)
+  mha, mha_torch      K and V cache of 12 heads x 64, Triton kernel / batched matmuls
+The step (`hidden_states` with a tensor start position + logits) is captured in a CUDA graph
+(--modes: graph = eager ops captured, compile_graph = torch.compile'd then captured, compile, eager;
+the first that works is used and the `mode` column says which).
 Reported: ms per step (do_bench median), tokens/s = B / step time, and effective GB/s = bytes that
 must be read per step (all weights once + every layer's cache for B x ctx tokens) / step time,
 next to the measured copy bandwidth (read + write of 1 GiB). Correctness first: the compiled step's
@@ -31,23 +34,29 @@ from moespeed.bench.attention import MIB, environment, error_text, free_memory, 
 
 BATCHES = [1, 16, 64]
 CONTEXTS = [4096, 16384, 32768]
-PATHS = ["mla_absorbed", "mla_expanded", "mha"]
+PATHS = {  # name: (model.attention, MLA absorbed decode, model.decode_kernel)
+    "mla_absorbed": ("mla", True, "triton"),
+    "mla_absorbed_torch": ("mla", True, "torch"),
+    "mla_expanded": ("mla", False, "torch"),
+    "mha": ("mha", False, "triton"),
+    "mha_torch": ("mha", False, "torch"),
+}
 
 
 def build_model(path: str):
     from moespeed.config import preset_config
     from moespeed.model.transformer import Transformer
 
+    attention, absorb, kernel = PATHS[path]
     cfg = preset_config("small").model
     cfg.vocab_size, cfg.max_seq_len = 32768, max(CONTEXTS)
-    if path == "mha":
-        cfg.attention = "mha"
+    cfg.attention, cfg.decode_kernel = attention, kernel
     cfg.validate()
     torch.manual_seed(0)
     model = Transformer(cfg).cuda().to(torch.bfloat16).eval()
     for block in model.blocks:
-        if hasattr(block.attn, "absorb"):
-            block.attn.absorb = path != "mla_expanded"
+        if attention == "mla":
+            block.attn.absorb = absorb
     return model
 
 
@@ -62,15 +71,15 @@ def cache_tensors(caches) -> list[torch.Tensor]:
 def make_step(model, caches, token: torch.Tensor, pos: torch.Tensor, mode: str):
     """run() -> (B, V) logits: one decode step of the (B, 1) token buffer at the 0-d position buffer.
 
-    mode graph | compile | eager. Warm-up steps write the same token at the same position as the
-    real step, so the caches stay as the caller prepared them.
+    mode graph | compile_graph | compile | eager. Warm-up steps write the same token at the same
+    position as the real step, so the caches stay as the caller prepared them.
     """
     def step(token, pos):
         h = model.hidden_states(token, caches=caches, start_pos=pos)  # (B, 1, D)
         return model.logits(h[:, -1])  # (B, V)
 
-    fn = step if mode == "eager" else torch.compile(step, fullgraph=True, dynamic=False)
-    if mode != "graph":
+    fn = step if mode in ("eager", "graph") else torch.compile(step, fullgraph=True, dynamic=False)
+    if not mode.endswith("graph"):
         return lambda: fn(token, pos)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -85,14 +94,17 @@ def make_step(model, caches, token: torch.Tensor, pos: torch.Tensor, mode: str):
 
 
 def check_path(path: str, mode: str) -> dict:
-    """Compiled/graphed step vs the eager model (int positions) at B = 2, ctx = 256: rel. error of logits."""
+    """The step (static cache, this path's kernel, mode) vs the eager model with the torch decode
+    kernel and int positions, at B = 2, ctx = 1000: rel. error of the logits."""
     model = build_model(path)
-    B, ctx = 2, 256
+    B, ctx = 2, 1000
     tokens = torch.randint(0, model.cfg.vocab_size, (B, ctx + 1), device="cuda")
     with torch.no_grad():
+        kernel, model.cfg.decode_kernel = model.cfg.decode_kernel, "torch"
         ref_caches = model.new_cache(B, ctx + 1)
         model.hidden_states(tokens[:, :ctx], caches=ref_caches)
         ref = model.logits(model.hidden_states(tokens[:, ctx:], caches=ref_caches, start_pos=ctx)[:, -1])
+        model.cfg.decode_kernel = kernel
         caches = model.new_cache(B, ctx + 1)
         model.hidden_states(tokens[:, :ctx], caches=caches)
         pos = torch.tensor(ctx, device="cuda")
@@ -137,6 +149,8 @@ def bench_case(path: str, model, batch: int, ctx: int, modes: list[str]) -> dict
                     break
                 except Exception as exc:  # noqa: BLE001 - fall back to the next mode
                     row[f"{mode}_error"] = error_text(exc)
+            if "mode" not in row:
+                raise RuntimeError(f"no step mode ran: {', '.join(modes)}")
             row["ms"] = do_bench(run, warmup=25, rep=200, return_mode="median")
         row["tokens_per_s"] = batch / row["ms"] * 1e3
         moved = weight_bytes(model) + model.cfg.n_layers * batch * ctx * bpt
@@ -161,16 +175,16 @@ def copy_gbps() -> float:
 
 
 def print_table(rows: list[dict], extras: dict) -> None:
-    head = f"{'path':>14} {'B':>4} {'ctx':>6} {'mode':>8} {'ms':>8} {'tok/s':>9} {'GB/s':>7} {'% copy':>7}"
+    head = f"{'path':>18} {'B':>4} {'ctx':>6} {'mode':>13} {'ms':>8} {'tok/s':>9} {'GB/s':>7} {'% copy':>7}"
     print("\n" + head + "\n" + "-" * len(head))
     copy = extras.get("copy_gbps")
     for r in rows:
         s = r["shape"]
         if "error" in r:
-            print(f"{r['case']:>14} {s['B']:>4} {s['ctx']:>6}  {r['error'][:80]}")
+            print(f"{r['case']:>18} {s['B']:>4} {s['ctx']:>6}  {r['error'][:80]}")
             continue
         pct = f"{100 * r['gbps'] / copy:6.0f}%" if copy else "-"
-        print(f"{r['case']:>14} {s['B']:>4} {s['ctx']:>6} {r['mode']:>8} {r['ms']:8.3f} {r['tokens_per_s']:9.0f} "
+        print(f"{r['case']:>18} {s['B']:>4} {s['ctx']:>6} {r['mode']:>13} {r['ms']:8.3f} {r['tokens_per_s']:9.0f} "
               f"{r['gbps']:7.0f} {pct:>7}")
     for key, value in extras.items():
         print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}")
@@ -181,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here (BENCHMARKING.md format)")
     parser.add_argument("--quick", action="store_true", help="batch 64 x ctx 16K only")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated paths")
-    parser.add_argument("--modes", default="graph,compile,eager", help="step modes to try, in order")
+    parser.add_argument("--modes", default="graph,eager", help="step modes to try, in order "
+                        "(graph, compile_graph, compile, eager)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode bench: needs a CUDA GPU", file=sys.stderr)
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         free_memory()
         model = build_model(path)
-        extras[f"{path}_cache_bytes_per_token"] = model.kv_cache_bytes_per_token(torch.bfloat16)["total"]
+        extras[f"{PATHS[path][0]}_cache_bytes_per_token"] = model.kv_cache_bytes_per_token(torch.bfloat16)["total"]
         for batch in batches:
             for ctx in contexts:
                 torch._dynamo.reset()
@@ -213,9 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
         del model
         free_memory()
-    if "mla_absorbed_cache_bytes_per_token" in extras and "mha_cache_bytes_per_token" in extras:
-        extras["cache_ratio_mha_over_mla"] = (extras["mha_cache_bytes_per_token"]
-                                              / extras["mla_absorbed_cache_bytes_per_token"])
+    if "mla_cache_bytes_per_token" in extras and "mha_cache_bytes_per_token" in extras:
+        extras["cache_ratio_mha_over_mla"] = extras["mha_cache_bytes_per_token"] / extras["mla_cache_bytes_per_token"]
     copy = extras.get("copy_gbps")
     for r in rows:
         if copy and "gbps" in r:
