@@ -20,8 +20,6 @@ the key tile is reused as the value tile; the key dims are then handled as [v_di
 (e.g. latent 256 | rope 32), each padded to a power of two.
 `kernel`: auto = triton for CUDA tensors when Triton is installed, else the reference.
 """
-from __future__ import annotations
-
 import functools
 
 import torch

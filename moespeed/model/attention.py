@@ -139,7 +139,7 @@ class AttentionContext:
         return self._built[key]
 
     def kernel(self, slot: int | None, device: torch.device) -> str:
-        """flex or sdpa for a layer of this window slot (auto: flex on CUDA where a mask is needed)."""
+        """flex or sdpa for `attend` in a layer of this window slot (auto: flex on CUDA where a mask is needed)."""
         plain = self.doc_ids is None and slot is None and self.alibi_slopes is None
         if self.backend == "flex" or (self.backend == "auto" and device.type == "cuda" and not plain):
             return "flex"
@@ -160,17 +160,16 @@ class AttentionContext:
         gqa = q.shape[1] != k.shape[1]
         if self.doc_ids is None and slot is None and self.alibi_slopes is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        mask = self._once(("dense", slot), lambda: self._dense_mask(slot, T, q.device))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype) if mask.is_floating_point() else mask,
-                                              scale=scale, enable_gqa=gqa)
+        mask = self._once(("dense", slot, q.dtype), lambda: self._dense_mask(slot, T, q.device, q.dtype))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
-    def _dense_mask(self, slot, T, device) -> torch.Tensor:
-        """(B|1, 1|H, T, T): bool, or fp32 ALiBi bias with -inf where masked."""
+    def _dense_mask(self, slot, T, device, dtype) -> torch.Tensor:
+        """(B|1, 1|H, T, T): bool, or the ALiBi bias (in q's dtype) with -inf where masked."""
         keep = masks.dense_mask(self.doc_ids, self.window(slot), T, device)  # (B|1, 1, T, T)
         if self.alibi_slopes is None:
             return keep
         bias = masks.alibi_bias(self.alibi_slopes, self.positions, T)[None]  # (1, H, T, T)
-        return bias.masked_fill(~keep, float("-inf"))
+        return bias.masked_fill(~keep, float("-inf")).to(dtype)
 
     def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, slot: int | None,
                       scale: float, v_dim: int = 0) -> torch.Tensor:
