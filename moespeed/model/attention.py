@@ -138,10 +138,13 @@ class AttentionContext:
             self._built[key] = build()
         return self._built[key]
 
+    def plain_causal(self, slot: int | None) -> bool:
+        """True when a layer of this slot needs no mask beyond causal (no documents, window, ALiBi)."""
+        return self.doc_ids is None and slot is None and self.alibi_slopes is None
+
     def kernel(self, slot: int | None, device: torch.device) -> str:
         """flex or sdpa for `attend` in a layer of this window slot (auto: flex on CUDA where a mask is needed)."""
-        plain = self.doc_ids is None and slot is None and self.alibi_slopes is None
-        if self.backend == "flex" or (self.backend == "auto" and device.type == "cuda" and not plain):
+        if self.backend == "flex" or (self.backend == "auto" and device.type == "cuda" and not self.plain_causal(slot)):
             return "flex"
         return "sdpa"
 
@@ -158,7 +161,7 @@ class AttentionContext:
                          if self.alibi_slopes is not None else None)
             return run_flex(q, k, v, block, score_mod, scale)
         gqa = q.shape[1] != k.shape[1]
-        if self.doc_ids is None and slot is None and self.alibi_slopes is None:
+        if self.plain_causal(slot):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         mask = self._once(("dense", slot, q.dtype), lambda: self._dense_mask(slot, T, q.device, q.dtype))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
