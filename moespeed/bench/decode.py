@@ -18,8 +18,10 @@ Reported: ms per step (do_bench median), tokens/s = B / step time, and effective
 must be read per step (all weights once + every layer's cache for B x ctx tokens) / step time,
 next to the measured copy bandwidth (read + write of 1 GiB). Correctness first: the compiled step's
 logits vs the eager model's at a small context (bf16: rel. err <= 2e-2; NaN fails).
-Goals: MLA cache >= 10x smaller than MHA's (for these dims: 2*H*d_h / (r + p)); decode at batch 64 x
-16K context >= 50% of the copy bandwidth. A case that does not fit in memory is skipped and says so.
+Goals: MLA cache >= 10x smaller than MHA's; decode at batch 64 x 16K context >= 50% of the copy
+bandwidth. The cache ratio is 2 * d_model / (r + p) here (5.3x for the preset's r 256 + p 32; r + p
+<= 153 reaches 10x at d_model 768: try --kv-lora-rank 128 --qk-rope-head-dim 16).
+A case that does not fit in memory is skipped and says so.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ PATHS = {  # name: (model.attention, MLA absorbed decode, model.decode_kernel)
 }
 
 
+MLA_DIMS: dict = {}  # overrides of the preset's kv_lora_rank / qk_rope_head_dim (command line)
+
+
 def build_model(path: str):
     from moespeed.config import preset_config
     from moespeed.model.transformer import Transformer
@@ -50,6 +55,8 @@ def build_model(path: str):
     attention, absorb, kernel = PATHS[path]
     cfg = preset_config("small").model
     cfg.vocab_size, cfg.max_seq_len = 32768, max(CONTEXTS)
+    for key, value in MLA_DIMS.items():
+        setattr(cfg, key, value)
     cfg.attention, cfg.decode_kernel = attention, kernel
     cfg.validate()
     torch.manual_seed(0)
@@ -127,7 +134,7 @@ def bench_case(path: str, model, batch: int, ctx: int, modes: list[str]) -> dict
     from triton.testing import do_bench
 
     bpt = model.kv_cache_bytes_per_token(torch.bfloat16)["per_layer"]
-    row = {"bench": "decode.step", "case": path, "shape": {"B": batch, "ctx": ctx, "preset": "small"},
+    row = {"bench": "decode.step", "case": path, "shape": {"B": batch, "ctx": ctx, "preset": "small", **MLA_DIMS},
            "cache_bytes_per_token_layer": bpt}
     ok, need_gib = fits(path, model, batch, ctx, bpt)
     if not ok:
@@ -197,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated paths")
     parser.add_argument("--modes", default="graph,eager", help="step modes to try, in order "
                         "(graph, compile_graph, compile, eager)")
+    parser.add_argument("--kv-lora-rank", type=int, help="MLA latent rank r (preset: 256)")
+    parser.add_argument("--qk-rope-head-dim", type=int, help="MLA shared rope key dims p (preset: 32)")
     args = parser.parse_args(argv)
+    MLA_DIMS.update({k: v for k, v in (("kv_lora_rank", args.kv_lora_rank),
+                                       ("qk_rope_head_dim", args.qk_rope_head_dim)) if v})
     if not torch.cuda.is_available():
         print("decode bench: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if copy and "gbps" in r:
             r["fraction_of_copy"] = r["gbps"] / copy
-            if r["shape"] == {"B": 64, "ctx": 16384, "preset": "small"}:
+            if (r["shape"]["B"], r["shape"]["ctx"]) == (64, 16384):
                 extras[f"{r['case']}_B64_16K_fraction_of_copy"] = r["fraction_of_copy"]
     absorbed = {(r["shape"]["B"], r["shape"]["ctx"]): r for r in rows if r["case"] == "mla_absorbed" and "ms" in r}
     for r in rows:
