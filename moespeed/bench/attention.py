@@ -274,7 +274,7 @@ def bench_train(name: str, T: int, compile_model: bool, steps: int = 5) -> dict:
     except Exception as exc:  # noqa: BLE001 - report and continue
         row["error"] = error_text(exc)
         traceback.print_exc()
-    del model, optimizer
+    model = optimizer = step_model = None  # free before the next case
     free_memory()
     print(json.dumps(row), flush=True)
     return row
@@ -307,7 +307,8 @@ def fmt(value, spec: str) -> str:
 
 
 def print_table(rows: list[dict], extras: dict) -> None:
-    head = f"{'case':>18} {'B x T':>10} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'peak MiB':>9} {'mask ms':>8} {'err':>8}"
+    head = (f"{'case':>18} {'B x T':>10} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'peak MiB':>9} {'mask ms':>8} "
+            f"{'err':>8}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if r["bench"] != "attention.fwd_bwd":

@@ -32,7 +32,7 @@ import traceback
 
 import torch
 
-from moespeed.bench.attention import MIB, environment, error_text, free_memory, rel_err
+from moespeed.bench.attention import environment, error_text, free_memory, rel_err
 
 BATCHES = [1, 16, 64]
 CONTEXTS = [4096, 16384, 32768]

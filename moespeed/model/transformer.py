@@ -191,7 +191,8 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         device = self.embed.weight.device
         if c.attention == "mla":
-            return [LatentKVCache(batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, dtype, device) for _ in self.blocks]
+            return [LatentKVCache(batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, dtype, device)
+                    for _ in self.blocks]
         return [KVCache(batch, max_len, c.kv_heads(), c.attn_head_dim(), dtype, device) for _ in self.blocks]
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> dict:
