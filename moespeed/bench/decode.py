@@ -158,6 +158,12 @@ def bench_case(path: str, model, batch: int, ctx: int, modes: list[str]) -> dict
                     row[f"{mode}_error"] = error_text(exc)
             if "mode" not in row:
                 raise RuntimeError(f"no step mode ran: {', '.join(modes)}")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            row["step_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20  # above weights + caches
             row["ms"] = do_bench(run, warmup=25, rep=200, return_mode="median")
         row["tokens_per_s"] = batch / row["ms"] * 1e3
         moved = weight_bytes(model) + model.cfg.n_layers * batch * ctx * bpt
