@@ -115,7 +115,9 @@ def alibi_slopes(n_heads: int) -> Tensor:
 
 
 def alibi_score_mod(slopes: Tensor):
-    """FlexAttention score_mod adding slope_h * (kv - q) (<= 0 on visible keys)."""
+    """FlexAttention score_mod adding slope_h * (kv - q) (<= 0 on visible keys), in fp32."""
+    slopes = slopes.float()  # a bf16 model casts its buffers
+
     def alibi(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx)
 
