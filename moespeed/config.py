@@ -22,6 +22,10 @@ from .model.peer import PEERConfig
 from .options import field_choices, field_doc, option
 
 FFN_KINDS = ("dense", "moe", "peer")
+ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
+POSITIONS = ("rope", "alibi", "nope")
+ATTN_BACKENDS = ("auto", "flex", "sdpa")
+DECODE_KERNELS = ("auto", "triton", "torch")
 
 
 @dataclass
@@ -39,6 +43,16 @@ class ModelConfig:
     v_head_dim: int = option(32, "per-head value dim")
     qk_norm: bool = option(True, "RMSNorm on per-head queries and the shared rope key (the KV latent is always normed)")
     rope_theta: float = option(10000.0, "RoPE base")
+    attention: str = option("mla", "attention type: mla (latent KV cache), or the baselines mha, gqa (n_kv_heads key/value heads), mqa", choices=ATTENTION_KINDS)
+    n_kv_heads: int = option(0, "key/value heads of gqa (must divide n_heads; 0 = n_heads); mha has n_heads, mqa 1; unused by mla")
+    head_dim: int = option(0, "per-head query/key/value dim of mha/gqa/mqa; 0 = d_model // n_heads; unused by mla")
+    position: str = option("rope", "position encoding: rope, alibi (per-head linear distance bias) or nope; mla keeps its shared key dims unrotated without rope", choices=POSITIONS)
+    attn_backend: str = option("auto", "training attention kernel: flex (FlexAttention, block-sparse doc/window masks), sdpa (dense masks: short sequences only), auto = sdpa for plain causal layers and on CPU, flex otherwise", choices=ATTN_BACKENDS)
+    decode_kernel: str = option("auto", "cached-decode attention: triton (fused flash-decoding kernel, CUDA), torch (batched matmuls), auto = triton on CUDA", choices=DECODE_KERNELS)
+    window_pattern: str = option("0", "sliding window per layer in tokens, comma-separated, repeated to n_layers; 0 = full causal; e.g. 0,1024 or 4096,4096,4096,0")
+    window_warmup_steps: int = option(0, "grow every sliding window linearly from window_warmup_start to its size over this many train steps; 0 = off")
+    window_warmup_start: int = option(256, "sliding window size at step 0 when window_warmup_steps > 0")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward (attention always; dense FFNs too) to save memory")
     max_seq_len: int = option(256, "longest sequence the model is built for (RoPE table, KV cache)")
     d_ff: int = option(1024, "hidden width of the dense MLP")
     mlp_activation: str = option("relu2", "activation of the dense MLP", choices=["relu2", "gelu", "swiglu"])
@@ -57,6 +71,23 @@ class ModelConfig:
         pattern = [k.strip() for k in self.ffn_pattern.split(",") if k.strip()]
         return ["dense" if i < self.first_k_dense else pattern[i % len(pattern)] for i in range(self.n_layers)]
 
+    def layer_windows(self) -> list[int]:
+        """The configured sliding window of every layer (0 = full causal)."""
+        pattern = [int(w) for w in self.window_pattern.split(",") if w.strip()]
+        return [pattern[i % len(pattern)] for i in range(self.n_layers)]
+
+    def kv_heads(self) -> int:
+        """Key/value heads of the mha/gqa/mqa baselines."""
+        return {"mha": self.n_heads, "mqa": 1}.get(self.attention, self.n_kv_heads or self.n_heads)
+
+    def attn_head_dim(self) -> int:
+        """Per-head dim of the mha/gqa/mqa baselines."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    def rope_dim(self) -> int:
+        """Dims rotated by RoPE: MLA's shared rope key, or the baselines' whole head."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.attn_head_dim()
+
     def validate(self) -> None:
         pattern = [k.strip() for k in self.ffn_pattern.split(",") if k.strip()]
         _require(bool(pattern) and all(k in FFN_KINDS for k in pattern),
@@ -72,6 +103,30 @@ class ModelConfig:
         _require(self.rope_theta > 0, f"model.rope_theta = {self.rope_theta}: must be > 0")
         _require(self.norm_eps > 0, f"model.norm_eps = {self.norm_eps}: must be > 0")
         _require(self.init_std > 0, f"model.init_std = {self.init_std}: must be > 0")
+        self._validate_attention()
+
+    def _validate_attention(self) -> None:
+        try:
+            windows = [int(w) for w in self.window_pattern.split(",") if w.strip()]
+        except ValueError:
+            windows = []
+        _require(bool(windows) and min(windows) >= 0,
+                 f"model.window_pattern = {self.window_pattern!r}: must be comma-separated window sizes >= 0 (0 = full causal), e.g. 0,1024")
+        _require(self.window_warmup_steps >= 0, f"model.window_warmup_steps = {self.window_warmup_steps}: must be >= 0 (0 = off)")
+        _require(self.window_warmup_start > 0, f"model.window_warmup_start = {self.window_warmup_start}: must be > 0")
+        if self.attention == "mla":
+            return
+        _require(self.head_dim >= 0, f"model.head_dim = {self.head_dim}: must be >= 0 (0 = d_model // n_heads)")
+        _require(self.head_dim > 0 or self.d_model % self.n_heads == 0,
+                 f"model.head_dim = 0: d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}; set model.head_dim")
+        expected = {"mha": (0, self.n_heads), "mqa": (0, 1)}.get(self.attention)
+        if expected is not None:
+            _require(self.n_kv_heads in expected,
+                     f"model.n_kv_heads = {self.n_kv_heads}: {self.attention} has {expected[1]} key/value heads; use 0 or attention = gqa")
+        _require(self.n_kv_heads >= 0 and self.n_heads % self.kv_heads() == 0,
+                 f"model.n_kv_heads = {self.n_kv_heads}: must divide n_heads = {self.n_heads} (0 = n_heads)")
+        _require(self.position != "rope" or self.attn_head_dim() % 2 == 0,
+                 f"model.head_dim = {self.attn_head_dim()}: must be even with position = rope (RoPE rotates pairs)")
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""The moespeed Transformer: token embedding -> pre-RMSNorm blocks of MLA + MLP -> RMSNorm -> head.
+"""The moespeed Transformer: token embedding -> pre-RMSNorm blocks of attention + FFN -> RMSNorm -> head.
+
+Attention is MLA or an MHA/GQA/MQA baseline (`model.attention`), each layer with its own sliding
+window (`model.window_pattern`). Every forward builds one `AttentionContext` (positions, RoPE angles,
+masks built once per distinct window and shared by the layers that have it).
 
 Init (documented, GPT-2 style): every Linear and the embedding ~ N(0, init_std); the two residual
 output projections of each block (attention `wo`, MLP `down`) ~ N(0, init_std / sqrt(2 * n_layers))
@@ -11,9 +15,11 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..kernels.linear_ce import linear_cross_entropy
-from .attention import MLA, LatentKVCache
+from .attention import AttentionContext, KVCache, LatentKVCache, build_attention, gqa_param_count
+from .masks import alibi_slopes
 from .mlp import MLP
 from .moe import MoE
 from .peer import PEER
@@ -30,19 +36,32 @@ def build_ffn(cfg, kind: str) -> nn.Module:
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then + ffn(norm(x)); returns the new x and the FFN's auxiliary loss."""
+    """x + attn(norm(x)), then + ffn(norm(x)); returns the new x and the FFN's auxiliary loss.
 
-    def __init__(self, cfg, ffn_kind: str = "dense"):
+    With recompute=True (activation checkpointing) the attention sublayer, and a dense FFN, are
+    recomputed in backward; sparse FFNs are not (their forward counts expert loads).
+    """
+
+    def __init__(self, cfg, ffn_kind: str = "dense", window_slot: int | None = None):
         super().__init__()
         self.ffn_kind = ffn_kind
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = MLA(cfg)
+        self.attn = build_attention(cfg, window_slot)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = build_ffn(cfg, ffn_kind)
 
-    def forward(self, x, cos, sin, doc_ids=None, cache=None, start_pos=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids, cache, start_pos)
-        out = self.mlp(self.mlp_norm(x))
+    def _attention(self, x, ctx, cache=None):
+        return self.attn(self.attn_norm(x), ctx, cache)
+
+    def _ffn(self, x):
+        return self.mlp(self.mlp_norm(x))
+
+    def forward(self, x, ctx: AttentionContext, cache=None, recompute: bool = False):
+        if recompute:
+            x = x + checkpoint(self._attention, x, ctx, use_reentrant=False)
+        else:
+            x = x + self._attention(x, ctx, cache)
+        out = checkpoint(self._ffn, x, use_reentrant=False) if recompute and self.ffn_kind == "dense" else self._ffn(x)
         y, aux = out if isinstance(out, tuple) else (out, None)  # MoE returns (y, aux_loss)
         return x + y, aux
 
@@ -56,13 +75,31 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building a Transformer")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.ffn_kinds())
+        self.windows = sorted({w for w in cfg.layer_windows() if w > 0})  # distinct sliding windows
+        slots = [self.windows.index(w) if w > 0 else None for w in cfg.layer_windows()]
+        self.blocks = nn.ModuleList(Block(cfg, kind, slot) for kind, slot in zip(cfg.ffn_kinds(), slots))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # current size of each distinct window (a tensor: growing it never recompiles); see set_train_step
+        self.register_buffer("window_sizes", torch.tensor(self.windows, dtype=torch.long), persistent=False)
+        slopes = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.reset_parameters()
+
+    def set_train_step(self, step: int) -> None:
+        """Window warmup (model.window_warmup_steps > 0): each sliding window grows linearly from
+        window_warmup_start to its configured size over the first window_warmup_steps steps.
+
+        The trainer calls this before every step (and after resuming); a freshly built model uses the
+        full windows. Full-causal layers (window 0) are not affected.
+        """
+        c = self.cfg
+        frac = 1.0 if c.window_warmup_steps == 0 else min(1.0, max(0, step) / c.window_warmup_steps)
+        sizes = [min(w, round(c.window_warmup_start + (w - c.window_warmup_start) * frac)) for w in self.windows]
+        self.window_sizes.copy_(torch.tensor(sizes, dtype=torch.long))
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -87,20 +124,39 @@ class Transformer(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                      caches: list[LatentKVCache] | None = None, start_pos: int = 0) -> torch.Tensor:
-        """tokens (B, T) -> final normed hidden states (B, T, D)."""
+                      caches: list | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """tokens (B, T) -> final normed hidden states (B, T, D).
+
+        With caches: the tokens sit at positions start_pos.. and attend to what the caches hold. An int
+        start_pos reads the cache up to the last new token; a 0-d long tensor reads the whole cache
+        under a position mask (fixed shapes: a decode step that CUDA graphs can capture).
+        """
         return self._hidden_and_aux(tokens, doc_ids, caches, start_pos)[0]
+
+    def attention_context(self, T: int, device: torch.device, doc_ids: torch.Tensor | None = None,
+                          start_pos: int | torch.Tensor = 0) -> AttentionContext:
+        """Positions, RoPE angles and mask settings shared by all layers in one forward."""
+        if isinstance(start_pos, int):
+            if start_pos + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+            positions = torch.arange(start_pos, start_pos + T, device=device)
+            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        else:
+            positions = start_pos + torch.arange(T, device=device)  # (T,)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        return AttentionContext(positions, cos, sin, start_pos=start_pos, doc_ids=doc_ids,
+                                windows=self.window_sizes if self.windows else None,
+                                alibi_slopes=self.alibi_slopes, backend=self.cfg.attn_backend,
+                                decode_kernel=self.cfg.decode_kernel)
 
     def _hidden_and_aux(self, tokens, doc_ids=None, caches=None, start_pos=0):
         """(hidden states (B, T, D), summed auxiliary loss of the sparse FFNs or None)."""
-        T = tokens.shape[1]
-        if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        ctx = self.attention_context(tokens.shape[1], tokens.device, doc_ids, start_pos)
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled() and caches is None
         x = self.embed(tokens)
         aux_total = None
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin, doc_ids, caches[i] if caches is not None else None, start_pos)
+            x, aux = block(x, ctx, caches[i] if caches is not None else None, recompute)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         return self.norm(x), aux_total
@@ -128,19 +184,26 @@ class Transformer(nn.Module):
 
     # ----------------------------------------------------------------------------- generation
     def new_cache(self, batch: int, max_len: int | None = None,
-                  dtype: torch.dtype | None = None) -> list[LatentKVCache]:
-        """One preallocated latent cache per layer, for up to max_len positions."""
-        max_len = max_len or self.cfg.max_seq_len
+                  dtype: torch.dtype | None = None) -> list[LatentKVCache] | list[KVCache]:
+        """One preallocated cache per layer (MLA: latent + rope key; baselines: K and V), max_len positions."""
+        c = self.cfg
+        max_len = max_len or c.max_seq_len
         dtype = dtype or self.embed.weight.dtype
         device = self.embed.weight.device
-        return [LatentKVCache(batch, max_len, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim, dtype, device)
-                for _ in self.blocks]
+        if c.attention == "mla":
+            return [LatentKVCache(batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, dtype, device)
+                    for _ in self.blocks]
+        return [KVCache(batch, max_len, c.kv_heads(), c.attn_head_dim(), dtype, device) for _ in self.blocks]
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> dict:
-        """Cache bytes per token: MLA's latent + rope key, and the MHA-equivalent (full K and V)."""
+        """Cache bytes per token: this model's, and the MHA-equivalent (full K and V of every head)."""
         c, size = self.cfg, torch.tensor([], dtype=dtype).element_size()
-        per_layer = (c.kv_lora_rank + c.qk_rope_head_dim) * size
-        mha_per_layer = c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * size
+        if c.attention == "mla":
+            per_layer = (c.kv_lora_rank + c.qk_rope_head_dim) * size
+            mha_per_layer = c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * size
+        else:
+            per_layer = 2 * c.kv_heads() * c.attn_head_dim() * size
+            mha_per_layer = 2 * c.n_heads * c.attn_head_dim() * size
         return {"per_layer": per_layer, "total": per_layer * c.n_layers,
                 "mha_per_layer": mha_per_layer, "mha_total": mha_per_layer * c.n_layers}
 
@@ -160,6 +223,11 @@ class Transformer(nn.Module):
             yield next_token
             if i + 1 < n_new:
                 h = self.hidden_states(next_token[:, None], caches=caches, start_pos=T0 + i)
+
+
+def attention_param_count(cfg) -> int:
+    """Parameters of one attention layer of any `model.attention` type."""
+    return mla_param_count(cfg) if cfg.attention == "mla" else gqa_param_count(cfg)
 
 
 def mla_param_count(cfg) -> int:
