@@ -205,6 +205,7 @@ class Trainer:
                 lr, factor = lr_at(step, tc), lr_factor(step, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
+                model.set_train_step(step)  # sliding-window growth schedule (no-op without one)
                 for micro in range(tc.grad_accum):
                     tokens, targets, doc_ids = (t.to(self.device, non_blocking=True) for t in loader.next_batch())
                     with par.micro_step(last=micro == tc.grad_accum - 1):
