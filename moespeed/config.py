@@ -158,7 +158,7 @@ class TrainConfig:
     resume: bool = option(False, "continue from the latest checkpoint in run_dir")
     steps: int = option(300, "optimizer steps")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    optimizer: str = option("adamw", "adamw for everything, or muon for hidden matrices (AdamW for the rest)", choices=["adamw", "muon"])
+    optimizer: str = option("muon", "adamw for everything, or muon for hidden matrices (AdamW for the rest)", choices=["adamw", "muon"])
     lr: float = option(3e-3, "peak learning rate (AdamW; also Muon's with muon_adjust_lr = match_rms_adamw)")
     muon_lr: float = option(0.0, "Muon's peak learning rate; 0 = the same as lr")
     muon_momentum: float = option(0.95, "Muon's momentum")
@@ -257,15 +257,16 @@ _QUICKSTART = {
     "model": dict(d_model=192, n_layers=4, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
                   qk_rope_head_dim=16, v_head_dim=32, d_ff=768, max_seq_len=256),
     "data": dict(vocab_size=4096, seq_len=128, batch_size=16, tokenizer_train_chars=8_000_000),
-    "train": dict(steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=100,
-                  log_every=10),
+    "train": dict(steps=300, lr=3e-3, muon_lr=1e-2, warmup_steps=20, eval_every=100, eval_batches=8,
+                  ckpt_every=100, log_every=10),
 }
-# GPU: a ~100M-parameter MLA model (12 layers, d_model 768), 32K vocabulary, 1K context.
+# GPU: a ~100M-parameter MLA model (12 layers, d_model 768), 32K vocabulary, 1K context. qk head dim
+# 48 + 16 = v head dim 64 (kernel-friendly); the latent + rope key (128 + 16) is 10.7x smaller than MHA's K+V.
 _SMALL = {
-    "model": dict(d_model=768, n_layers=12, n_heads=12, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
-                  qk_rope_head_dim=32, v_head_dim=64, d_ff=3072, max_seq_len=1024),
+    "model": dict(d_model=768, n_layers=12, n_heads=12, q_lora_rank=384, kv_lora_rank=128, qk_nope_head_dim=48,
+                  qk_rope_head_dim=16, v_head_dim=64, d_ff=3072, max_seq_len=1024),
     "data": dict(vocab_size=32768, seq_len=1024, batch_size=32, tokenizer_train_chars=50_000_000),
-    "train": dict(steps=2000, lr=1e-3, warmup_steps=100, eval_every=250, eval_batches=20, ckpt_every=500,
+    "train": dict(steps=2000, lr=1e-3, muon_lr=3e-3, warmup_steps=100, eval_every=250, eval_batches=20, ckpt_every=500,
                   log_every=10, compile=True),
 }
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
