@@ -49,15 +49,15 @@ def _run(params, opt, steps=3):
 
 
 def _count_ns(monkeypatch):
-    """Record the batch size of every newton_schulz call made by the optimizer."""
+    """Record the batch size of every batched NS call made by the optimizer."""
     calls = []
-    real = muon_mod.newton_schulz
+    real = muon_mod._orthogonalize_
 
-    def counted(G, *args):
-        calls.append(G.shape[0])
-        return real(G, *args)
+    def counted(X, *args):
+        calls.append(X.shape[0])
+        return real(X, *args)
 
-    monkeypatch.setattr(muon_mod, "newton_schulz", counted)
+    monkeypatch.setattr(muon_mod, "_orthogonalize_", counted)
     return calls
 
 
@@ -246,8 +246,8 @@ def _dist_worker(rank, world, port, out_dir):
                             world_size=world)
     try:
         blocks = []  # NS blocks this rank orthogonalized
-        real = muon_mod.newton_schulz
-        muon_mod.newton_schulz = lambda G, *a: (blocks.append(G.shape[0]), real(G, *a))[1]
+        real = muon_mod._orthogonalize_
+        muon_mod._orthogonalize_ = lambda X, *a: (blocks.append(X.shape[0]), real(X, *a))[1]
         hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", batch_numel=3 * 512)
         shared, local = _dist_params(0), _dist_params(0)
         opt = Muon(shared, **hp)
