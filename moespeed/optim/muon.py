@@ -200,7 +200,7 @@ if triton is not None:
         u = buf.to(tl.float32)
         if NESTEROV:
             u = _lerp(g, u, w_u, SMALL_U)
-        tl.store(u_ptr + offs, u.to(tl.bfloat16), mask=mask)
+        tl.store(u_ptr + offs, u.to(tl.bfloat16), mask=mask)  # nearest-even on GPU (the interpreter truncates)
 
     @triton.jit
     def _update_kernel(p_ptr, o_ptr, n, decay, alpha, BLOCK: tl.constexpr):
