@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -245,17 +246,16 @@ def _update_reference(params: list[Tensor], updates: list[Tensor], decay: float,
 
 @dataclass(eq=False)
 class _Job:
-    """One param in one step: where its blocks sit in its class's stack."""
+    """One param: its group and how many blocks it has in its class's stack."""
 
     param: Tensor
     group: dict
-    start: int  # first block in the stack
     blocks: int  # matrices to orthogonalize: E * split (3-D) or split (2-D)
 
 
 @dataclass(eq=False)
 class _BlockClass:
-    """All blocks of one shape and NS setting in one step, stacked as (n_blocks, rows, cols)."""
+    """All blocks of one shape and NS setting, stacked as (n_blocks, rows, cols) in a step."""
 
     rows: int
     cols: int
@@ -276,9 +276,9 @@ class Muon(torch.optim.Optimizer):
     param's `_muon_split` attribute wins), replicated (params identical on all ranks: split the
     work; False: every rank orthogonalizes its own params). `process_group` (default: the world)
     is where the work of replicated params is shared; `batch_numel` caps one NS batch per rank;
-    `fused` picks the elementwise kernels: None = Triton on CUDA when available, True = Triton
-    (CUDA, or CPU under TRITON_INTERPRET=1), False = torch foreach ops.
-    See the module docstring for the algorithm.
+    `fused` picks the elementwise kernels: None = Triton on CUDA when it passes a one-time check
+    against the foreach path (else a warning and foreach), True = Triton (CUDA, or CPU under
+    TRITON_INTERPRET=1), False = torch foreach ops. See the module docstring for the algorithm.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -293,6 +293,7 @@ class Muon(torch.optim.Optimizer):
         self.process_group = process_group
         self.batch_numel = batch_numel
         self.fused = fused
+        self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
                         adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
@@ -310,7 +311,7 @@ class Muon(torch.optim.Optimizer):
 
     def _fused_on(self, device: torch.device) -> bool:
         if self.fused is None:
-            return device.type == "cuda" and triton is not None
+            return device.type == "cuda" and _fused_works(device)
         return self.fused
 
     @torch.no_grad()
@@ -328,34 +329,41 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _block_classes(self, distributed: bool) -> list[_BlockClass]:
-        """This step's params, grouped by (block shape, NS settings, device, shared)."""
+        """This step's params, grouped by (block shape, NS settings, device, shared).
+
+        Cached: rebuilt only when the params, their NS options or which grads exist change.
+        """
+        key = (distributed, tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"],
+                                   g["replicated"], tuple((id(p), p.grad is None) for p in g["params"]))
+                                  for g in self.param_groups))
+        if key == self._plan_key:
+            return self._plan
         classes: dict[tuple, _BlockClass] = {}
         for group in self.param_groups:
             shared = distributed and group["replicated"]
             for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    if not (shared or isinstance(p, DTensor)):
-                        continue  # no collective depends on it: skip, like torch.optim.Muon
-                elif grad.is_sparse or torch.is_complex(grad):
-                    raise RuntimeError("Muon supports only dense real gradients")
+                if p.numel() == 0 or (p.grad is None and not (shared or isinstance(p, DTensor))):
+                    continue  # nothing to do, and no collective depends on it (like torch.optim.Muon)
                 n = _split(p, group)
                 rows, cols = p.shape[-2] // n, p.shape[-1]
-                key = (rows, cols, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                       _compute_device(p), shared)
-                cls = classes.get(key)
+                cls_key = (rows, cols, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                           _compute_device(p), shared)
+                cls = classes.get(cls_key)
                 if cls is None:
-                    cls = classes[key] = _BlockClass(*key)
+                    cls = classes[cls_key] = _BlockClass(*cls_key)
                 blocks = (p.shape[0] if p.ndim == 3 else 1) * n
-                cls.jobs.append(_Job(p, group, cls.n_blocks, blocks))
+                cls.jobs.append(_Job(p, group, blocks))
                 cls.n_blocks += blocks
-        return list(classes.values())
+        self._plan_key, self._plan = key, list(classes.values())
+        return self._plan
 
     def _step_class(self, cls: _BlockClass, world: int, rank: int, loads: list[int]) -> None:
         """Momentum into the stack, NS in place (this rank's shares, then all-gather), updates."""
         stack = torch.empty(cls.n_blocks, cls.rows, cls.cols, dtype=torch.bfloat16,
                             device=cls.device)  # (n_blocks, rows, cols)
-        self._momentum(cls, stack)
+        slots = stack.split([job.blocks for job in cls.jobs])  # (blocks, rows, cols) per job
+        fused = self._fused_on(cls.device)
+        self._momentum(cls.jobs, slots, fused)
         w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
         per_round = w * max(1, self.batch_numel // (cls.rows * cls.cols))
         cost = ns_flops(cls.rows, cls.cols, cls.steps)
@@ -367,15 +375,15 @@ class Muon(torch.optim.Optimizer):
                 _orthogonalize_(blocks[first:first + counts[r]], cls.steps, cls.coefficients, cls.eps)
             if cls.shared:
                 self._gather_shares(blocks, counts, r)
-        self._update(cls, stack)
+        self._update(cls, slots, fused)
 
-    def _momentum(self, cls: _BlockClass, stack: Tensor) -> None:
-        """Update the momentum buffers and write every param's NS input into its slot of stack."""
-        fused = self._fused_on(cls.device)
+    def _momentum(self, jobs: list[_Job], slots: list[Tensor], fused: bool) -> None:
+        """Update the momentum buffers; write every param's bf16 NS input into its slot."""
         reference: dict[int, tuple[dict, list, list, list]] = {}  # id(group) -> group, foreach lists
-        for job in cls.jobs:
+        for job, slot in zip(jobs, slots):
             p, group, grad = job.param, job.group, job.param.grad
-            slot = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
+            if grad is not None and (grad.is_sparse or torch.is_complex(grad)):
+                raise RuntimeError("Muon supports only dense real gradients")
             if isinstance(p, DTensor):
                 slot.copy_(self._dtensor_input(p, group).view(slot.shape))
             elif grad is None:
@@ -389,8 +397,8 @@ class Muon(torch.optim.Optimizer):
                     lists[1].append(grad)
                     lists[2].append(buf)
                     lists[3].append(slot.view(grad.shape))
-        for group, grads, bufs, slots in reference.values():
-            _momentum_reference(grads, bufs, slots, group["momentum"], group["nesterov"])
+        for group, grads, bufs, views in reference.values():
+            _momentum_reference(grads, bufs, views, group["momentum"], group["nesterov"])
 
     def _buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -423,18 +431,15 @@ class Muon(torch.optim.Optimizer):
                 blocks[offset:offset + count] = out[k, :count]
             offset += count
 
-    def _update(self, cls: _BlockClass, stack: Tensor) -> None:
+    def _update(self, cls: _BlockClass, slots: list[Tensor], fused: bool) -> None:
         """Decay and update every param that has a grad from its orthogonalized slot."""
-        fused = self._fused_on(cls.device)
+        scalars: dict[int, tuple[float, float]] = {}  # id(group) -> (decay, alpha)
         reference: dict[int, tuple[float, float, list, list]] = {}  # id(group) -> scalars, lists
-        for job in cls.jobs:
+        for job, update in zip(cls.jobs, slots):
             p, group = job.param, job.group
             if p.grad is None:
                 continue  # zero update: no decay either
-            lr = float(group["lr"])
-            decay = 1 - lr * group["weight_decay"]
-            alpha = -lr * lr_scale(group["adjust_lr_fn"], cls.rows, cls.cols)
-            update = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
+            decay, alpha = scalars.get(id(group)) or scalars.setdefault(id(group), _scalars(group, cls))
             if isinstance(p, DTensor):
                 update = distribute_tensor(update.view(p.shape), p.device_mesh, p.placements,
                                            src_data_rank=None)
@@ -448,6 +453,42 @@ class Muon(torch.optim.Optimizer):
                 lists[3].append(update.view(p.shape))
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
+
+
+def _scalars(group: dict, cls: _BlockClass) -> tuple[float, float]:
+    """(decay, alpha) of a group's params in a class: p <- decay * p + alpha * update."""
+    lr = float(group["lr"])
+    return 1 - lr * group["weight_decay"], -lr * lr_scale(group["adjust_lr_fn"], cls.rows, cls.cols)
+
+
+_FUSED_WORKS: dict[torch.device, bool] = {}
+
+
+def _fused_works(device: torch.device) -> bool:
+    """Once per device: do the Triton kernels run and agree with the foreach path? Warns if not."""
+    if device not in _FUSED_WORKS:
+        _FUSED_WORKS[device] = triton is not None and _check_fused(device)
+    return _FUSED_WORKS[device]
+
+
+def _check_fused(device: torch.device) -> bool:
+    """Run both kernels on random data; compare with the reference (fp32 / bf16 rounding allowed)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        grad, buf, p = (torch.randn(4099, device=device, generator=g) for _ in range(3))
+        bufs, slots, ps = [buf, buf.clone()], [torch.empty(4099, dtype=torch.bfloat16, device=device)
+                                               for _ in range(2)], [p, p.clone()]
+        _momentum_fused(grad, bufs[0], slots[0], 0.95, True)
+        _momentum_reference([grad], bufs[1:], slots[1:], 0.95, True)
+        _update_fused(ps[0], slots[0], 0.998, -0.01)
+        _update_reference(ps[1:], slots[1:], 0.998, -0.01)
+        torch.testing.assert_close(bufs[0], bufs[1], rtol=1e-6, atol=0)
+        torch.testing.assert_close(slots[0].float(), slots[1].float(), rtol=2**-7, atol=0)
+        torch.testing.assert_close(ps[0], ps[1], rtol=1e-5, atol=1e-7)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the foreach path
+        warnings.warn(f"Muon: fused Triton kernels disabled on {device} ({exc!r}); using foreach ops")
+        return False
 
 
 def _on_device(device: torch.device):
