@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -101,6 +102,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
+NS_GEMMS = ("torch", "triton")
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
 _BLOCK = 1024  # elements per Triton program
 
@@ -122,25 +124,38 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS,
     return X.view(G.shape)
 
 
-def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float) -> None:
+def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                    gemm: str = "torch") -> None:
     """Newton–Schulz in place: a contiguous bf16 batch X (n, rows, cols) becomes NS(X).
 
     Wide blocks: X <- a X + B X with B = b A + c A^2, A = X X^T (rows x rows). Tall blocks: the
-    transposed iteration X <- a X + X B with A = X^T X (cols x cols). The optimizer calls this on
-    slices of its stack; tests count the calls.
+    transposed iteration X <- a X + X B with A = X^T X (cols x cols). `gemm` computes the two
+    "alpha L R + beta D" products: "torch" = baddbmm (cuBLAS; it first copies D into its output),
+    "triton" = `_addmm_kernel` (reads D in the epilogue). The optimizer calls this on slices of its
+    stack; tests count the calls.
     """
     a, b, c = coefficients
     tall = X.shape[-2] > X.shape[-1]
     Y = X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # ||Y||_F = 1 per matrix
     for i in range(steps):
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, (n, m, m)
+        B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
         left, right = (Y, B) if tall else (B, Y)
         if i == steps - 1 and i > 0:  # Y no longer aliases X: write the result into X
-            torch.baddbmm(Y, left, right, beta=a, out=X)
+            _addmm(left, right, Y, 1.0, a, gemm, out=X)
             return
-        Y = torch.baddbmm(Y, left, right, beta=a)  # (n, rows, cols)
+        Y = _addmm(left, right, Y, 1.0, a, gemm)  # (n, rows, cols)
     X.copy_(Y)  # steps == 1
+
+
+def _addmm(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, gemm: str,
+           out: Tensor | None = None) -> Tensor:
+    """alpha * L @ R + beta * D for bf16 batches L (n, M, K), R (n, K, N), D (n, M, N)."""
+    if gemm == "triton":
+        return _addmm_triton(L, R, D, alpha, beta, torch.empty_like(D) if out is None else out)
+    if out is None:
+        return torch.baddbmm(D, L, R, beta=beta, alpha=alpha)
+    return torch.baddbmm(D, L, R, beta=beta, alpha=alpha, out=out)
 
 
 def ns_flops(rows: int, cols: int, steps: int = NS_STEPS) -> int:
@@ -180,6 +195,8 @@ def muon_eligible(name: str, p: torch.nn.Parameter) -> bool:
 
 # ---------------------------------------------------------------- elementwise: Triton and reference
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on CPU (tests)
+
 if triton is not None:
     @triton.jit
     def _lerp(start, end, weight, SMALL: tl.constexpr):
@@ -189,8 +206,18 @@ if triton is not None:
         return tl.fma(start - end, 1.0 - weight, end)  # end - (end - start) * (1 - weight)
 
     @triton.jit
+    def _to_bf16(x, INTERPRET: tl.constexpr):
+        """fp32 -> bf16, rounded to nearest even (the GPU does it; the interpreter would truncate)."""
+        if INTERPRET:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(tl.bfloat16)
+
+    @triton.jit
     def _momentum_kernel(grad_ptr, buf_ptr, u_ptr, n, w_buf, w_u, SMALL_BUF: tl.constexpr,
-                         SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+                         SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
+                         INTERPRET: tl.constexpr):
         """buf.lerp_(g, w_buf); u = g.lerp(buf, w_u) if NESTEROV else buf; store u as bf16."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -201,7 +228,7 @@ if triton is not None:
         u = buf.to(tl.float32)
         if NESTEROV:
             u = _lerp(g, u, w_u, SMALL_U)
-        tl.store(u_ptr + offs, u.to(tl.bfloat16), mask=mask)  # nearest-even on GPU (the interpreter truncates)
+        tl.store(u_ptr + offs, _to_bf16(u, INTERPRET), mask=mask)
 
     @triton.jit
     def _update_kernel(p_ptr, o_ptr, n, decay, alpha, BLOCK: tl.constexpr):
@@ -214,12 +241,72 @@ if triton is not None:
         tl.store(p_ptr + offs, tl.fma(alpha, o, p).to(p_ptr.dtype.element_ty), mask=mask)
 
 
+if triton is not None:
+    _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)] if _INTERPRET else [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4),
+                              (64, 64, 4, 4)]]
+
+    @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn,
+                      s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+        """C[z] = alpha * L[z] @ R[z] + beta * D[z]: bf16 in and out, fp32 accumulation; one
+        program per (z, output tile), D read in the epilogue (no copy of D into C first).
+        INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong)."""
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+        pid = tl.program_id(0)
+        z = (pid // tiles).to(tl.int64)
+        tile = pid % tiles
+        rm = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        l_ptrs = l_ptr + z * s_lb + rm[:, None] * s_lm + rk[None, :] * s_lk  # (BLOCK_M, BLOCK_K)
+        r_ptrs = r_ptr + z * s_rb + rk[:, None] * s_rk + rn[None, :] * s_rn  # (BLOCK_K, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                lhs = tl.load(l_ptrs, mask=rm[:, None] < M, other=0.0)
+                rhs = tl.load(r_ptrs, mask=rn[None, :] < N, other=0.0)
+            else:
+                k_left = K - k * BLOCK_K
+                lhs = tl.load(l_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
+                rhs = tl.load(r_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
+            if INTERPRET:
+                lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
+            acc = tl.dot(lhs, rhs, acc)
+            l_ptrs += BLOCK_K * s_lk
+            r_ptrs += BLOCK_K * s_rk
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        d = tl.load(d_ptr + z * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=mask, other=0.0)
+        out = alpha * acc + beta * d.to(tl.float32)  # (BLOCK_M, BLOCK_N)
+        tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, _to_bf16(out, INTERPRET),
+                 mask=mask)
+
+
+def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
+    """Triton: out = alpha * L @ R + beta * D; out (n, M, N) must not overlap L, R or D."""
+    n, M, K = L.shape
+    N = R.shape[-1]
+
+    def grid(meta):
+        return (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _addmm_kernel[grid](L, R, D, out, M, N, K, *L.stride(), *R.stride(), *D.stride(), *out.stride(),
+                        float(alpha), float(beta), INTERPRET=_INTERPRET)
+    return out
+
+
 def _momentum_fused(grad: Tensor, buf: Tensor, slot: Tensor, momentum: float, nesterov: bool) -> None:
     """Triton: update buf (like grad) and write the bf16 NS input into slot (same numel)."""
     n = grad.numel()
     _momentum_kernel[(triton.cdiv(n, _BLOCK),)](
         grad, buf, slot, n, 1 - momentum, momentum, SMALL_BUF=abs(1 - momentum) < 0.5,
-        SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov), BLOCK=_BLOCK)
+        SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov), BLOCK=_BLOCK, INTERPRET=_INTERPRET)
 
 
 def _update_fused(p: Tensor, update: Tensor, decay: float, alpha: float) -> None:
@@ -278,21 +365,26 @@ class Muon(torch.optim.Optimizer):
     is where the work of replicated params is shared; `batch_numel` caps one NS batch per rank;
     `fused` picks the elementwise kernels: None = Triton on CUDA when it passes a one-time check
     against the foreach path (else a warning and foreach), True = Triton (CUDA, or CPU under
-    TRITON_INTERPRET=1), False = torch foreach ops. See the module docstring for the algorithm.
+    TRITON_INTERPRET=1), False = torch foreach ops. `ns_gemm` computes NS's two "a D + L R"
+    products: "torch" (baddbmm, cuBLAS) or "triton" (`_addmm_kernel`, no copy of D; experimental).
+    See the module docstring for the algorithm.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  ns_steps: int = NS_STEPS, eps: float = EPS, adjust_lr_fn: str | None = "original",
                  split: int = 1, replicated: bool = True, *, process_group=None,
-                 batch_numel: int = BATCH_NUMEL, fused: bool | None = None) -> None:
+                 batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch") -> None:
         if batch_numel < 1:
             raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
-        if fused and triton is None:
-            raise ValueError("Muon fused = True needs triton; use fused = None or False")
+        if ns_gemm not in NS_GEMMS:
+            raise ValueError(f"Muon ns_gemm = {ns_gemm!r}: use one of {NS_GEMMS}")
+        if triton is None and (fused or ns_gemm == "triton"):
+            raise ValueError("Muon fused = True and ns_gemm = 'triton' need triton")
         self.process_group = process_group
         self.batch_numel = batch_numel
         self.fused = fused
+        self.ns_gemm = ns_gemm
         self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
@@ -372,7 +464,8 @@ class Muon(torch.optim.Optimizer):
             counts = _partition(len(blocks), w, w_loads, cost)
             first = sum(counts[:r])
             if counts[r]:
-                _orthogonalize_(blocks[first:first + counts[r]], cls.steps, cls.coefficients, cls.eps)
+                _orthogonalize_(blocks[first:first + counts[r]], cls.steps, cls.coefficients, cls.eps,
+                                self.ns_gemm)
             if cls.shared:
                 self._gather_shares(blocks, counts, r)
         self._update(cls, slots, fused)
