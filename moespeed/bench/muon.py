@@ -9,16 +9,18 @@ follow the model code); "dense" = the hidden matrices of a generic ~100M transfo
 d_model 768); "moe" = expert stacks of a DeepSeek-V2-Lite-like MoE (L layers x 64 experts x
 {gate, up: [1408, 2048], down: [2048, 1408]}). Params, grads and momentum are fp32; NS runs in bf16.
 
-Per case: the relative error of one step's update vs torch.optim.Muon (on fewer matrices) and vs our
-foreach path (fused=False, same matrices); then times of a full step: `ours_ms` (triton do_bench
-median, CPU launch time included), `gpu_ms` (the GPU's own time: the step is queued behind a 30 ms
-GPU sleep so launches never starve it, as in training where backward keeps the GPU busy), `cpu_ms`
-(time to launch one step), `unfused_ms` (fused=False), `ns_ms` (the batched NS alone, per block
-class in `classes`), the step's peak memory net of params, grads and state, CUDA kernels per step,
-and the floor: NS FLOPs at the measured bf16 matmul ceiling + 20 B/element (read grad, read/write
-momentum and param, fp32) at the measured copy bandwidth. `ns_parts` splits one NS step of the
-largest class into its GEMMs, with `update_bmm_ms` = the same product without the `a X` term
-(`baddbmm` first copies X into its output, which costs memory traffic). Prints a table last.
+Per case: the relative error of one step's update vs torch.optim.Muon (`rel_err`, on fewer
+matrices) and vs our variants (`rel_err_vs_<variant>`, same matrices); times of a full step:
+`ours_ms` (triton do_bench median, CPU launch time included), `gpu_ms` (the GPU's own time: the step
+is queued behind a 30 ms GPU sleep so launches never starve it, as in training where backward keeps
+the GPU busy), `cpu_ms` (time to launch one step), the same for the variants `unfused` (fused=False:
+foreach elementwise ops) and `triton_gemm` (ns_gemm="triton"); `ns_ms` / `ns_triton_ms` (the batched
+NS alone with either GEMM, per block class in `classes`); peak memory net of params, grads and
+state; CUDA kernels per step; and the floor: NS FLOPs at the measured bf16 matmul ceiling +
+20 B/element (read grad, read/write momentum and param, fp32) at the measured copy bandwidth.
+`ns_parts` splits one NS step of the largest class into its GEMMs, with `update_bmm_ms` = the same
+product without the `a X` term (`baddbmm` first copies X into its output: memory traffic).
+The table shows GPU ms for the variants. Prints a table last.
 """
 from __future__ import annotations
 
@@ -199,16 +201,24 @@ def _block_classes(shapes) -> dict[tuple[int, int], int]:
     return classes
 
 
-def ns_by_class(shapes, device, batch_numel: int) -> list[dict]:
-    """Time of the in-place batched NS per block class, in the optimizer's chunks."""
+def ns_by_class(shapes, device, batch_numel: int, notes: list[str]) -> list[dict]:
+    """Time of the in-place batched NS per block class, in the optimizer's chunks (both GEMMs)."""
     out = []
     for (rows, cols), n in _block_classes(shapes).items():
         per_call = min(n, max(1, batch_numel // (rows * cols)))
         X = torch.randn(per_call, rows, cols, device=device).bfloat16()  # (per_call, rows, cols)
-        ms = _time_ms(lambda: muon_mod._orthogonalize_(X, muon_mod.NS_STEPS, muon_mod.NS_COEFFICIENTS,
-                                                       muon_mod.EPS), device) * n / per_call
+        ns = {}
+        for gemm in ("torch", "triton") if device.type == "cuda" else ("torch",):
+            try:
+                fn = lambda: muon_mod._orthogonalize_(X, muon_mod.NS_STEPS, muon_mod.NS_COEFFICIENTS,  # noqa: E731
+                                                      muon_mod.EPS, gemm)
+                fn()  # Triton autotuning
+                ns[gemm] = _time_ms(fn, device) * n / per_call
+            except Exception as exc:  # noqa: BLE001 - the Triton GEMM is an experiment
+                notes.append(f"NS {gemm} {rows}x{cols} failed: {exc!r}"[:200])
         flops = ns_flops(rows, cols) * n
-        out.append({"shape": [rows, cols], "blocks": n, "ns_ms": ms, "tflops": flops / ms / 1e9})
+        out.append({"shape": [rows, cols], "blocks": n, "ns_ms": ns["torch"],
+                    "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton")})
         del X
     return out
 
@@ -258,6 +268,22 @@ def compiled_ns_ms(rows: int, cols: int, n: int, device) -> dict:
 
 # -- cases -----------------------------------------------------------------------------------------
 
+VARIANTS = {"unfused": dict(fused=False), "triton_gemm": dict(ns_gemm="triton")}  # vs the default
+
+
+def _time_step(params, device, **kwargs) -> dict:
+    """ms (do_bench), gpu_ms, cpu_ms, peak MiB and kernels of Muon(params, **kwargs).step()."""
+    opt = Muon(params, **HP, **kwargs)
+    opt.step()  # momentum buffers, Triton compilation and autotuning
+    out = {"ms": _time_ms(opt.step, device)}
+    out["gpu_ms"], out["cpu_ms"] = _gpu_cpu_ms(opt.step, device)
+    out["peak_mib"] = _peak_mib(opt.step, device)
+    out["kernels"] = _kernels(opt.step, device)
+    del opt
+    _free(device)
+    return out
+
+
 def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) -> dict:
     classes = _block_classes(shapes)
     flops = sum(ns_flops(r, c) * n for (r, c), n in classes.items())
@@ -268,25 +294,26 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
            "ns_gflop": flops / 1e9, "min_bytes": MIN_BYTES_PER_ELEMENT * numel}
     notes = []
     row["rel_err"] = _update_err(check_shapes, device, lambda ps: torch.optim.Muon(_expert_views(ps), **HP))
-    row["rel_err_vs_unfused"] = _update_err(shapes, device, lambda ps: Muon(ps, fused=False, **HP))
-    _free(device)
     params = _make(shapes, device)
-    opt = Muon(params, **HP)
-    opt.step()  # allocate momentum buffers (and compile the Triton kernels)
-    row["ours_ms"] = _time_ms(opt.step, device)
-    row["gpu_ms"], row["cpu_ms"] = _gpu_cpu_ms(opt.step, device)
-    row["ours_peak_mib"] = _peak_mib(opt.step, device)
-    row["kernels_per_step"] = _kernels(opt.step, device)
-    del opt
-    _free(device)
-    unfused = Muon(params, fused=False, **HP)
-    unfused.step()
-    row["unfused_ms"] = _time_ms(unfused.step, device)
-    row["unfused_gpu_ms"], _ = _gpu_cpu_ms(unfused.step, device)
-    del unfused
-    _free(device)
-    row["classes"] = ns_by_class(shapes, device, muon_mod.BATCH_NUMEL)
+    ours = _time_step(params, device)
+    row.update(ours_ms=ours["ms"], gpu_ms=ours["gpu_ms"], cpu_ms=ours["cpu_ms"],
+               ours_peak_mib=ours["peak_mib"], kernels_per_step=ours["kernels"])
+    for variant, kwargs in VARIANTS.items():
+        if "ns_gemm" in kwargs and device.type != "cuda":
+            continue  # Triton GEMM: CUDA only (or the interpreter)
+        try:
+            row[f"rel_err_vs_{variant}"] = _update_err(shapes, device, lambda ps: Muon(ps, **HP, **kwargs))
+            _free(device)
+            timed = _time_step(params, device, **kwargs)
+            row.update({f"{variant}_ms": timed["ms"], f"{variant}_gpu_ms": timed["gpu_ms"],
+                        f"{variant}_cpu_ms": timed["cpu_ms"], f"{variant}_peak_mib": timed["peak_mib"]})
+        except Exception as exc:  # noqa: BLE001 - a variant's failure must not hide the rest
+            notes.append(f"{variant} failed: {exc!r}"[:300])
+            _free(device)
+    row["classes"] = ns_by_class(shapes, device, muon_mod.BATCH_NUMEL, notes)
     row["ns_ms"] = sum(c["ns_ms"] for c in row["classes"])
+    if all(c.get("ns_triton_ms") for c in row["classes"]):
+        row["ns_triton_ms"] = sum(c["ns_triton_ms"] for c in row["classes"])
     row["tflops"] = flops / row["ours_ms"] / 1e9
     row["ns_tflops"] = flops / row["ns_ms"] / 1e9
     if ceilings.get("tflops") and ceilings.get("gbps"):
@@ -372,7 +399,8 @@ def _print_table(results: list[dict]) -> None:
         width = int(spec.split(".")[0])
         return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(width)
     cols = [("ours_ms", "ours ms", "9.2f"), ("gpu_ms", "GPU ms", "8.2f"), ("cpu_ms", "CPU ms", "8.2f"),
-            ("unfused_ms", "unfused", "9.2f"), ("ns_ms", "NS ms", "8.2f"), ("floor_ms", "floor", "8.2f"),
+            ("unfused_gpu_ms", "unfused", "9.2f"), ("triton_gemm_gpu_ms", "tri-GEMM", "9.2f"),
+            ("ns_ms", "NS ms", "8.2f"), ("ns_triton_ms", "NS tri", "8.2f"), ("floor_ms", "floor", "8.2f"),
             ("peer_ms", "torch ms", "9.2f"), ("speedup", "speedup", "8.2f"), ("tflops", "TFLOP/s", "8.1f"),
             ("gbps", "GB/s", "7.0f"), ("ours_peak_mib", "peak MiB", "9.0f"), ("rel_err", "rel err", "9.1e")]
     print(f"{'bench':<22}" + "".join(f"{h:>{int(s.split('.')[0])}}" for _, h, s in cols))
@@ -383,8 +411,9 @@ def _print_table(results: list[dict]) -> None:
         print(f"{r['bench']:<22}" + "".join(fmt(r.get(k), s) for k, _, s in cols))
     for r in results:
         for c in r.get("classes", []):
+            tri = f", Triton GEMM {c['ns_triton_ms']:8.3f} ms" if c.get("ns_triton_ms") else ""
             print(f"  {r['bench']:<20} NS {str(tuple(c['shape'])):>12} x{c['blocks']:<5} "
-                  f"{c['ns_ms']:8.3f} ms {c['tflops']:7.1f} TFLOP/s")
+                  f"{c['ns_ms']:8.3f} ms {c['tflops']:7.1f} TFLOP/s{tri}")
         if "ns_parts" in r:
             p = r["ns_parts"]
             print(f"  {r['bench']:<20} one NS step {tuple(p['shape'])} x{p['blocks']}: gram "
