@@ -205,7 +205,7 @@ def ns_by_class(shapes, device, batch_numel: int, notes: list[str]) -> list[dict
     """Time of the in-place batched NS per block class, in the optimizer's chunks (both GEMMs)."""
     out = []
     for (rows, cols), n in _block_classes(shapes).items():
-        per_call = min(n, max(1, batch_numel // (rows * cols)))
+        per_call = muon_mod._round_sizes(n, max(1, batch_numel // (rows * cols)))[0]
         X = torch.randn(per_call, rows, cols, device=device).bfloat16()  # (per_call, rows, cols)
         ns = {}
         for gemm in ("torch", "triton") if device.type == "cuda" else ("torch",):
@@ -321,7 +321,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
         row["mem_floor_ms"] = row["min_bytes"] / ceilings["gbps"] / 1e6
         row["floor_ms"] = row["ns_floor_ms"] + row["mem_floor_ms"]
     (rows, cols), n = max(classes.items(), key=lambda kv: ns_flops(*kv[0]) * kv[1])
-    n = min(n, max(1, muon_mod.BATCH_NUMEL // (rows * cols)))
+    n = muon_mod._round_sizes(n, max(1, muon_mod.BATCH_NUMEL // (rows * cols)))[0]
     try:
         row["ns_parts"] = ns_parts(rows, cols, n, device)
     except Exception as exc:  # noqa: BLE001 - a diagnostic only

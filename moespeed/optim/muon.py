@@ -25,38 +25,42 @@ Shapes. Muon orthogonalizes *blocks*, the last two dims of a param, which are (r
     attribute wins) is cut into n row-blocks of `[rows / n, cols]`, e.g. a query projection
     `[n_heads * head_dim, d_model]` orthogonalized per head. Only row-blocks are supported.
 `scale` uses the block shape. All blocks of equal shape (and equal NS settings) across all params and
-groups form a *class*; a step handles one class after another:
-  1. momentum: every param of the class writes its NS input `u` (bf16) straight into its slot of one
+groups form a *class* (the grouping is cached until params or their grads' presence change); a step
+handles one class after another:
+  1. momentum: every param writes its NS input `u` (bf16) straight into its slot of one
      `(blocks, rows, cols)` stack (no torch.cat, no per-param copies);
-  2. NS runs in place on slices of the stack, batched (`baddbmm`), at most `batch_numel` elements per
-     rank and call to bound memory; the last iteration writes into the stack (`out=`);
+  2. NS runs in place on slices of the stack, batched, at most `batch_numel` elements per rank and
+     call to bound memory; the last iteration writes into the stack (`out=`);
   3. every param reads its update from its slot: decay and update in one pass.
-On CUDA, steps 1 and 3 are one Triton kernel per param each (`fused`); elsewhere (and for DTensors or
-non-contiguous tensors) they are torch foreach ops with exactly torch.optim.Muon's arithmetic. Nothing
-syncs with the host. While the GPU orthogonalizes one class the CPU already launches the next.
+On CUDA, steps 1 and 3 are one Triton kernel per param each (`fused`; checked once against the
+foreach path); elsewhere (and for DTensors or non-contiguous tensors) they are torch foreach ops with
+exactly torch.optim.Muon's arithmetic. NS's "a D + L R" products are torch.baddbmm (cuBLAS), or with
+`ns_gemm="triton"` a Triton GEMM that reads D in its epilogue (baddbmm first copies D into its
+output). Nothing syncs with the host; while the GPU orthogonalizes one class the CPU launches the next.
 
 Exactness. The reference path (CPU, `fused=False`) does torch.optim.Muon's elementwise ops; the
-Triton kernels compute the same formulas in fp32 (torch's lerp branches, and the fused multiply-adds
-nvcc makes of them), so they agree to fp32 rounding at most. The tall-block iteration multiplies the
-same numbers as torch's transposed one; cuBLAS may sum them in another order. Both differences stay
-within one bf16 rounding of the update (what the tests allow).
+Triton kernels compute the same formulas in fp32 (torch's lerp branches, the fused multiply-adds nvcc
+makes of them, round-to-nearest-even to bf16), so they agree to fp32 rounding at most. The tall-block
+iteration multiplies the same numbers as torch's transposed one; cuBLAS (or the Triton GEMM) may sum
+them in another order. Both stay within one bf16 rounding of the update (what the tests allow).
 
 Performance: floors on one H100 (computed; `python -m moespeed.bench.muon` measures them).
-  * NS matmul FLOPs (5 steps, sum over blocks of 5 * (4 m^2 n + 2 m^3), m <= n the block's sides):
-    preset `small` 1.27 TFLOP (80M params in 84 matrices, 7 block shapes) -> 2.1-3.2 ms at
-    600-400 TFLOP/s; `small-moe` 2.14 TFLOP (313M params; 1.65 TFLOP are the 1408 expert blocks of
-    768 x 256) -> 3.6-5.4 ms.
+  * NS matmul FLOPs (5 steps; per block 5 (4 m^2 n + 2 m^3), m <= n its sides): preset `small`
+    1.27 TFLOP (80M params in 84 matrices, 7 block shapes) -> 2.1-3.2 ms at 600-400 TFLOP/s;
+    `small-moe` 2.14 TFLOP (313M params; 1.65 TFLOP are the 1408 expert blocks of 768 x 256)
+    -> 3.6-5.4 ms.
   * Memory outside NS with fp32 params, grads and momentum: at least 20 B per element (read g,
     read + write buf, read + write p): small 1.60 GB = 0.53 ms, small-moe 6.27 GB = 2.09 ms at
     3.0 TB/s. This module moves 24 B (plus the bf16 NS input written and the bf16 update read):
     0.64 ms and 2.51 ms.
   * Sum: ~2.7-3.8 ms (small) and ~5.7-7.9 ms (small-moe). The goal "optimizer <= 5% of the train
-    step" (~4.4 / ~5.2 ms on the measured fwd+bwd) fits `small`, but not `small-moe` as long as NS
-    is 5 bf16 steps on fp32 state on one GPU. Worse, the 256 x 256 Gram matrices of the expert blocks
-    make their NS memory-bound: each step moves ~10 B per element (X read twice, read again as the
-    `a X` term, written once, plus the m x m matrices), ~14 GB over 5 steps (~4.6 ms at 3 TB/s),
-    more than their FLOPs take. Levers left: Gram Newton–Schulz (iterate on the m x m Gram matrix;
-    changes the numerics, needs restarts), symmetric GEMMs, or sharding NS over ranks (done below).
+    step" (~4.4 / ~5.2 ms at the measured fwd+bwd) fits `small`, but not `small-moe` as long as NS
+    is 5 bf16 steps on fp32 state on one GPU.
+  * NS memory traffic: each step reads an X-sized batch twice (X X^T, the update GEMM) and writes it
+    once (6 B per element); baddbmm adds a copy of X into its output and reads it back (+6 B). The
+    expert blocks (m = 256) are memory-bound: ~12 B x 5 steps x 277M elements = 16.6 GB (~5.5 ms)
+    with baddbmm, about half that with `ns_gemm="triton"`. Further levers: Gram Newton–Schulz
+    (iterates on the m x m Gram matrix; other numerics), symmetric GEMMs, NS sharded over ranks.
 
 Distributed. When torch.distributed is initialized with more than one rank, params in groups with
 `replicated=True` (the default) must be identical on every rank of `process_group` (DDP: full
@@ -456,10 +460,11 @@ class Muon(torch.optim.Optimizer):
         fused = self._fused_on(cls.device)
         self._momentum(cls.jobs, slots, fused)
         w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
-        per_round = w * max(1, self.batch_numel // (cls.rows * cls.cols))
         cost = ns_flops(cls.rows, cls.cols, cls.steps)
-        for start in range(0, cls.n_blocks, per_round):
-            blocks = stack[start:start + per_round]  # (n, rows, cols): this round
+        start = 0
+        for size in _round_sizes(cls.n_blocks, w * max(1, self.batch_numel // (cls.rows * cls.cols))):
+            blocks = stack[start:start + size]  # (size, rows, cols): this round
+            start += size
             counts = _partition(len(blocks), w, w_loads, cost)
             first = sum(counts[:r])
             if counts[r]:
@@ -592,6 +597,13 @@ def _on_device(device: torch.device):
 
 def _split(p: Tensor, group: dict) -> int:
     return getattr(p, "_muon_split", None) or group["split"]
+
+
+def _round_sizes(n_blocks: int, most: int) -> list[int]:
+    """The fewest rounds of at most `most` blocks, as equal as possible (e.g. 10, 4 -> 4, 3, 3)."""
+    rounds = -(-n_blocks // most)
+    base, extra = divmod(n_blocks, rounds)
+    return [base + 1] * extra + [base] * (rounds - extra)
 
 
 def _partition(n_blocks: int, world: int, loads: list[int], cost: int) -> list[int]:
