@@ -247,17 +247,25 @@ _FUSED_SCRIPT = textwrap.dedent('''
     from moespeed.optim import muon as M
 
     g = torch.Generator().manual_seed(0)
+    big = torch.randn(4 * 3000 + 1, generator=g)
     for momentum, nesterov in [(0.95, True), (0.3, True), (0.9, False)]:  # both lerp branches
-        grad, buf = torch.randn(3000, generator=g), torch.randn(3000, generator=g)
-        buf_ref, slot, slot_ref = buf.clone(), torch.empty(3000, dtype=torch.bfloat16), torch.empty(3000, dtype=torch.bfloat16)
-        M._momentum_fused(grad, buf, slot, momentum, nesterov)
-        M._momentum_reference([grad], [buf_ref], [slot_ref], momentum, nesterov)
-        assert torch.equal(buf, buf_ref) and torch.equal(slot, slot_ref), (momentum, nesterov)
-    p, upd = torch.randn(3000, generator=g), torch.randn(3000, generator=g).bfloat16()
-    p_ref = p.clone()
-    M._update_fused(p, upd, 0.998, -0.013)
-    M._update_reference([p_ref], [upd], 0.998, -0.013)
-    torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=0)
+        # 4 tensors of 3000: separate allocations, then views 1 element off (a new launch), 3008 apart
+        grads = [torch.randn(3000, generator=g), torch.randn(3000, generator=g), big[1:3001], big[3009:6009]]
+        bufs = [torch.randn(3000, generator=g) for _ in grads]
+        ref_bufs = [b.clone() for b in bufs]
+        out, ref_out = (torch.empty(4, 3000, dtype=torch.bfloat16) for _ in range(2))
+        M._momentum_fused(grads, bufs, out, momentum, nesterov)
+        M._momentum_reference(grads, ref_bufs, list(ref_out), momentum, nesterov)
+        assert all(torch.equal(a, b) for a, b in zip(bufs, ref_bufs)), (momentum, nesterov)
+        assert torch.equal(out, ref_out), (momentum, nesterov)
+    assert [(a, b) for a, b, _ in M._launch_runs(grads, bufs)] == [(0, 2), (2, 4)]
+    ps = [torch.randn(3000, generator=g) for _ in range(3)]
+    ref_ps = [p.clone() for p in ps]
+    upd = torch.randn(3, 3000, generator=g).bfloat16()
+    M._update_fused(ps, upd, 0.998, -0.013)
+    M._update_reference(ref_ps, list(upd), 0.998, -0.013)
+    torch.testing.assert_close(torch.stack(ps), torch.stack(ref_ps), rtol=1e-6, atol=0)
+    assert M._check_fused(torch.device("cpu"))  # the one-time check that gates fused=None on CUDA
 
     for n, m, k, cols in [(3, 40, 64, 72), (2, 33, 70, 17)]:  # K a multiple of BLOCK_K or not
         L, R, D = (torch.randn(s, generator=g).bfloat16() for s in [(n, m, k), (n, k, cols), (n, m, cols)])
@@ -267,8 +275,9 @@ _FUSED_SCRIPT = textwrap.dedent('''
 
     def params():
         g = torch.Generator().manual_seed(1)
-        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(16, 24), (24, 16), (3, 16, 24), (16, 24)]]
-        ps[1]._muon_split = 2  # (12, 16) blocks: its own class
+        shapes = [(16, 24), (16, 24), (24, 16), (3, 16, 24), (16, 24)]  # 0, 1: one fused launch
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        ps[2]._muon_split = 2  # (12, 16) blocks: its own class
         return ps
 
     variants = [dict(fused=False), dict(fused=True), dict(fused=True, ns_gemm="triton")]  # reference first
@@ -278,8 +287,8 @@ _FUSED_SCRIPT = textwrap.dedent('''
     for step in range(2):
         g = torch.Generator().manual_seed(10 + step)
         grads = [torch.randn(p.shape, generator=g) for p in start]
-        grads[2] = torch.randn(3, 24, 16, generator=g).mT  # non-contiguous: the foreach fallback
-        grads[3] = None  # no grad: untouched
+        grads[3] = torch.randn(3, 24, 16, generator=g).mT  # non-contiguous: the foreach fallback
+        grads[4] = None  # no grad: untouched
         for ps, opt in zip(runs, opts):
             for p, gr in zip(ps, grads):
                 p.grad = None if gr is None else gr.clone()
@@ -289,7 +298,7 @@ _FUSED_SCRIPT = textwrap.dedent('''
             a, b = a.detach() - p0, b.detach() - p0
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, b, rtol=0, atol=2**-8 * b.abs().max().item())
-        assert torch.equal(ps[3].detach(), start[3])
+        assert torch.equal(ps[4].detach(), start[4])
     print("fused ok")
 ''')
 

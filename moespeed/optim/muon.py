@@ -219,30 +219,38 @@ if triton is not None:
         return x.to(tl.bfloat16)
 
     @triton.jit
-    def _momentum_kernel(grad_ptr, buf_ptr, u_ptr, n, w_buf, w_u, SMALL_BUF: tl.constexpr,
+    def _momentum_kernel(grad_ptr, buf_ptr, u_ptr, offs_ptr, n, w_buf, w_u, SMALL_BUF: tl.constexpr,
                          SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
                          INTERPRET: tl.constexpr):
-        """buf.lerp_(g, w_buf); u = g.lerp(buf, w_u) if NESTEROV else buf; store u as bf16."""
+        """Tensor j = program_id(1) of a run: buf.lerp_(g, w_buf); u = g.lerp(buf, w_u) if NESTEROV
+        else buf, stored as bf16. g and buf start offs[j] and offs[jobs + j] elements after grad_ptr
+        and buf_ptr (multiples of 16), u at j * n after u_ptr; every tensor has n elements."""
+        j = tl.program_id(1)
+        g_off = tl.multiple_of(tl.load(offs_ptr + j), 16)
+        b_off = tl.multiple_of(tl.load(offs_ptr + tl.num_programs(1) + j), 16)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-        buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
+        g = tl.load(grad_ptr + g_off + offs, mask=mask).to(tl.float32)
+        buf = tl.load(buf_ptr + b_off + offs, mask=mask).to(tl.float32)
         buf = _lerp(buf, g, w_buf, SMALL_BUF).to(buf_ptr.dtype.element_ty)
-        tl.store(buf_ptr + offs, buf, mask=mask)
+        tl.store(buf_ptr + b_off + offs, buf, mask=mask)
         u = buf.to(tl.float32)
         if NESTEROV:
             u = _lerp(g, u, w_u, SMALL_U)
-        tl.store(u_ptr + offs, _to_bf16(u, INTERPRET), mask=mask)
+        tl.store(u_ptr + j.to(tl.int64) * n + offs, _to_bf16(u, INTERPRET), mask=mask)
 
     @triton.jit
-    def _update_kernel(p_ptr, o_ptr, n, decay, alpha, BLOCK: tl.constexpr):
-        """p.mul_(decay); p.add_(o, alpha=alpha) in one pass."""
+    def _update_kernel(p_ptr, o_ptr, offs_ptr, n, decay, alpha, BLOCK: tl.constexpr):
+        """Tensor j = program_id(1) of a run: p.mul_(decay); p.add_(o, alpha=alpha) in one pass;
+        p starts offs[j] elements after p_ptr (a multiple of 16), o (bf16) at j * n after o_ptr."""
+        j = tl.program_id(1)
+        p_off = tl.multiple_of(tl.load(offs_ptr + j), 16)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        p = tl.load(p_ptr + p_off + offs, mask=mask).to(tl.float32)
         p = (p * decay).to(p_ptr.dtype.element_ty).to(tl.float32)  # rounded like p.mul_
-        o = tl.load(o_ptr + offs, mask=mask).to(tl.float32)
-        tl.store(p_ptr + offs, tl.fma(alpha, o, p).to(p_ptr.dtype.element_ty), mask=mask)
+        o = tl.load(o_ptr + j.to(tl.int64) * n + offs, mask=mask).to(tl.float32)
+        tl.store(p_ptr + p_off + offs, tl.fma(alpha, o, p).to(p_ptr.dtype.element_ty), mask=mask)
 
 
 if triton is not None:
@@ -304,18 +312,48 @@ def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, ou
     return out
 
 
-def _momentum_fused(grad: Tensor, buf: Tensor, slot: Tensor, momentum: float, nesterov: bool) -> None:
-    """Triton: update buf (like grad) and write the bf16 NS input into slot (same numel)."""
-    n = grad.numel()
-    _momentum_kernel[(triton.cdiv(n, _BLOCK),)](
-        grad, buf, slot, n, 1 - momentum, momentum, SMALL_BUF=abs(1 - momentum) < 0.5,
-        SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov), BLOCK=_BLOCK, INTERPRET=_INTERPRET)
+def _momentum_fused(grads: list[Tensor], bufs: list[Tensor], out: Tensor, momentum: float,
+                    nesterov: bool) -> None:
+    """Triton: update the bufs (like the grads, all of one size) and write the bf16 NS inputs one
+    after another into out (contiguous), one launch per run of well-placed tensors."""
+    n = grads[0].numel()
+    for first, last, offsets in _launch_runs(grads, bufs):
+        _momentum_kernel[(triton.cdiv(n, _BLOCK), last - first)](
+            grads[first], bufs[first], out.view(-1)[first * n:], offsets, n, 1 - momentum, momentum,
+            SMALL_BUF=abs(1 - momentum) < 0.5, SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov),
+            BLOCK=_BLOCK, INTERPRET=_INTERPRET)
 
 
-def _update_fused(p: Tensor, update: Tensor, decay: float, alpha: float) -> None:
-    """Triton: p = p * decay + alpha * update (update bf16, same numel)."""
-    n = p.numel()
-    _update_kernel[(triton.cdiv(n, _BLOCK),)](p, update, n, decay, alpha, BLOCK=_BLOCK)
+def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: float) -> None:
+    """Triton: p = p * decay + alpha * update for params of one size whose bf16 updates lie one
+    after another in `updates` (contiguous), one launch per run of well-placed tensors."""
+    n = params[0].numel()
+    for first, last, offsets in _launch_runs(params):
+        _update_kernel[(triton.cdiv(n, _BLOCK), last - first)](
+            params[first], updates.view(-1)[first * n:], offsets, n, decay, alpha, BLOCK=_BLOCK)
+
+
+def _launch_runs(*lists: list[Tensor]):
+    """Yield (first, last, offsets): tensors [first, last) of every list share one kernel launch.
+
+    offsets (int64, on the tensors' device) holds, list after list, each tensor's distance in
+    elements from the run's first tensor of its list. The kernels promise the compiler multiples of
+    16 (vector loads); a tensor that breaks this, or has another dtype, starts a new run.
+    """
+    first, count, device = 0, len(lists[0]), lists[0][0].device
+    while first < count:
+        last, offsets = first + 1, [[0] for _ in lists]
+        while last < count:
+            gaps = [(ts[last].data_ptr() - ts[first].data_ptr()) / ts[first].element_size() for ts in lists]
+            if any(g % 16 for g in gaps) or any(ts[last].dtype != ts[first].dtype for ts in lists):
+                break
+            for acc, gap in zip(offsets, gaps):
+                acc.append(int(gap))
+            last += 1
+        table = torch.tensor([g for acc in offsets for g in acc], dtype=torch.int64,
+                             pin_memory=device.type == "cuda")
+        yield first, last, table.to(device, non_blocking=True)
+        first = last
 
 
 def _momentum_reference(grads: list[Tensor], bufs: list[Tensor], slots: list[Tensor], momentum: float,
@@ -336,10 +374,11 @@ def _update_reference(params: list[Tensor], updates: list[Tensor], decay: float,
 
 @dataclass(eq=False)
 class _Job:
-    """One param: its group and how many blocks it has in its class's stack."""
+    """One param: its group and where its blocks lie in its class's stack."""
 
     param: Tensor
     group: dict
+    start: int  # first block in the stack
     blocks: int  # matrices to orthogonalize: E * split (3-D) or split (2-D)
 
 
@@ -433,32 +472,34 @@ class Muon(torch.optim.Optimizer):
                                   for g in self.param_groups))
         if key == self._plan_key:
             return self._plan
-        classes: dict[tuple, _BlockClass] = {}
-        for group in self.param_groups:
+        classes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
+        for g, group in enumerate(self.param_groups):
             shared = distributed and group["replicated"]
             for p in group["params"]:
                 if p.numel() == 0 or (p.grad is None and not (shared or isinstance(p, DTensor))):
                     continue  # nothing to do, and no collective depends on it (like torch.optim.Muon)
                 n = _split(p, group)
-                rows, cols = p.shape[-2] // n, p.shape[-1]
-                cls_key = (rows, cols, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                           _compute_device(p), shared)
-                cls = classes.get(cls_key)
-                if cls is None:
-                    cls = classes[cls_key] = _BlockClass(*cls_key)
-                blocks = (p.shape[0] if p.ndim == 3 else 1) * n
-                cls.jobs.append(_Job(p, group, blocks))
+                cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], group["ns_coefficients"],
+                           group["eps"], _compute_device(p), shared)
+                members = classes.setdefault(cls_key, [])
+                members.append((g, p.numel(), len(members), p, group))
+        self._plan = []
+        for cls_key, members in classes.items():
+            cls = _BlockClass(*cls_key)
+            for *_, p, group in sorted(members, key=lambda m: m[:3]):  # equal sizes side by side
+                blocks = (p.shape[0] if p.ndim == 3 else 1) * _split(p, group)
+                cls.jobs.append(_Job(p, group, cls.n_blocks, blocks))
                 cls.n_blocks += blocks
-        self._plan_key, self._plan = key, list(classes.values())
+            self._plan.append(cls)
+        self._plan_key = key
         return self._plan
 
     def _step_class(self, cls: _BlockClass, world: int, rank: int, loads: list[int]) -> None:
         """Momentum into the stack, NS in place (this rank's shares, then all-gather), updates."""
         stack = torch.empty(cls.n_blocks, cls.rows, cls.cols, dtype=torch.bfloat16,
                             device=cls.device)  # (n_blocks, rows, cols)
-        slots = stack.split([job.blocks for job in cls.jobs])  # (blocks, rows, cols) per job
         fused = self._fused_on(cls.device)
-        self._momentum(cls.jobs, slots, fused)
+        self._momentum(cls.jobs, stack, fused)
         w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
         cost = ns_flops(cls.rows, cls.cols, cls.steps)
         start = 0
@@ -472,28 +513,33 @@ class Muon(torch.optim.Optimizer):
                                 self.ns_gemm)
             if cls.shared:
                 self._gather_shares(blocks, counts, r)
-        self._update(cls, slots, fused)
+        self._update(cls, stack, fused)
 
-    def _momentum(self, jobs: list[_Job], slots: list[Tensor], fused: bool) -> None:
-        """Update the momentum buffers; write every param's bf16 NS input into its slot."""
+    def _momentum(self, jobs: list[_Job], stack: Tensor, fused: bool) -> None:
+        """Update the momentum buffers; write every param's bf16 NS input into its rows of stack."""
         reference: dict[int, tuple[dict, list, list, list]] = {}  # id(group) -> group, foreach lists
-        for job, slot in zip(jobs, slots):
+        triton_jobs = []  # indices into jobs
+        for i, job in enumerate(jobs):
             p, group, grad = job.param, job.group, job.param.grad
+            slot = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
             if grad is not None and (grad.is_sparse or torch.is_complex(grad)):
                 raise RuntimeError("Muon supports only dense real gradients")
             if isinstance(p, DTensor):
                 slot.copy_(self._dtensor_input(p, group).view(slot.shape))
             elif grad is None:
                 slot.zero_()  # its owner orthogonalizes zeros; no update follows
+            elif fused and grad.is_contiguous() and self._buffer(p).is_contiguous():
+                triton_jobs.append(i)
             else:
-                buf = self._buffer(p)
-                if fused and grad.is_contiguous() and buf.is_contiguous():
-                    _momentum_fused(grad, buf, slot, group["momentum"], group["nesterov"])
-                else:
-                    lists = reference.setdefault(id(group), (group, [], [], []))
-                    lists[1].append(grad)
-                    lists[2].append(buf)
-                    lists[3].append(slot.view(grad.shape))
+                lists = reference.setdefault(id(group), (group, [], [], []))
+                lists[1].append(grad)
+                lists[2].append(self._buffer(p))
+                lists[3].append(slot.view(grad.shape))
+        for run in _job_runs(jobs, triton_jobs):
+            group, params = run[0].group, [job.param for job in run]
+            _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params],
+                            stack[run[0].start:run[-1].start + run[-1].blocks], group["momentum"],
+                            group["nesterov"])
         for group, grads, bufs, views in reference.values():
             _momentum_reference(grads, bufs, views, group["momentum"], group["nesterov"])
 
@@ -528,28 +574,48 @@ class Muon(torch.optim.Optimizer):
                 blocks[offset:offset + count] = out[k, :count]
             offset += count
 
-    def _update(self, cls: _BlockClass, slots: list[Tensor], fused: bool) -> None:
-        """Decay and update every param that has a grad from its orthogonalized slot."""
+    def _update(self, cls: _BlockClass, stack: Tensor, fused: bool) -> None:
+        """Decay and update every param that has a grad from its orthogonalized rows of stack."""
         scalars: dict[int, tuple[float, float]] = {}  # id(group) -> (decay, alpha)
         reference: dict[int, tuple[float, float, list, list]] = {}  # id(group) -> scalars, lists
-        for job, update in zip(cls.jobs, slots):
+        triton_jobs = []  # indices into cls.jobs
+        for i, job in enumerate(cls.jobs):
             p, group = job.param, job.group
             if p.grad is None:
                 continue  # zero update: no decay either
             decay, alpha = scalars.get(id(group)) or scalars.setdefault(id(group), _scalars(group, cls))
+            update = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
             if isinstance(p, DTensor):
                 update = distribute_tensor(update.view(p.shape), p.device_mesh, p.placements,
                                            src_data_rank=None)
                 p.mul_(decay)
                 p.add_(update, alpha=alpha)
             elif fused and p.is_contiguous():
-                _update_fused(p, update, decay, alpha)
+                triton_jobs.append(i)
             else:
                 lists = reference.setdefault(id(group), (decay, alpha, [], []))
                 lists[2].append(p)
                 lists[3].append(update.view(p.shape))
+        for run in _job_runs(cls.jobs, triton_jobs):
+            _update_fused([job.param for job in run], stack[run[0].start:run[-1].start + run[-1].blocks],
+                          *scalars[id(run[0].group)])
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
+
+
+def _job_runs(jobs: list[_Job], indices: list[int]) -> list[list[_Job]]:
+    """Split jobs[i] for sorted `indices` into runs of neighbours (adjacent rows of the stack) with
+    the same group and size: each run is one fused launch (or a few, see `_launch_runs`)."""
+    runs: list[list[_Job]] = []
+    for k, i in enumerate(indices):
+        job = jobs[i]
+        prev = jobs[indices[k - 1]] if k else None
+        if prev is not None and indices[k - 1] == i - 1 and prev.group is job.group \
+                and prev.param.numel() == job.param.numel():
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs
 
 
 def _scalars(group: dict, cls: _BlockClass) -> tuple[float, float]:
@@ -572,16 +638,16 @@ def _check_fused(device: torch.device) -> bool:
     """Run both kernels on random data; compare with the reference (fp32 / bf16 rounding allowed)."""
     try:
         g = torch.Generator(device=device).manual_seed(0)
-        grad, buf, p = (torch.randn(4099, device=device, generator=g) for _ in range(3))
-        bufs, slots, ps = [buf, buf.clone()], [torch.empty(4099, dtype=torch.bfloat16, device=device)
-                                               for _ in range(2)], [p, p.clone()]
-        _momentum_fused(grad, bufs[0], slots[0], 0.95, True)
-        _momentum_reference([grad], bufs[1:], slots[1:], 0.95, True)
-        _update_fused(ps[0], slots[0], 0.998, -0.01)
-        _update_reference(ps[1:], slots[1:], 0.998, -0.01)
-        torch.testing.assert_close(bufs[0], bufs[1], rtol=1e-6, atol=0)
-        torch.testing.assert_close(slots[0].float(), slots[1].float(), rtol=2**-7, atol=0)
-        torch.testing.assert_close(ps[0], ps[1], rtol=1e-5, atol=1e-7)
+        grads, bufs, ps = ([torch.randn(4099, device=device, generator=g) for _ in range(3)] for _ in range(3))
+        ref_bufs, ref_ps = [b.clone() for b in bufs], [p.clone() for p in ps]
+        out, ref_out = (torch.empty(3, 4099, dtype=torch.bfloat16, device=device) for _ in range(2))
+        _momentum_fused(grads, bufs, out, 0.95, True)
+        _momentum_reference(grads, ref_bufs, list(ref_out), 0.95, True)
+        _update_fused(ps, out, 0.998, -0.01)
+        _update_reference(ref_ps, list(ref_out), 0.998, -0.01)
+        torch.testing.assert_close(torch.stack(bufs), torch.stack(ref_bufs), rtol=1e-6, atol=0)
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=2**-7, atol=0)
+        torch.testing.assert_close(torch.stack(ps), torch.stack(ref_ps), rtol=1e-5, atol=1e-7)
         return True
     except Exception as exc:  # noqa: BLE001 - any failure means: use the foreach path
         warnings.warn(f"Muon: fused Triton kernels disabled on {device} ({exc!r}); using foreach ops")
