@@ -343,12 +343,13 @@ def _launch_runs(*lists: list[Tensor]):
     first, count, device = 0, len(lists[0]), lists[0][0].device
     while first < count:
         last, offsets = first + 1, [[0] for _ in lists]
-        while last < count:
-            gaps = [(ts[last].data_ptr() - ts[first].data_ptr()) / ts[first].element_size() for ts in lists]
-            if any(g % 16 for g in gaps) or any(ts[last].dtype != ts[first].dtype for ts in lists):
+        while last < count and last - first < 65535:  # the grid's second axis
+            gaps = [ts[last].data_ptr() - ts[first].data_ptr() for ts in lists]  # bytes
+            if any(ts[last].dtype != ts[first].dtype or gap % (16 * ts[first].element_size())
+                   for ts, gap in zip(lists, gaps)):
                 break
-            for acc, gap in zip(offsets, gaps):
-                acc.append(int(gap))
+            for acc, ts, gap in zip(offsets, lists, gaps):
+                acc.append(gap // ts[first].element_size())
             last += 1
         table = torch.tensor([g for acc in offsets for g in acc], dtype=torch.int64,
                              pin_memory=device.type == "cuda")
