@@ -223,11 +223,11 @@ if triton is not None:
                          SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
                          INTERPRET: tl.constexpr):
         """Tensor j = program_id(1) of a run: buf.lerp_(g, w_buf); u = g.lerp(buf, w_u) if NESTEROV
-        else buf, stored as bf16. g and buf start offs[j] and offs[jobs + j] elements after grad_ptr
-        and buf_ptr (multiples of 16), u at j * n after u_ptr; every tensor has n elements."""
+        else buf, stored as bf16. g and buf start 16 * offs[j] and 16 * offs[jobs + j] elements
+        after grad_ptr and buf_ptr, u at j * n after u_ptr; every tensor has n elements."""
         j = tl.program_id(1)
-        g_off = tl.multiple_of(tl.load(offs_ptr + j), 16)
-        b_off = tl.multiple_of(tl.load(offs_ptr + tl.num_programs(1) + j), 16)
+        g_off = tl.load(offs_ptr + j) * 16  # a known multiple of 16: vector loads
+        b_off = tl.load(offs_ptr + tl.num_programs(1) + j) * 16
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(grad_ptr + g_off + offs, mask=mask).to(tl.float32)
@@ -242,9 +242,9 @@ if triton is not None:
     @triton.jit
     def _update_kernel(p_ptr, o_ptr, offs_ptr, n, decay, alpha, BLOCK: tl.constexpr):
         """Tensor j = program_id(1) of a run: p.mul_(decay); p.add_(o, alpha=alpha) in one pass;
-        p starts offs[j] elements after p_ptr (a multiple of 16), o (bf16) at j * n after o_ptr."""
+        p starts 16 * offs[j] elements after p_ptr, o (bf16) at j * n after o_ptr."""
         j = tl.program_id(1)
-        p_off = tl.multiple_of(tl.load(offs_ptr + j), 16)
+        p_off = tl.load(offs_ptr + j) * 16
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         p = tl.load(p_ptr + p_off + offs, mask=mask).to(tl.float32)
@@ -336,9 +336,9 @@ def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: fl
 def _launch_runs(*lists: list[Tensor]):
     """Yield (first, last, offsets): tensors [first, last) of every list share one kernel launch.
 
-    offsets (int64, on the tensors' device) holds, list after list, each tensor's distance in
-    elements from the run's first tensor of its list. The kernels promise the compiler multiples of
-    16 (vector loads); a tensor that breaks this, or has another dtype, starts a new run.
+    offsets (int64, on the tensors' device) holds, list after list, each tensor's distance from the
+    run's first tensor of its list, in units of 16 elements (so the kernels' loads stay vectorized);
+    a tensor at another distance, or with another dtype, starts a new run.
     """
     first, count, device = 0, len(lists[0]), lists[0][0].device
     while first < count:
@@ -349,7 +349,7 @@ def _launch_runs(*lists: list[Tensor]):
                    for ts, gap in zip(lists, gaps)):
                 break
             for acc, ts, gap in zip(offsets, lists, gaps):
-                acc.append(gap // ts[first].element_size())
+                acc.append(gap // (16 * ts[first].element_size()))
             last += 1
         table = torch.tensor([g for acc in offsets for g in acc], dtype=torch.int64,
                              pin_memory=device.type == "cuda")
