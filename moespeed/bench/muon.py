@@ -219,7 +219,6 @@ def ns_by_class(shapes, device, batch_numel: int, notes: list[str]) -> list[dict
         flops = ns_flops(rows, cols) * n
         out.append({"shape": [rows, cols], "blocks": n, "ns_ms": ns["torch"],
                     "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton")})
-        del X
     return out
 
 
@@ -351,18 +350,23 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
     return row
 
 
+def _matmul_ms(device, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return _time_ms(lambda: a @ b, device)
+
+
+def _copy_ms(device, numel: int) -> float:
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return _time_ms(lambda: dst.copy_(src), device)
+
+
 def ceilings(device) -> list[dict]:
     """bf16 matmul TFLOP/s and copy GB/s (read + write) on this device."""
     n = 8192 if device.type == "cuda" else 256
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    mm = _time_ms(lambda: a @ b, device)
-    del a, b
     numel = 2**28 if device.type == "cuda" else 2**20
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    cp = _time_ms(lambda: dst.copy_(src), device)
-    del src, dst
+    mm, cp = _matmul_ms(device, n), _copy_ms(device, numel)
     base = {"peer": None, "peer_ms": None, "speedup": None, "ours_peak_mib": None, "peer_peak_mib": None}
     return [{"bench": "ceiling.matmul_bf16", "shape": {"n": n}, "ours_ms": mm, "tflops": 2 * n**3 / mm / 1e9,
              "gbps": None, "notes": "bf16 n^3 matmul", **base},
@@ -421,8 +425,9 @@ def _print_table(results: list[dict]) -> None:
                   f"(bmm only {p['update_bmm_ms']:.3f}), norm {p['norm_ms']:.3f} ms")
         if "ns_compiled" in r:
             p = r["ns_compiled"]
-            print(f"  {r['bench']:<20} NS {tuple(p['shape'])} x{p['blocks']}: compiled {p['compiled_ms']:.3f} ms"
-                  f" vs eager {p['eager_ms']:.3f} ms (compile {p['compile_s']:.0f} s, err {p['rel_err_vs_eager']:.1e})")
+            print(f"  {r['bench']:<20} NS {tuple(p['shape'])} x{p['blocks']}: compiled "
+                  f"{p['compiled_ms']:.3f} ms vs eager {p['eager_ms']:.3f} ms (compile {p['compile_s']:.0f} s, "
+                  f"err {p['rel_err_vs_eager']:.1e})")
 
 
 def main(argv: list[str] | None = None) -> int:

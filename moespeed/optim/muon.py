@@ -254,9 +254,10 @@ if triton is not None:
 
 
 if triton is not None:
-    _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)] if _INTERPRET else [
+    _GEMM_CONFIGS = [  # Hopper-friendly tiles; one small tile for the interpreter
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]]
+        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
+    ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
 
     @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
