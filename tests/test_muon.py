@@ -169,6 +169,18 @@ def test_batch_numel_chunks_a_stack_evenly(monkeypatch):
     assert calls == [4, 3, 3]  # at most 4 per call, in as few and as equal calls as possible
 
 
+def test_big_class_is_cut_between_params():
+    start = _params([(4, 8, 8)] * 3)  # 3 stacks of 4 blocks of 64 elements
+    small, big = _params([(4, 8, 8)] * 3), _params([(4, 8, 8)] * 3)
+    opt = Muon(small, lr=0.05, batch_numel=128)  # a stack holds <= 4 * 128 elements: 8 blocks
+    _set_grads(small, 7)
+    assert [cls.n_blocks for cls in opt._block_classes(False)] == [8, 4]
+    out = _run(small, opt, steps=1)
+    ref = _run(big, Muon(big, lr=0.05), steps=1)  # one stack of 12 blocks
+    for p0, a, b in zip(start, out, ref):
+        _assert_update_close(a - p0, b - p0)
+
+
 @pytest.mark.parametrize("how", ["attribute", "group"])
 def test_split_rows_equals_separate_blocks(how):
     n, rows, cols = 4, 32, 24

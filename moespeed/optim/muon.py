@@ -25,8 +25,9 @@ Shapes. Muon orthogonalizes *blocks*, the last two dims of a param, which are (r
     attribute wins) is cut into n row-blocks of `[rows / n, cols]`, e.g. a query projection
     `[n_heads * head_dim, d_model]` orthogonalized per head. Only row-blocks are supported.
 `scale` uses the block shape. All blocks of equal shape (and equal NS settings) across all params and
-groups form a *class* (the grouping is cached until params or their grads' presence change); a step
-handles one class after another:
+groups form a *class* (the grouping is cached until params or their grads' presence change; a class
+bigger than 4 * `batch_numel` elements is cut between params); a step handles one class after
+another:
   1. momentum: every param writes its NS input `u` (bf16) straight into its slot of one
      `(blocks, rows, cols)` stack (no torch.cat, no per-param copies);
   2. NS runs in place on slices of the stack, batched, at most `batch_numel` elements per rank and
@@ -108,6 +109,7 @@ EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 NS_GEMMS = ("torch", "triton")
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
+STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
 _BLOCK = 1024  # elements per Triton program
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
@@ -487,12 +489,14 @@ class Muon(torch.optim.Optimizer):
                 members.append((g, p.numel(), len(members), p, group))
         self._plan = []
         for cls_key, members in classes.items():
-            cls = _BlockClass(*cls_key)
+            block_numel, cls = cls_key[0] * cls_key[1], None
             for *_, p, group in sorted(members, key=lambda m: m[:3]):  # equal sizes side by side
                 blocks = (p.shape[0] if p.ndim == 3 else 1) * _split(p, group)
+                if cls is None or (cls.n_blocks + blocks) * block_numel > STACK_BATCHES * self.batch_numel:
+                    cls = _BlockClass(*cls_key)  # a new stack: bounds the memory of one
+                    self._plan.append(cls)
                 cls.jobs.append(_Job(p, group, cls.n_blocks, blocks))
                 cls.n_blocks += blocks
-            self._plan.append(cls)
         self._plan_key = key
         return self._plan
 
