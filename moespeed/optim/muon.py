@@ -33,9 +33,10 @@ another:
   2. NS runs in place on slices of the stack, batched, at most `batch_numel` elements per rank and
      call to bound memory; the last iteration writes into the stack (`out=`);
   3. every param reads its update from its slot: decay and update in one pass.
-On CUDA, steps 1 and 3 are one Triton kernel per param each (`fused`; checked once against the
-foreach path); elsewhere (and for DTensors or non-contiguous tensors) they are torch foreach ops with
-exactly torch.optim.Muon's arithmetic. NS's "a D + L R" products are torch.baddbmm (cuBLAS), or with
+On CUDA, steps 1 and 3 are Triton kernels (`fused`; checked once against the foreach path), one
+launch per run of equal-size params (a table of their addresses): 14 + 10 bytes per element;
+elsewhere (and for DTensors or non-contiguous tensors) they are torch foreach ops with exactly
+torch.optim.Muon's arithmetic (~48 bytes per element). NS's "a D + L R" products are torch.baddbmm (cuBLAS), or with
 `ns_gemm="triton"` a Triton GEMM that reads D in its epilogue (baddbmm first copies D into its
 output). Nothing syncs with the host; while the GPU orthogonalizes one class the CPU launches the next.
 
