@@ -234,6 +234,8 @@ def test_rejects_bad_params_and_options():
         Muon([torch.nn.Parameter(torch.randn(9, 4))], split=2)
     with pytest.raises(ValueError, match="adjust_lr_fn"):
         Muon([torch.nn.Parameter(torch.randn(4, 4))], adjust_lr_fn="rms")
+    with pytest.raises(ValueError, match="ns_gemm"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_gemm="cublas")
 
 
 def test_muon_eligible_rule():
