@@ -1,6 +1,10 @@
-"""Muon: Newton–Schulz quality, parity with torch.optim.Muon, batching, splits, and a 2-rank gloo run."""
+"""Muon: Newton–Schulz quality, parity with torch.optim.Muon, batching, splits, fused kernels, 2-rank gloo."""
+import importlib.util
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -49,15 +53,15 @@ def _run(params, opt, steps=3):
 
 
 def _count_ns(monkeypatch):
-    """Record the batch size of every newton_schulz call made by the optimizer."""
+    """Record the batch size of every batched NS call made by the optimizer."""
     calls = []
-    real = muon_mod.newton_schulz
+    real = muon_mod._orthogonalize_
 
-    def counted(G, *args):
-        calls.append(G.shape[0])
-        return real(G, *args)
+    def counted(X, *args):
+        calls.append(X.shape[0])
+        return real(X, *args)
 
-    monkeypatch.setattr(muon_mod, "newton_schulz", counted)
+    monkeypatch.setattr(muon_mod, "_orthogonalize_", counted)
     return calls
 
 
@@ -90,6 +94,17 @@ def test_newton_schulz_zero_block_stays_zero():
     assert torch.isfinite(O).all() and (O[1] == 0).all() and (O[0] != 0).any()
 
 
+def test_newton_schulz_one_step_and_input_untouched():
+    a, b, c = muon_mod.NS_COEFFICIENTS
+    G = torch.randn(2, 12, 20).bfloat16()
+    G0 = G.clone()
+    X = G / G.norm(dim=(-2, -1), keepdim=True)  # (2, 12, 20)
+    A = X @ X.mT
+    expected = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    assert torch.equal(newton_schulz(G, steps=1), expected)
+    assert torch.equal(G, G0)  # the public function copies; only the optimizer's stack is in place
+
+
 @pytest.mark.skipif(not HAS_TORCH_MUON, reason="torch.optim.Muon needs torch >= 2.9")
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
@@ -100,10 +115,13 @@ def test_2d_matches_torch_muon(nesterov, adjust_lr_fn):
     start = _params(shapes)
     ours = _params(shapes)
     ref = _params(shapes)
-    out = _run(ours, Muon(ours, **hp))
-    expected = _run(ref, torch.optim.Muon(ref, **hp))
+    opt, ref_opt = Muon(ours, **hp), torch.optim.Muon(ref, **hp)
+    out = _run(ours, opt)
+    expected = _run(ref, ref_opt)
     for p0, a, b in zip(start, out, expected):
         _assert_update_close(a - p0, b - p0)
+    for p, q in zip(ours, ref):  # the reference elementwise path is torch's arithmetic
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"])
 
 
 def test_3d_batched_equals_per_expert_loop(monkeypatch):
@@ -143,12 +161,24 @@ def test_shape_grouped_equals_ungrouped(monkeypatch):
         _assert_update_close(a - p0, b - p0)
 
 
-def test_batch_numel_chunks_a_stack(monkeypatch):
+def test_batch_numel_chunks_a_stack_evenly(monkeypatch):
     calls = _count_ns(monkeypatch)
     (p,) = _params([(10, 8, 8)])
     p.grad = torch.randn(10, 8, 8)
     Muon([p], batch_numel=4 * 64).step()
-    assert calls == [4, 4, 2]
+    assert calls == [4, 3, 3]  # at most 4 per call, in as few and as equal calls as possible
+
+
+def test_big_class_is_cut_between_params():
+    start = _params([(4, 8, 8)] * 3)  # 3 stacks of 4 blocks of 64 elements
+    small, big = _params([(4, 8, 8)] * 3), _params([(4, 8, 8)] * 3)
+    opt = Muon(small, lr=0.05, batch_numel=128)  # a stack holds <= 4 * 128 elements: 8 blocks
+    _set_grads(small, 7)
+    assert [cls.n_blocks for cls in opt._block_classes(False)] == [8, 4]
+    out = _run(small, opt, steps=1)
+    ref = _run(big, Muon(big, lr=0.05), steps=1)  # one stack of 12 blocks
+    for p0, a, b in zip(start, out, ref):
+        _assert_update_close(a - p0, b - p0)
 
 
 @pytest.mark.parametrize("how", ["attribute", "group"])
@@ -204,6 +234,8 @@ def test_rejects_bad_params_and_options():
         Muon([torch.nn.Parameter(torch.randn(9, 4))], split=2)
     with pytest.raises(ValueError, match="adjust_lr_fn"):
         Muon([torch.nn.Parameter(torch.randn(4, 4))], adjust_lr_fn="rms")
+    with pytest.raises(ValueError, match="ns_gemm"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_gemm="cublas")
 
 
 def test_muon_eligible_rule():
@@ -220,6 +252,80 @@ def test_muon_eligible_rule():
     table = torch.nn.Parameter(torch.zeros(64, 4))
     table._muon_eligible = False  # e.g. PEER's expert table: 2-D but embedding-like
     assert not muon_eligible("layers.0.ffn.down", table)
+
+
+# ---------------------------------------------------------------- fused Triton kernels (interpreter)
+
+_FUSED_SCRIPT = textwrap.dedent('''
+    import torch
+    from moespeed.optim import muon as M
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(4 * 3000 + 1, generator=g)
+    for momentum, nesterov in [(0.95, True), (0.3, True), (0.9, False)]:  # both lerp branches
+        # 4 tensors of 3000: separate allocations, then views 1 element off (a new launch), 3008 apart
+        grads = [torch.randn(3000, generator=g), torch.randn(3000, generator=g), big[1:3001], big[3009:6009]]
+        bufs = [torch.randn(3000, generator=g) for _ in grads]
+        ref_bufs = [b.clone() for b in bufs]
+        out, ref_out = (torch.empty(4, 3000, dtype=torch.bfloat16) for _ in range(2))
+        M._momentum_fused(grads, bufs, out, momentum, nesterov)
+        M._momentum_reference(grads, ref_bufs, list(ref_out), momentum, nesterov)
+        assert all(torch.equal(a, b) for a, b in zip(bufs, ref_bufs)), (momentum, nesterov)
+        assert torch.equal(out, ref_out), (momentum, nesterov)
+    assert [(a, b) for a, b, _ in M._launch_runs(grads, bufs)] == [(0, 2), (2, 4)]
+    ps = [torch.randn(3000, generator=g) for _ in range(3)]
+    ref_ps = [p.clone() for p in ps]
+    upd = torch.randn(3, 3000, generator=g).bfloat16()
+    M._update_fused(ps, upd, 0.998, -0.013)
+    M._update_reference(ref_ps, list(upd), 0.998, -0.013)
+    torch.testing.assert_close(torch.stack(ps), torch.stack(ref_ps), rtol=1e-6, atol=0)
+    assert M._check_fused(torch.device("cpu"))  # the one-time check that gates fused=None on CUDA
+
+    for n, m, k, cols in [(3, 40, 64, 72), (2, 33, 70, 17)]:  # K a multiple of BLOCK_K or not
+        L, R, D = (torch.randn(s, generator=g).bfloat16() for s in [(n, m, k), (n, k, cols), (n, m, cols)])
+        out = M._addmm_triton(L, R, D, 0.7, -1.3, torch.empty(n, m, cols, dtype=torch.bfloat16))
+        ref = 0.7 * (L.float() @ R.float()) - 1.3 * D.float()  # (n, m, cols), exact products
+        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-6).all()  # one bf16 rounding
+
+    def params():
+        g = torch.Generator().manual_seed(1)
+        shapes = [(16, 24), (16, 24), (24, 16), (3, 16, 24), (16, 24)]  # 0, 1: one fused launch
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        ps[2]._muon_split = 2  # (12, 16) blocks: its own class
+        return ps
+
+    variants = [dict(fused=False), dict(fused=True), dict(fused=True, ns_gemm="triton")]  # reference first
+    runs = [params() for _ in variants]
+    start = [p.detach().clone() for p in runs[0]]
+    opts = [M.Muon(ps, lr=0.02, ns_steps=2, **kw) for ps, kw in zip(runs, variants)]  # 2: fast, in place
+    for step in range(2):
+        g = torch.Generator().manual_seed(10 + step)
+        grads = [torch.randn(p.shape, generator=g) for p in start]
+        grads[3] = torch.randn(3, 24, 16, generator=g).mT  # non-contiguous: the foreach fallback
+        grads[4] = None  # no grad: untouched
+        for ps, opt in zip(runs, opts):
+            for p, gr in zip(ps, grads):
+                p.grad = None if gr is None else gr.clone()
+            opt.step()
+    for ps in runs[1:]:
+        for p0, a, b in zip(start, ps, runs[0]):
+            a, b = a.detach() - p0, b.detach() - p0
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=0, atol=2**-8 * b.abs().max().item())
+        assert torch.equal(ps[4].detach(), start[4])
+    print("fused ok")
+''')
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_fused_triton_kernels_match_reference():
+    """Triton kernels (CPU interpreter, GPU rounding emulated) vs the reference, alone and in steps."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _FUSED_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "fused ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- distributed (2 ranks, gloo)
@@ -246,8 +352,8 @@ def _dist_worker(rank, world, port, out_dir):
                             world_size=world)
     try:
         blocks = []  # NS blocks this rank orthogonalized
-        real = muon_mod.newton_schulz
-        muon_mod.newton_schulz = lambda G, *a: (blocks.append(G.shape[0]), real(G, *a))[1]
+        real = muon_mod._orthogonalize_
+        muon_mod._orthogonalize_ = lambda X, *a: (blocks.append(X.shape[0]), real(X, *a))[1]
         hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", batch_numel=3 * 512)
         shared, local = _dist_params(0), _dist_params(0)
         opt = Muon(shared, **hp)

@@ -1,14 +1,26 @@
-"""Benchmark the Muon optimizer step: ours (batched NS) vs torch.optim.Muon (one matrix at a time).
+"""Benchmark the Muon optimizer step: ours (stacked, batched NS, fused kernels) vs torch.optim.Muon.
 
     python -m moespeed.bench.muon --json benchmarks/results/muon.json
+    python -m moespeed.bench.muon --cases small,small-moe --try-compile   # + a compiled-NS experiment
     python -m moespeed.bench.muon --smoke            # tiny shapes, runs on CPU
 
-Cases: "dense" = the hidden matrices of a ~100M-param transformer (12 layers, d_model 768: q, k, v, o
-[768, 768], MLP up [3072, 768], down [768, 3072]); "moe" = expert stacks of a DeepSeek-V2-Lite-like
-MoE (L layers x 64 experts x {gate, up: [1408, 2048], down: [2048, 1408]}). Params, grads and momentum
-are fp32; NS runs in bf16. Each case first checks one step of ours against torch.optim.Muon (relative
-error of the param update), then times a full step (median of triton's do_bench), the NS alone,
-and the step's peak memory net of params, grads and optimizer state.
+Cases: "small" and "small-moe" = the Muon params of those presets (built on the meta device, so they
+follow the model code); "dense" = the hidden matrices of a generic ~100M transformer (12 layers,
+d_model 768); "moe" = expert stacks of a DeepSeek-V2-Lite-like MoE (L layers x 64 experts x
+{gate, up: [1408, 2048], down: [2048, 1408]}). Params, grads and momentum are fp32; NS runs in bf16.
+
+Per case: the relative error of one step's update vs torch.optim.Muon (`rel_err`, on fewer
+matrices) and vs our variants (`rel_err_vs_<variant>`, same matrices); times of a full step:
+`ours_ms` (triton do_bench median, CPU launch time included), `gpu_ms` (the GPU's own time: the step
+is queued behind a 30 ms GPU sleep so launches never starve it, as in training where backward keeps
+the GPU busy), `cpu_ms` (time to launch one step), the same for the variants `unfused` (fused=False:
+foreach elementwise ops) and `triton_gemm` (ns_gemm="triton"); `ns_ms` / `ns_triton_ms` (the batched
+NS alone with either GEMM, per block class in `classes`); peak memory net of params, grads and
+state; CUDA kernels per step; and the floor: NS FLOPs at the measured bf16 matmul ceiling +
+20 B/element (read grad, read/write momentum and param, fp32) at the measured copy bandwidth.
+`ns_parts` splits one NS step of the largest class into its GEMMs, with `update_bmm_ms` = the same
+product without the `a X` term (`baddbmm` first copies X into its output: memory traffic).
+The table shows GPU ms for the variants. Prints a table last.
 """
 from __future__ import annotations
 
@@ -16,14 +28,19 @@ import argparse
 import datetime
 import gc
 import json
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
-from moespeed.optim.muon import Muon, newton_schulz, ns_flops
+from moespeed.optim import muon as muon_mod
+from moespeed.optim.muon import Muon, muon_eligible, ns_flops
 
 HP = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+MIN_BYTES_PER_ELEMENT = 20  # fp32: read grad, read + write momentum, read + write param
+SLEEP_CYCLES = 60_000_000  # ~30 ms of GPU sleep ahead of a timed step (H100 at ~2 GHz)
 
 
 def dense_shapes(layers: int = 12, d: int = 768, ff: int = 3072) -> list[tuple[int, ...]]:
@@ -34,25 +51,72 @@ def moe_shapes(layers: int = 8, experts: int = 64, d: int = 2048, ff: int = 1408
     return [s for _ in range(layers) for s in [(experts, ff, d), (experts, ff, d), (experts, d, ff)]]
 
 
+def preset_shapes(preset: str) -> list[tuple[int, ...]]:
+    """Shapes of the params a preset's model gives to Muon (see moespeed.optim.build)."""
+    from moespeed.config import build_config
+    from moespeed.model.transformer import Transformer
+
+    cfg = build_config(preset, None, [("train.optimizer", "muon")])
+    cfg.model.vocab_size = cfg.model.vocab_size or cfg.data.vocab_size
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    return [tuple(p.shape) for name, p in model.named_parameters()
+            if p.requires_grad and muon_eligible(name, p)]
+
+
+def _few(shapes, experts: int = 4) -> list[tuple[int, ...]]:
+    """One param per distinct shape, stacks cut to `experts` experts (for the check vs torch)."""
+    out = []
+    for s in shapes:
+        s = s if len(s) == 2 else (min(experts, s[0]), *s[1:])
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def _shrink(shapes, k: int) -> list[tuple[int, ...]]:
+    """Every matrix side divided by k (and stacks cut to 2 experts): a CPU smoke version."""
+    return [tuple(max(2, d // k) for d in s) if len(s) == 2 else (2, *(max(2, d // k) for d in s[1:]))
+            for s in shapes]
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time_ms(fn, device: torch.device) -> float:
     """Median milliseconds of fn() (triton do_bench on CUDA, else a few wall-clock runs)."""
     if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-            return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-        except ImportError:
-            pass
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record(); fn(); end.record(); torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-    import time
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
     times = []
     for _ in range(3):
-        t = time.perf_counter(); fn(); times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[1]
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _gpu_cpu_ms(fn, device: torch.device, reps: int = 10) -> tuple[float | None, float]:
+    """(GPU ms of fn() queued behind a GPU sleep, CPU ms to issue it); GPU ms is None off CUDA."""
+    gpu, cpu = [], []
+    for _ in range(reps):
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda._sleep(SLEEP_CYCLES)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
+        fn()
+        cpu.append((time.perf_counter() - t) * 1e3)
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            gpu.append(start.elapsed_time(end))
+    return (statistics.median(gpu) if gpu else None), statistics.median(cpu)
 
 
 def _peak_mib(fn, device: torch.device) -> float | None:
@@ -67,11 +131,34 @@ def _peak_mib(fn, device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _make(shapes, device) -> list[torch.Tensor]:
+def _kernels(fn, device: torch.device) -> int | None:
+    """CUDA kernels launched by fn() (torch.profiler), None off CUDA or on failure."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- inputs and checks -----------------------------------------------------------------------------
+
+def _make(shapes, device, seed: int = 0) -> list[torch.Tensor]:
     """Leaf fp32 params (no autograd, so per-expert views are leaves too) with random grads."""
-    params = [torch.randn(s, device=device) * 0.02 for s in shapes]
+    g = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.randn(s, device=device, generator=g) * 0.02 for s in shapes]
     for p in params:
-        p.grad = torch.randn_like(p)
+        p.grad = torch.randn(p.shape, device=device, generator=g)
     return params
 
 
@@ -89,15 +176,15 @@ def _expert_views(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return views
 
 
-def check_vs_torch(shapes, device) -> float:
-    """Relative error of our one-step param update vs torch.optim.Muon's (on copies)."""
+def _update_err(shapes, device, make_ref) -> float:
+    """Relative error of our one-step update vs the optimizer make_ref(params) builds (on copies)."""
     ours = _make(shapes, device)
     ref = [p.clone() for p in ours]
     for p, q in zip(ref, ours):
         p.grad = q.grad.clone()
     start = [p.clone() for p in ours]
     Muon(ours, **HP).step()
-    torch.optim.Muon(_expert_views(ref), **HP).step()
+    make_ref(ref).step()
     num = sum(((a - s) - (b - s)).float().pow(2).sum() for a, b, s in zip(ours, ref, start))
     den = sum((b - s).float().pow(2).sum() for b, s in zip(ref, start))
     err = (num / den).sqrt().item()
@@ -106,69 +193,202 @@ def check_vs_torch(shapes, device) -> float:
     return err
 
 
-def ns_only_ms(shapes, device, batch_numel: int) -> float:
-    """Time of newton_schulz over all blocks, in the optimizer's batches (one batch per shape timed)."""
-    blocks: dict[tuple[int, int], int] = {}
+def _block_classes(shapes) -> dict[tuple[int, int], int]:
+    """(rows, cols) -> number of blocks, as the optimizer groups them."""
+    classes: dict[tuple[int, int], int] = {}
     for s in shapes:
-        blocks[s[-2:]] = blocks.get(s[-2:], 0) + (s[0] if len(s) == 3 else 1)
-    total = 0.0
-    for (rows, cols), n in blocks.items():
-        per_call = min(n, max(1, batch_numel // (rows * cols)))
-        X = torch.randn(per_call, rows, cols, device=device)  # (per_call, rows, cols)
-        total += _time_ms(lambda: newton_schulz(X), device) * n / per_call
-    return total
+        classes[s[-2:]] = classes.get(s[-2:], 0) + (s[0] if len(s) == 3 else 1)
+    return classes
 
 
-def bench_case(name: str, shapes, device, check_shapes) -> dict:
-    blocks = [(s[-2], s[-1], s[0] if len(s) == 3 else 1) for s in shapes]
-    flops = sum(ns_flops(r, c) * n for r, c, n in blocks)
-    numel = sum(r * c * n for r, c, n in blocks)
-    row = {"bench": f"muon.step.{name}", "shape": {"params": [list(s) for s in shapes[:6]],
-           "n_params_tensors": len(shapes), "numel": numel, "ns_steps": 5, "dtype": "fp32 (NS bf16)"},
-           "peer": f"torch.optim.Muon {torch.__version__}", "gbps": None}
-    row["rel_err"] = check_vs_torch(check_shapes, device)
+def ns_by_class(shapes, device, batch_numel: int, notes: list[str]) -> list[dict]:
+    """Time of the in-place batched NS per block class, in the optimizer's chunks (both GEMMs)."""
+    out = []
+    for (rows, cols), n in _block_classes(shapes).items():
+        per_call = muon_mod._round_sizes(n, max(1, batch_numel // (rows * cols)))[0]
+        X = torch.randn(per_call, rows, cols, device=device).bfloat16()  # (per_call, rows, cols)
+        ns = {}
+        for gemm in ("torch", "triton") if device.type == "cuda" else ("torch",):
+            try:
+                fn = lambda: muon_mod._orthogonalize_(X, muon_mod.NS_STEPS, muon_mod.NS_COEFFICIENTS,  # noqa: E731
+                                                      muon_mod.EPS, gemm)
+                fn()  # Triton autotuning
+                ns[gemm] = _time_ms(fn, device) * n / per_call
+            except Exception as exc:  # noqa: BLE001 - the Triton GEMM is an experiment
+                notes.append(f"NS {gemm} {rows}x{cols} failed: {exc!r}"[:200])
+        flops = ns_flops(rows, cols) * n
+        out.append({"shape": [rows, cols], "blocks": n, "ns_ms": ns["torch"],
+                    "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton")})
+    return out
+
+
+def ns_parts(rows: int, cols: int, n: int, device) -> dict:
+    """One NS step of a (n, rows, cols) batch, GEMM by GEMM; update_bmm_ms lacks the `a X` term."""
+    a, b, c = muon_mod.NS_COEFFICIENTS
+    tall = rows > cols
+    X = torch.randn(n, rows, cols, device=device).bfloat16()  # (n, rows, cols)
+    A = X.mT @ X if tall else X @ X.mT  # (n, m, m)
+    B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+    left, right = (X, B) if tall else (B, X)
+    return {"shape": [rows, cols], "blocks": n,
+            "gram_ms": _time_ms(lambda: X.mT @ X if tall else X @ X.mT, device),
+            "gram_update_ms": _time_ms(lambda: torch.baddbmm(A, A, A, beta=b, alpha=c), device),
+            "update_ms": _time_ms(lambda: torch.baddbmm(X, left, right, beta=a), device),
+            "update_bmm_ms": _time_ms(lambda: torch.bmm(left, right), device),
+            "norm_ms": _time_ms(lambda: X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)),
+                                device)}
+
+
+def _ns_functional(X: torch.Tensor) -> torch.Tensor:
+    """NS of a wide or tall bf16 batch without in-place ops (for the torch.compile experiment)."""
+    a, b, c = muon_mod.NS_COEFFICIENTS
+    tall = X.shape[-2] > X.shape[-1]
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=muon_mod.EPS)
+    for _ in range(muon_mod.NS_STEPS):
+        A = X.mT @ X if tall else X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + (X @ B if tall else B @ X)
+    return X
+
+
+def compiled_ns_ms(rows: int, cols: int, n: int, device) -> dict:
+    """NS of one class through torch.compile(max-autotune-no-cudagraphs): fused GEMM epilogues."""
+    X = torch.randn(n, rows, cols, device=device).bfloat16()  # (n, rows, cols)
+    fn = torch.compile(_ns_functional, mode="max-autotune-no-cudagraphs", dynamic=False)
+    t = time.perf_counter()
+    Y = fn(X)
+    compile_s = time.perf_counter() - t
+    ref = _ns_functional(X)
+    err = ((Y.float() - ref.float()).norm() / ref.float().norm()).item()
+    return {"shape": [rows, cols], "blocks": n, "compiled_ms": _time_ms(lambda: fn(X), device),
+            "eager_ms": _time_ms(lambda: _ns_functional(X), device), "compile_s": compile_s,
+            "rel_err_vs_eager": err}
+
+
+# -- cases -----------------------------------------------------------------------------------------
+
+VARIANTS = {"unfused": dict(fused=False), "triton_gemm": dict(ns_gemm="triton")}  # vs the default
+
+
+def _time_step(params, device, **kwargs) -> dict:
+    """ms (do_bench), gpu_ms, cpu_ms, peak MiB and kernels of Muon(params, **kwargs).step()."""
+    opt = Muon(params, **HP, **kwargs)
+    opt.step()  # momentum buffers, Triton compilation and autotuning
+    out = {"ms": _time_ms(opt.step, device)}
+    out["gpu_ms"], out["cpu_ms"] = _gpu_cpu_ms(opt.step, device)
+    out["peak_mib"] = _peak_mib(opt.step, device)
+    out["kernels"] = _kernels(opt.step, device)
+    del opt
+    _free(device)
+    return out
+
+
+def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) -> dict:
+    classes = _block_classes(shapes)
+    flops = sum(ns_flops(r, c) * n for (r, c), n in classes.items())
+    numel = sum(r * c * n for (r, c), n in classes.items())
+    row = {"bench": f"muon.step.{name}", "shape": {"params": [list(s) for s in shapes[:8]],
+           "n_param_tensors": len(shapes), "numel": numel, "ns_steps": muon_mod.NS_STEPS,
+           "dtype": "fp32 (NS bf16)"}, "peer": f"torch.optim.Muon {torch.__version__}",
+           "ns_gflop": flops / 1e9, "min_bytes": MIN_BYTES_PER_ELEMENT * numel}
+    notes = []
+    row["rel_err"] = _update_err(check_shapes, device, lambda ps: torch.optim.Muon(_expert_views(ps), **HP))
     params = _make(shapes, device)
-    opt = Muon(params, **HP)
-    opt.step()  # allocate momentum buffers
-    row["ours_ms"] = _time_ms(opt.step, device)
-    row["ours_peak_mib"] = _peak_mib(opt.step, device)
+    ours = _time_step(params, device)
+    row.update(ours_ms=ours["ms"], gpu_ms=ours["gpu_ms"], cpu_ms=ours["cpu_ms"],
+               ours_peak_mib=ours["peak_mib"], kernels_per_step=ours["kernels"])
+    err_shapes = shapes if numel <= 4e8 else check_shapes  # copies of params, grads, state must fit
+    for variant, kwargs in VARIANTS.items():
+        if "ns_gemm" in kwargs and device.type != "cuda":
+            continue  # Triton GEMM: CUDA only (or the interpreter)
+        try:
+            row[f"rel_err_vs_{variant}"] = _update_err(err_shapes, device, lambda ps: Muon(ps, **HP, **kwargs))
+            _free(device)
+            timed = _time_step(params, device, **kwargs)
+            row.update({f"{variant}_ms": timed["ms"], f"{variant}_gpu_ms": timed["gpu_ms"],
+                        f"{variant}_cpu_ms": timed["cpu_ms"], f"{variant}_peak_mib": timed["peak_mib"]})
+        except Exception as exc:  # noqa: BLE001 - a variant's failure must not hide the rest
+            notes.append(f"{variant} failed: {exc!r}"[:300])
+            _free(device)
+    row["classes"] = ns_by_class(shapes, device, muon_mod.BATCH_NUMEL, notes)
+    row["ns_ms"] = sum(c["ns_ms"] for c in row["classes"])
+    if all(c.get("ns_triton_ms") for c in row["classes"]):
+        row["ns_triton_ms"] = sum(c["ns_triton_ms"] for c in row["classes"])
     row["tflops"] = flops / row["ours_ms"] / 1e9
-    row["ns_ms"] = ns_only_ms(shapes, device, opt.batch_numel)
     row["ns_tflops"] = flops / row["ns_ms"] / 1e9
-    del opt  # free our momentum buffers before the peer allocates its own
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if ceilings.get("tflops") and ceilings.get("gbps"):
+        row["ns_floor_ms"] = flops / ceilings["tflops"] / 1e9
+        row["mem_floor_ms"] = row["min_bytes"] / ceilings["gbps"] / 1e6
+        row["floor_ms"] = row["ns_floor_ms"] + row["mem_floor_ms"]
+    (rows, cols), n = max(classes.items(), key=lambda kv: ns_flops(*kv[0]) * kv[1])
+    n = muon_mod._round_sizes(n, max(1, muon_mod.BATCH_NUMEL // (rows * cols)))[0]
     try:
-        peer = torch.optim.Muon(_expert_views(params), **HP)
-        peer.step()
-        row["peer_ms"] = _time_ms(peer.step, device)
-        row["peer_peak_mib"] = _peak_mib(peer.step, device)
-        row["speedup"] = row["peer_ms"] / row["ours_ms"]
-    except Exception as exc:  # noqa: BLE001 - report the peer's failure, keep ours
-        row.update(peer_ms=None, peer_peak_mib=None, speedup=None, peer_error=repr(exc)[:300])
-    row["notes"] = ("tflops = NS matmul FLOPs / full step time; ns_tflops = same FLOPs / NS-only "
-                    "time; peak net of params, grads and state")
+        row["ns_parts"] = ns_parts(rows, cols, n, device)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only
+        notes.append(f"ns_parts failed: {exc!r}"[:200])
+    if args.try_compile and device.type == "cuda":
+        try:
+            row["ns_compiled"] = compiled_ns_ms(rows, cols, n, device)
+        except Exception as exc:  # noqa: BLE001 - an experiment only
+            notes.append(f"compiled NS failed: {exc!r}"[:300])
+    _free(device)
+    if args.no_peer:
+        row.update(peer_ms=None, speedup=None)
+    else:
+        try:
+            peer = torch.optim.Muon(_expert_views(params), **HP)
+            peer.step()
+            row["peer_ms"] = _time_ms(peer.step, device)
+            row["peer_peak_mib"] = _peak_mib(peer.step, device)
+            row["speedup"] = row["peer_ms"] / row["ours_ms"]
+        except Exception as exc:  # noqa: BLE001 - report the peer's failure, keep ours
+            row.update(peer_ms=None, peer_peak_mib=None, speedup=None)
+            notes.append(f"peer failed: {exc!r}"[:300])
+    notes.append("gpu_ms: step queued behind a GPU sleep (no launch stalls); floor_ms: NS FLOPs at the "
+                 "matmul ceiling + 20 B/element at the copy bandwidth, both measured here")
+    row["notes"] = "; ".join(notes)
+    row["gbps"] = row["min_bytes"] / row["gpu_ms"] / 1e6 if row.get("gpu_ms") else None
     return row
 
 
-def matmul_ceiling(device) -> dict:
-    n = 8192 if device.type == "cuda" else 256
+def _matmul_ms(device, n: int) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = _time_ms(lambda: a @ b, device)
-    return {"bench": "ceiling.matmul_bf16", "shape": {"n": n}, "ours_ms": ms,
-            "tflops": 2 * n**3 / ms / 1e9, "peer": None, "peer_ms": None, "speedup": None,
-            "ours_peak_mib": None, "peer_peak_mib": None, "gbps": None, "notes": "bf16 n^3 matmul"}
+    return _time_ms(lambda: a @ b, device)
 
 
-def _cases(args) -> dict[str, tuple[list, list]]:
-    """name -> (shapes to time, smaller shapes for the parity check)."""
+def _copy_ms(device, numel: int) -> float:
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return _time_ms(lambda: dst.copy_(src), device)
+
+
+def ceilings(device) -> list[dict]:
+    """bf16 matmul TFLOP/s and copy GB/s (read + write) on this device."""
+    n = 8192 if device.type == "cuda" else 256
+    numel = 2**28 if device.type == "cuda" else 2**20
+    mm, cp = _matmul_ms(device, n), _copy_ms(device, numel)
+    base = {"peer": None, "peer_ms": None, "speedup": None, "ours_peak_mib": None, "peer_peak_mib": None}
+    return [{"bench": "ceiling.matmul_bf16", "shape": {"n": n}, "ours_ms": mm, "tflops": 2 * n**3 / mm / 1e9,
+             "gbps": None, "notes": "bf16 n^3 matmul", **base},
+            {"bench": "ceiling.copy_fp32", "shape": {"numel": numel}, "ours_ms": cp, "tflops": None,
+             "gbps": 8 * numel / cp / 1e6, "notes": "read + write bytes / time", **base}]
+
+
+def _cases(args) -> dict:
+    """name -> function returning (shapes to time, shapes for the check vs torch)."""
+    def preset(p):
+        def build():
+            shapes = preset_shapes(p)
+            return (_shrink(shapes, 8), _few(_shrink(shapes, 8))) if args.smoke else (shapes, _few(shapes))
+        return build
     if args.smoke:
-        return {"dense": (dense_shapes(2, 64, 256), dense_shapes(1, 64, 256)),
-                "moe": (moe_shapes(1, 4, 64, 48), moe_shapes(1, 2, 64, 48))}
-    return {"dense": (dense_shapes(), dense_shapes(2)),
-            "moe": (moe_shapes(args.moe_layers), moe_shapes(1, 4))}
+        dense = lambda: (dense_shapes(2, 64, 256), dense_shapes(1, 64, 256))  # noqa: E731
+        moe = lambda: (moe_shapes(1, 4, 64, 48), moe_shapes(1, 2, 64, 48))  # noqa: E731
+    else:
+        dense = lambda: (dense_shapes(), dense_shapes(2))  # noqa: E731
+        moe = lambda: (moe_shapes(args.moe_layers), moe_shapes(1, 4))  # noqa: E731
+    return {"small": preset("small"), "small-moe": preset("small-moe"), "dense": dense, "moe": moe}
 
 
 def _commit() -> str | None:
@@ -183,23 +403,43 @@ def _print_table(results: list[dict]) -> None:
     def fmt(v, spec):
         width = int(spec.split(".")[0])
         return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(width)
-    print(f"{'bench':<22}{'ours ms':>10}{'torch ms':>10}{'speedup':>9}{'TFLOP/s':>9}"
-          f"{'NS TF/s':>9}{'peak MiB':>10}{'rel err':>10}")
+    cols = [("ours_ms", "ours ms", "9.2f"), ("gpu_ms", "GPU ms", "8.2f"), ("cpu_ms", "CPU ms", "8.2f"),
+            ("unfused_gpu_ms", "unfused", "9.2f"), ("triton_gemm_gpu_ms", "tri-GEMM", "9.2f"),
+            ("ns_ms", "NS ms", "8.2f"), ("ns_triton_ms", "NS tri", "8.2f"), ("floor_ms", "floor", "8.2f"),
+            ("peer_ms", "torch ms", "9.2f"), ("speedup", "speedup", "8.2f"), ("tflops", "TFLOP/s", "8.1f"),
+            ("gbps", "GB/s", "7.0f"), ("ours_peak_mib", "peak MiB", "9.0f"), ("rel_err", "rel err", "9.1e")]
+    print(f"{'bench':<22}" + "".join(f"{h:>{int(s.split('.')[0])}}" for _, h, s in cols))
     for r in results:
         if "error" in r:
-            print(f"{r['bench']:<22} ERROR {r['error'][:80]}")
+            print(f"{r['bench']:<22} ERROR {r['error'][:100]}")
             continue
-        print(f"{r['bench']:<22}{fmt(r.get('ours_ms'), '10.2f')}{fmt(r.get('peer_ms'), '10.2f')}"
-              f"{fmt(r.get('speedup'), '9.2f')}{fmt(r.get('tflops'), '9.1f')}"
-              f"{fmt(r.get('ns_tflops'), '9.1f')}{fmt(r.get('ours_peak_mib'), '10.0f')}"
-              f"{fmt(r.get('rel_err'), '10.1e')}")
+        print(f"{r['bench']:<22}" + "".join(fmt(r.get(k), s) for k, _, s in cols))
+    for r in results:
+        for c in r.get("classes", []):
+            tri = f", Triton GEMM {c['ns_triton_ms']:8.3f} ms" if c.get("ns_triton_ms") else ""
+            print(f"  {r['bench']:<20} NS {str(tuple(c['shape'])):>12} x{c['blocks']:<5} "
+                  f"{c['ns_ms']:8.3f} ms {c['tflops']:7.1f} TFLOP/s{tri}")
+        if "ns_parts" in r:
+            p = r["ns_parts"]
+            print(f"  {r['bench']:<20} one NS step {tuple(p['shape'])} x{p['blocks']}: gram "
+                  f"{p['gram_ms']:.3f}, gram update {p['gram_update_ms']:.3f}, update {p['update_ms']:.3f} "
+                  f"(bmm only {p['update_bmm_ms']:.3f}), norm {p['norm_ms']:.3f} ms")
+        if "ns_compiled" in r:
+            p = r["ns_compiled"]
+            print(f"  {r['bench']:<20} NS {tuple(p['shape'])} x{p['blocks']}: compiled "
+                  f"{p['compiled_ms']:.3f} ms vs eager {p['eager_ms']:.3f} ms (compile {p['compile_s']:.0f} s, "
+                  f"err {p['rel_err_vs_eager']:.1e})")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moespeed.bench.muon", description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write results to this path (BENCHMARKING.md format)")
-    ap.add_argument("--cases", default="dense,moe", help="comma-separated: dense, moe")
+    ap.add_argument("--cases", default="small,small-moe,dense,moe",
+                    help="comma-separated: small, small-moe, dense, moe")
     ap.add_argument("--moe-layers", type=int, default=8, help="MoE layers in the 'moe' case")
+    ap.add_argument("--no-peer", action="store_true", help="skip torch.optim.Muon timings")
+    ap.add_argument("--try-compile", action="store_true",
+                    help="also time the largest class's NS under torch.compile(max-autotune)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
     args = ap.parse_args(argv)
     if not hasattr(torch.optim, "Muon"):
@@ -210,16 +450,16 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: run with --smoke for a CPU check", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    results = [matmul_ceiling(device)]
+    results = ceilings(device)
+    ceil = {"tflops": results[0]["tflops"], "gbps": results[1]["gbps"]}
     cases = _cases(args)
     for name in args.cases.split(","):
         try:
-            shapes, check_shapes = cases[name]
-            results.append(bench_case(name, shapes, device, check_shapes))
+            shapes, check_shapes = cases[name]()
+            results.append(bench_case(name, shapes, check_shapes, device, ceil, args))
         except Exception as exc:  # noqa: BLE001 - one failing case must not stop the others
             results.append({"bench": f"muon.step.{name}", "error": repr(exc)[:500]})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
     if args.json:
         try:
             import triton

@@ -11,10 +11,11 @@ How a step works, per parameter `p` with gradient `g` (the math of `torch.optim.
 NS is the quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X with A = X X^T, run in bf16 on
 X = u / ||u||_F (so every singular value starts in (0, 1]); the default coefficients
 (3.4445, -4.7750, 2.0315) with 5 steps push singular values into roughly [0.7, 1.2], not exactly 1,
-which works as well in practice. `scale` makes updates of rectangular matrices comparable:
+which works as well in practice. A tall block (rows > cols) runs the transposed iteration
+X <- a X + X (b A + c A^2) with A = X^T X, so the Gram matrix is always the smaller side and the
+result needs no transpose. `scale` makes updates of rectangular matrices comparable:
 "original" = sqrt(max(1, rows / cols)) (Keller Jordan), "match_rms_adamw" = 0.2 * sqrt(max(rows, cols))
 (Moonshot; update RMS ~0.2 like AdamW's, so AdamW learning rate and weight decay carry over).
-For 2-D params the result equals `torch.optim.Muon` with the same hyperparameters.
 
 Shapes. Muon orthogonalizes *blocks*, the last two dims of a param, which are (rows, cols) as in an
 `nn.Linear` weight (out_features, in_features):
@@ -24,8 +25,44 @@ Shapes. Muon orthogonalizes *blocks*, the last two dims of a param, which are (r
     attribute wins) is cut into n row-blocks of `[rows / n, cols]`, e.g. a query projection
     `[n_heads * head_dim, d_model]` orthogonalized per head. Only row-blocks are supported.
 `scale` uses the block shape. All blocks of equal shape (and equal NS settings) across all params and
-groups are stacked and orthogonalized in one batched call (`baddbmm`), in chunks of at most
-`batch_numel` elements per rank to bound memory.
+groups form a *class* (the grouping is cached until params or their grads' presence change; a class
+bigger than 4 * `batch_numel` elements is cut between params); a step handles one class after
+another:
+  1. momentum: every param writes its NS input `u` (bf16) straight into its slot of one
+     `(blocks, rows, cols)` stack (no torch.cat, no per-param copies);
+  2. NS runs in place on slices of the stack, batched, at most `batch_numel` elements per rank and
+     call to bound memory; the last iteration writes into the stack (`out=`);
+  3. every param reads its update from its slot: decay and update in one pass.
+On CUDA, steps 1 and 3 are Triton kernels (`fused`; checked once against the foreach path), one
+launch per run of equal-size params (a table of their addresses): 14 + 10 bytes per element;
+elsewhere (and for DTensors or non-contiguous tensors) they are torch foreach ops with exactly
+torch.optim.Muon's arithmetic (~48 bytes per element). NS's "a D + L R" products are torch.baddbmm (cuBLAS), or with
+`ns_gemm="triton"` a Triton GEMM that reads D in its epilogue (baddbmm first copies D into its
+output). Nothing syncs with the host; while the GPU orthogonalizes one class the CPU launches the next.
+
+Exactness. The reference path (CPU, `fused=False`) does torch.optim.Muon's elementwise ops; the
+Triton kernels compute the same formulas in fp32 (torch's lerp branches, the fused multiply-adds nvcc
+makes of them, round-to-nearest-even to bf16), so they agree to fp32 rounding at most. The tall-block
+iteration multiplies the same numbers as torch's transposed one; cuBLAS (or the Triton GEMM) may sum
+them in another order. Both stay within one bf16 rounding of the update (what the tests allow).
+
+Performance: floors on one H100 (computed; `python -m moespeed.bench.muon` measures them).
+  * NS matmul FLOPs (5 steps; per block 5 (4 m^2 n + 2 m^3), m <= n its sides): preset `small`
+    1.27 TFLOP (80M params in 84 matrices, 7 block shapes) -> 2.1-3.2 ms at 600-400 TFLOP/s;
+    `small-moe` 2.14 TFLOP (313M params; 1.65 TFLOP are the 1408 expert blocks of 768 x 256)
+    -> 3.6-5.4 ms.
+  * Memory outside NS with fp32 params, grads and momentum: at least 20 B per element (read g,
+    read + write buf, read + write p): small 1.60 GB = 0.53 ms, small-moe 6.27 GB = 2.09 ms at
+    3.0 TB/s. This module moves 24 B (plus the bf16 NS input written and the bf16 update read):
+    0.64 ms and 2.51 ms.
+  * Sum: ~2.7-3.8 ms (small) and ~5.7-7.9 ms (small-moe). The goal "optimizer <= 5% of the train
+    step" (~4.4 / ~5.2 ms at the measured fwd+bwd) fits `small`, but not `small-moe` as long as NS
+    is 5 bf16 steps on fp32 state on one GPU.
+  * NS memory traffic: each step reads an X-sized batch twice (X X^T, the update GEMM) and writes it
+    once (6 B per element); baddbmm adds a copy of X into its output and reads it back (+6 B). The
+    expert blocks (m = 256) are memory-bound: ~12 B x 5 steps x 277M elements = 16.6 GB (~5.5 ms)
+    with baddbmm, about half that with `ns_gemm="triton"`. Further levers: Gram Newton–Schulz
+    (iterates on the m x m Gram matrix; other numerics), symmetric GEMMs, NS sharded over ranks.
 
 Distributed. When torch.distributed is initialized with more than one rank, params in groups with
 `replicated=True` (the default) must be identical on every rank of `process_group` (DDP: full
@@ -46,8 +83,11 @@ local experts, pipeline stages): each rank then orthogonalizes all of them itsel
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+import os
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -58,11 +98,20 @@ try:  # DTensor (FSDP2 params); absent from builds without torch.distributed
 except ImportError:  # pragma: no cover
     DTensor, distribute_tensor = (), None
 
+try:  # fused elementwise kernels (CUDA; on CPU only under TRITON_INTERPRET=1)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
+NS_GEMMS = ("torch", "triton")
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
+STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
+_BLOCK = 1024  # elements per Triton program
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
 _EXCLUDED_SUBSTRINGS = ("embed", "norm", "bias")
@@ -73,22 +122,47 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS,
                   coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = EPS) -> Tensor:
     """Orthogonalize each matrix of `G` (..., rows, cols) with the quintic Newton–Schulz iteration.
 
-    Runs in bf16 and returns bf16 of G's shape; every matrix is normalized on its own.
+    Runs in bf16 and returns a new bf16 tensor of G's shape; every matrix is normalized on its own.
+    """
+    rows, cols = G.shape[-2:]
+    X = G.reshape(-1, rows, cols).to(torch.bfloat16, memory_format=torch.contiguous_format,
+                                     copy=True)  # (n, rows, cols)
+    _orthogonalize_(X, steps, coefficients, eps)
+    return X.view(G.shape)
+
+
+def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                    gemm: str = "torch") -> None:
+    """Newton–Schulz in place: a contiguous bf16 batch X (n, rows, cols) becomes NS(X).
+
+    Wide blocks: X <- a X + B X with B = b A + c A^2, A = X X^T (rows x rows). Tall blocks: the
+    transposed iteration X <- a X + X B with A = X^T X (cols x cols). `gemm` computes the two
+    "alpha L R + beta D" products: "torch" = baddbmm (cuBLAS; it first copies D into its output),
+    "triton" = `_addmm_kernel` (reads D in the epilogue). The optimizer calls this on slices of its
+    stack; tests count the calls.
     """
     a, b, c = coefficients
-    rows, cols = G.shape[-2:]
-    X = G.reshape(-1, rows, cols).bfloat16()  # (n, rows, cols); a copy unless G was bf16
-    tall = rows > cols
-    if tall:
-        X = X.mT  # (n, cols, rows): keeps the Gram matrix A the smaller side
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= ||X||_F = 1
-    for _ in range(steps):
-        A = X @ X.mT  # (n, m, m), m = min(rows, cols)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
-    if tall:
-        X = X.mT  # (n, rows, cols)
-    return X.reshape(G.shape)
+    tall = X.shape[-2] > X.shape[-1]
+    Y = X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # ||Y||_F = 1 per matrix
+    for i in range(steps):
+        A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
+        B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
+        left, right = (Y, B) if tall else (B, Y)
+        if i == steps - 1 and i > 0:  # Y no longer aliases X: write the result into X
+            _addmm(left, right, Y, 1.0, a, gemm, out=X)
+            return
+        Y = _addmm(left, right, Y, 1.0, a, gemm)  # (n, rows, cols)
+    X.copy_(Y)  # steps == 1
+
+
+def _addmm(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, gemm: str,
+           out: Tensor | None = None) -> Tensor:
+    """alpha * L @ R + beta * D for bf16 batches L (n, M, K), R (n, K, N), D (n, M, N)."""
+    if gemm == "triton":
+        return _addmm_triton(L, R, D, alpha, beta, torch.empty_like(D) if out is None else out)
+    if out is None:
+        return torch.baddbmm(D, L, R, beta=beta, alpha=alpha)
+    return torch.baddbmm(D, L, R, beta=beta, alpha=alpha, out=out)
 
 
 def ns_flops(rows: int, cols: int, steps: int = NS_STEPS) -> int:
@@ -126,22 +200,483 @@ def muon_eligible(name: str, p: torch.nn.Parameter) -> bool:
     return not any(part in _EXCLUDED_COMPONENTS for part in parts)
 
 
+# ---------------------------------------------------------------- elementwise: Triton and reference
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on CPU (tests)
+
+if triton is not None:
+    @triton.jit
+    def _lerp(start, end, weight, SMALL: tl.constexpr):
+        """torch.lerp (aten Lerp.h): the branch for |weight| < 0.5 or not, as fused multiply-adds."""
+        if SMALL:
+            return tl.fma(weight, end - start, start)  # start + weight * (end - start)
+        return tl.fma(start - end, 1.0 - weight, end)  # end - (end - start) * (1 - weight)
+
+    @triton.jit
+    def _to_bf16(x, INTERPRET: tl.constexpr):
+        """fp32 -> bf16, rounded to nearest even (the GPU does it; the interpreter would truncate)."""
+        if INTERPRET:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(tl.bfloat16)
+
+    @triton.jit
+    def _momentum_kernel(grad_ptr, buf_ptr, u_ptr, offs_ptr, n, w_buf, w_u, SMALL_BUF: tl.constexpr,
+                         SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+        """Tensor j = program_id(1) of a run: buf.lerp_(g, w_buf); u = g.lerp(buf, w_u) if NESTEROV
+        else buf, stored as bf16. g and buf start 16 * offs[j] and 16 * offs[jobs + j] elements
+        after grad_ptr and buf_ptr, u at j * n after u_ptr; every tensor has n elements."""
+        j = tl.program_id(1)
+        g_off = tl.load(offs_ptr + j) * 16  # a known multiple of 16: vector loads
+        b_off = tl.load(offs_ptr + tl.num_programs(1) + j) * 16
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(grad_ptr + g_off + offs, mask=mask).to(tl.float32)
+        buf = tl.load(buf_ptr + b_off + offs, mask=mask).to(tl.float32)
+        buf = _lerp(buf, g, w_buf, SMALL_BUF).to(buf_ptr.dtype.element_ty)
+        tl.store(buf_ptr + b_off + offs, buf, mask=mask)
+        u = buf.to(tl.float32)
+        if NESTEROV:
+            u = _lerp(g, u, w_u, SMALL_U)
+        tl.store(u_ptr + j.to(tl.int64) * n + offs, _to_bf16(u, INTERPRET), mask=mask)
+
+    @triton.jit
+    def _update_kernel(p_ptr, o_ptr, offs_ptr, n, decay, alpha, BLOCK: tl.constexpr):
+        """Tensor j = program_id(1) of a run: p.mul_(decay); p.add_(o, alpha=alpha) in one pass;
+        p starts 16 * offs[j] elements after p_ptr, o (bf16) at j * n after o_ptr."""
+        j = tl.program_id(1)
+        p_off = tl.load(offs_ptr + j) * 16
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + p_off + offs, mask=mask).to(tl.float32)
+        p = (p * decay).to(p_ptr.dtype.element_ty).to(tl.float32)  # rounded like p.mul_
+        o = tl.load(o_ptr + j.to(tl.int64) * n + offs, mask=mask).to(tl.float32)
+        tl.store(p_ptr + p_off + offs, tl.fma(alpha, o, p).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+if triton is not None:
+    _GEMM_CONFIGS = [  # Hopper-friendly tiles; one small tile for the interpreter
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
+    ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+
+    @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn,
+                      s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+        """C[z] = alpha * L[z] @ R[z] + beta * D[z]: bf16 in and out, fp32 accumulation; one
+        program per (z, output tile), D read in the epilogue (no copy of D into C first).
+        INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong)."""
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+        pid = tl.program_id(0)
+        z = (pid // tiles).to(tl.int64)
+        tile = pid % tiles
+        rm = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        l_ptrs = l_ptr + z * s_lb + rm[:, None] * s_lm + rk[None, :] * s_lk  # (BLOCK_M, BLOCK_K)
+        r_ptrs = r_ptr + z * s_rb + rk[:, None] * s_rk + rn[None, :] * s_rn  # (BLOCK_K, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                lhs = tl.load(l_ptrs, mask=rm[:, None] < M, other=0.0)
+                rhs = tl.load(r_ptrs, mask=rn[None, :] < N, other=0.0)
+            else:
+                k_left = K - k * BLOCK_K
+                lhs = tl.load(l_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
+                rhs = tl.load(r_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
+            if INTERPRET:
+                lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
+            acc = tl.dot(lhs, rhs, acc)
+            l_ptrs += BLOCK_K * s_lk
+            r_ptrs += BLOCK_K * s_rk
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        d = tl.load(d_ptr + z * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=mask, other=0.0)
+        out = alpha * acc + beta * d.to(tl.float32)  # (BLOCK_M, BLOCK_N)
+        tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, _to_bf16(out, INTERPRET),
+                 mask=mask)
+
+
+def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
+    """Triton: out = alpha * L @ R + beta * D; out (n, M, N) must not overlap L, R or D."""
+    n, M, K = L.shape
+    N = R.shape[-1]
+
+    def grid(meta):
+        return (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _addmm_kernel[grid](L, R, D, out, M, N, K, *L.stride(), *R.stride(), *D.stride(), *out.stride(),
+                        float(alpha), float(beta), INTERPRET=_INTERPRET)
+    return out
+
+
+def _momentum_fused(grads: list[Tensor], bufs: list[Tensor], out: Tensor, momentum: float,
+                    nesterov: bool) -> None:
+    """Triton: update the bufs (like the grads, all of one size) and write the bf16 NS inputs one
+    after another into out (contiguous), one launch per run of well-placed tensors."""
+    n = grads[0].numel()
+    for first, last, offsets in _launch_runs(grads, bufs):
+        _momentum_kernel[(triton.cdiv(n, _BLOCK), last - first)](
+            grads[first], bufs[first], out.view(-1)[first * n:], offsets, n, 1 - momentum, momentum,
+            SMALL_BUF=abs(1 - momentum) < 0.5, SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov),
+            BLOCK=_BLOCK, INTERPRET=_INTERPRET)
+
+
+def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: float) -> None:
+    """Triton: p = p * decay + alpha * update for params of one size whose bf16 updates lie one
+    after another in `updates` (contiguous), one launch per run of well-placed tensors."""
+    n = params[0].numel()
+    for first, last, offsets in _launch_runs(params):
+        _update_kernel[(triton.cdiv(n, _BLOCK), last - first)](
+            params[first], updates.view(-1)[first * n:], offsets, n, decay, alpha, BLOCK=_BLOCK)
+
+
+def _launch_runs(*lists: list[Tensor]):
+    """Yield (first, last, offsets): tensors [first, last) of every list share one kernel launch.
+
+    offsets (int64, on the tensors' device) holds, list after list, each tensor's distance from the
+    run's first tensor of its list, in units of 16 elements (so the kernels' loads stay vectorized);
+    a tensor at another distance, or with another dtype, starts a new run.
+    """
+    first, count, device = 0, len(lists[0]), lists[0][0].device
+    while first < count:
+        last, offsets = first + 1, [[0] for _ in lists]
+        while last < count and last - first < 65535:  # the grid's second axis
+            gaps = [ts[last].data_ptr() - ts[first].data_ptr() for ts in lists]  # bytes
+            if any(ts[last].dtype != ts[first].dtype or gap % (16 * ts[first].element_size())
+                   for ts, gap in zip(lists, gaps)):
+                break
+            for acc, ts, gap in zip(offsets, lists, gaps):
+                acc.append(gap // (16 * ts[first].element_size()))
+            last += 1
+        table = torch.tensor([g for acc in offsets for g in acc], dtype=torch.int64,
+                             pin_memory=device.type == "cuda")
+        yield first, last, table.to(device, non_blocking=True)
+        first = last
+
+
+def _momentum_reference(grads: list[Tensor], bufs: list[Tensor], slots: list[Tensor], momentum: float,
+                        nesterov: bool) -> None:
+    """torch.optim.Muon's momentum ops with foreach: update bufs, write the NS inputs into slots."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    us = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    torch._foreach_copy_(slots, us)  # casts to bf16
+
+
+def _update_reference(params: list[Tensor], updates: list[Tensor], decay: float, alpha: float) -> None:
+    """torch.optim.Muon's update ops with foreach: p.mul_(decay); p.add_(update, alpha=alpha)."""
+    torch._foreach_mul_(params, decay)
+    torch._foreach_add_(params, updates, alpha=alpha)
+
+
+# ---------------------------------------------------------------- the optimizer
+
 @dataclass(eq=False)
 class _Job:
-    """One param in one step: its blocks, and their NS input and output once known."""
+    """One param: its group and where its blocks lie in its class's stack."""
 
     param: Tensor
     group: dict
+    start: int  # first block in the stack
     blocks: int  # matrices to orthogonalize: E * split (3-D) or split (2-D)
-    rows: int  # block shape
+
+
+@dataclass(eq=False)
+class _BlockClass:
+    """All blocks of one shape and NS setting, stacked as (n_blocks, rows, cols) in a step."""
+
+    rows: int
     cols: int
-    pending: int  # blocks whose orthogonalized update has not arrived yet
-    u: Tensor | None = None  # (blocks, rows, cols) bf16, full (not sharded) NS input
-    out: Tensor | None = None  # (blocks, rows, cols) bf16, orthogonalized update
+    steps: int
+    coefficients: tuple[float, float, float]
+    eps: float
+    device: torch.device
+    shared: bool  # work split across the ranks of the process group
+    jobs: list[_Job] = field(default_factory=list)
+    n_blocks: int = 0
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D and 3-D params; batched over equal block shapes; work split across ranks.
+
+    Per-group options: lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps,
+    adjust_lr_fn ("original" | "match_rms_adamw"), split (row-blocks per matrix, default 1; a
+    param's `_muon_split` attribute wins), replicated (params identical on all ranks: split the
+    work; False: every rank orthogonalizes its own params). `process_group` (default: the world)
+    is where the work of replicated params is shared; `batch_numel` caps one NS batch per rank;
+    `fused` picks the elementwise kernels: None = Triton on CUDA when it passes a one-time check
+    against the foreach path (else a warning and foreach), True = Triton (CUDA, or CPU under
+    TRITON_INTERPRET=1), False = torch foreach ops. `ns_gemm` computes NS's two "a D + L R"
+    products: "torch" (baddbmm, cuBLAS) or "triton" (`_addmm_kernel`, no copy of D; experimental).
+    See the module docstring for the algorithm.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 ns_steps: int = NS_STEPS, eps: float = EPS, adjust_lr_fn: str | None = "original",
+                 split: int = 1, replicated: bool = True, *, process_group=None,
+                 batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch") -> None:
+        if batch_numel < 1:
+            raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
+        if ns_gemm not in NS_GEMMS:
+            raise ValueError(f"Muon ns_gemm = {ns_gemm!r}: use one of {NS_GEMMS}")
+        if triton is None and (fused or ns_gemm == "triton"):
+            raise ValueError("Muon fused = True and ns_gemm = 'triton' need triton")
+        self.process_group = process_group
+        self.batch_numel = batch_numel
+        self.fused = fused
+        self.ns_gemm = ns_gemm
+        self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
+                        adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, rank) of the group that shares work; (1, 0) when not distributed."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1, 0
+        return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
+
+    def _fused_on(self, device: torch.device) -> bool:
+        if self.fused is None:
+            return device.type == "cuda" and _fused_works(device)
+        return self.fused
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world, rank = self._world()
+        loads = [0] * world  # NS FLOPs assigned to each rank so far this step
+        for cls in self._block_classes(world > 1):
+            with _on_device(cls.device):
+                self._step_class(cls, world, rank, loads)
+        return loss
+
+    def _block_classes(self, distributed: bool) -> list[_BlockClass]:
+        """This step's params, grouped by (block shape, NS settings, device, shared).
+
+        Cached: rebuilt only when the params, their NS options or which grads exist change.
+        """
+        key = (distributed, tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"],
+                                   g["replicated"], tuple((id(p), p.grad is None) for p in g["params"]))
+                                  for g in self.param_groups))
+        if key == self._plan_key:
+            return self._plan
+        classes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
+        for g, group in enumerate(self.param_groups):
+            shared = distributed and group["replicated"]
+            for p in group["params"]:
+                if p.numel() == 0 or (p.grad is None and not (shared or isinstance(p, DTensor))):
+                    continue  # nothing to do, and no collective depends on it (like torch.optim.Muon)
+                n = _split(p, group)
+                cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], group["ns_coefficients"],
+                           group["eps"], _compute_device(p), shared)
+                members = classes.setdefault(cls_key, [])
+                members.append((g, p.numel(), len(members), p, group))
+        self._plan = []
+        for cls_key, members in classes.items():
+            block_numel, cls = cls_key[0] * cls_key[1], None
+            for *_, p, group in sorted(members, key=lambda m: m[:3]):  # equal sizes side by side
+                blocks = (p.shape[0] if p.ndim == 3 else 1) * _split(p, group)
+                if cls is None or (cls.n_blocks + blocks) * block_numel > STACK_BATCHES * self.batch_numel:
+                    cls = _BlockClass(*cls_key)  # a new stack: bounds the memory of one
+                    self._plan.append(cls)
+                cls.jobs.append(_Job(p, group, cls.n_blocks, blocks))
+                cls.n_blocks += blocks
+        self._plan_key = key
+        return self._plan
+
+    def _step_class(self, cls: _BlockClass, world: int, rank: int, loads: list[int]) -> None:
+        """Momentum into the stack, NS in place (this rank's shares, then all-gather), updates."""
+        stack = torch.empty(cls.n_blocks, cls.rows, cls.cols, dtype=torch.bfloat16,
+                            device=cls.device)  # (n_blocks, rows, cols)
+        fused = self._fused_on(cls.device)
+        self._momentum(cls.jobs, stack, fused)
+        w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
+        cost = ns_flops(cls.rows, cls.cols, cls.steps)
+        start = 0
+        for size in _round_sizes(cls.n_blocks, w * max(1, self.batch_numel // (cls.rows * cls.cols))):
+            blocks = stack[start:start + size]  # (size, rows, cols): this round
+            start += size
+            counts = _partition(len(blocks), w, w_loads, cost)
+            first = sum(counts[:r])
+            if counts[r]:
+                _orthogonalize_(blocks[first:first + counts[r]], cls.steps, cls.coefficients, cls.eps,
+                                self.ns_gemm)
+            if cls.shared:
+                self._gather_shares(blocks, counts, r)
+        self._update(cls, stack, fused)
+
+    def _momentum(self, jobs: list[_Job], stack: Tensor, fused: bool) -> None:
+        """Update the momentum buffers; write every param's bf16 NS input into its rows of stack."""
+        reference: dict[int, tuple[dict, list, list, list]] = {}  # id(group) -> group, foreach lists
+        triton_jobs = []  # indices into jobs
+        for i, job in enumerate(jobs):
+            p, group, grad = job.param, job.group, job.param.grad
+            slot = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
+            if grad is not None and (grad.is_sparse or torch.is_complex(grad)):
+                raise RuntimeError("Muon supports only dense real gradients")
+            if isinstance(p, DTensor):
+                slot.copy_(self._dtensor_input(p, group).view(slot.shape))
+            elif grad is None:
+                slot.zero_()  # its owner orthogonalizes zeros; no update follows
+            elif fused and grad.is_contiguous() and self._buffer(p).is_contiguous():
+                triton_jobs.append(i)
+            else:
+                lists = reference.setdefault(id(group), (group, [], [], []))
+                lists[1].append(grad)
+                lists[2].append(self._buffer(p))
+                lists[3].append(slot.view(grad.shape))
+        for run in _job_runs(jobs, triton_jobs):
+            group, params = run[0].group, [job.param for job in run]
+            _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params],
+                            stack[run[0].start:run[-1].start + run[-1].blocks], group["momentum"],
+                            group["nesterov"])
+        for group, grads, bufs, views in reference.values():
+            _momentum_reference(grads, bufs, views, group["momentum"], group["nesterov"])
+
+    def _buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
+
+    def _dtensor_input(self, p: Tensor, group: dict) -> Tensor:
+        """The full bf16 NS input of a DTensor param (a collective on p's mesh; zeros without grad)."""
+        if p.grad is None:
+            u = torch.zeros_like(p, dtype=torch.bfloat16)
+        else:
+            buf = self._buffer(p)
+            buf.lerp_(p.grad, 1 - group["momentum"])
+            u = (p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf).bfloat16()
+        return u.full_tensor()
+
+    def _gather_shares(self, blocks: Tensor, counts: list[int], rank: int) -> None:
+        """All-gather each rank's orthogonalized share of `blocks` (n, rows, cols), in place."""
+        world, most = len(counts), max(counts)
+        first = sum(counts[:rank])
+        send = blocks.new_zeros(most, *blocks.shape[1:])  # (most, rows, cols)
+        send[:counts[rank]] = blocks[first:first + counts[rank]]
+        out = blocks.new_empty(world * most, *blocks.shape[1:])  # (world * most, rows, cols)
+        _all_gather(out, send, self.process_group)
+        out = out.view(world, most, *blocks.shape[1:])  # (world, most, rows, cols)
+        offset = 0
+        for k, count in enumerate(counts):
+            if k != rank and count:
+                blocks[offset:offset + count] = out[k, :count]
+            offset += count
+
+    def _update(self, cls: _BlockClass, stack: Tensor, fused: bool) -> None:
+        """Decay and update every param that has a grad from its orthogonalized rows of stack."""
+        scalars: dict[int, tuple[float, float]] = {}  # id(group) -> (decay, alpha)
+        reference: dict[int, tuple[float, float, list, list]] = {}  # id(group) -> scalars, lists
+        triton_jobs = []  # indices into cls.jobs
+        for i, job in enumerate(cls.jobs):
+            p, group = job.param, job.group
+            if p.grad is None:
+                continue  # zero update: no decay either
+            decay, alpha = scalars.get(id(group)) or scalars.setdefault(id(group), _scalars(group, cls))
+            update = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
+            if isinstance(p, DTensor):
+                update = distribute_tensor(update.view(p.shape), p.device_mesh, p.placements,
+                                           src_data_rank=None)
+                p.mul_(decay)
+                p.add_(update, alpha=alpha)
+            elif fused and p.is_contiguous():
+                triton_jobs.append(i)
+            else:
+                lists = reference.setdefault(id(group), (decay, alpha, [], []))
+                lists[2].append(p)
+                lists[3].append(update.view(p.shape))
+        for run in _job_runs(cls.jobs, triton_jobs):
+            _update_fused([job.param for job in run], stack[run[0].start:run[-1].start + run[-1].blocks],
+                          *scalars[id(run[0].group)])
+        for decay, alpha, params, updates in reference.values():
+            _update_reference(params, updates, decay, alpha)
+
+
+def _job_runs(jobs: list[_Job], indices: list[int]) -> list[list[_Job]]:
+    """Split jobs[i] for sorted `indices` into runs of neighbours (adjacent rows of the stack) with
+    the same group and size: each run is one fused launch (or a few, see `_launch_runs`)."""
+    runs: list[list[_Job]] = []
+    for k, i in enumerate(indices):
+        job = jobs[i]
+        prev = jobs[indices[k - 1]] if k else None
+        if prev is not None and indices[k - 1] == i - 1 and prev.group is job.group \
+                and prev.param.numel() == job.param.numel():
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs
+
+
+def _scalars(group: dict, cls: _BlockClass) -> tuple[float, float]:
+    """(decay, alpha) of a group's params in a class: p <- decay * p + alpha * update."""
+    lr = float(group["lr"])
+    return 1 - lr * group["weight_decay"], -lr * lr_scale(group["adjust_lr_fn"], cls.rows, cls.cols)
+
+
+_FUSED_WORKS: dict[torch.device, bool] = {}
+
+
+def _fused_works(device: torch.device) -> bool:
+    """Once per device: do the Triton kernels run and agree with the foreach path? Warns if not."""
+    if device not in _FUSED_WORKS:
+        _FUSED_WORKS[device] = triton is not None and _check_fused(device)
+    return _FUSED_WORKS[device]
+
+
+def _check_fused(device: torch.device) -> bool:
+    """Run both kernels on random data; compare with the reference (fp32 / bf16 rounding allowed)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        grads, bufs, ps = ([torch.randn(4099, device=device, generator=g) for _ in range(3)] for _ in range(3))
+        ref_bufs, ref_ps = [b.clone() for b in bufs], [p.clone() for p in ps]
+        out, ref_out = (torch.empty(3, 4099, dtype=torch.bfloat16, device=device) for _ in range(2))
+        _momentum_fused(grads, bufs, out, 0.95, True)
+        _momentum_reference(grads, ref_bufs, list(ref_out), 0.95, True)
+        _update_fused(ps, out, 0.998, -0.01)
+        _update_reference(ref_ps, list(ref_out), 0.998, -0.01)
+        torch.testing.assert_close(torch.stack(bufs), torch.stack(ref_bufs), rtol=1e-6, atol=0)
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=2**-7, atol=0)
+        torch.testing.assert_close(torch.stack(ps), torch.stack(ref_ps), rtol=1e-5, atol=1e-7)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the foreach path
+        warnings.warn(f"Muon: fused Triton kernels disabled on {device} ({exc!r}); using foreach ops")
+        return False
+
+
+def _on_device(device: torch.device):
+    """Make `device` current for Triton launches (a no-op for the current device and CPU)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _split(p: Tensor, group: dict) -> int:
     return getattr(p, "_muon_split", None) or group["split"]
+
+
+def _round_sizes(n_blocks: int, most: int) -> list[int]:
+    """The fewest rounds of at most `most` blocks, as equal as possible (e.g. 10, 4 -> 4, 3, 3)."""
+    rounds = -(-n_blocks // most)
+    base, extra = divmod(n_blocks, rounds)
+    return [base + 1] * extra + [base] * (rounds - extra)
 
 
 def _partition(n_blocks: int, world: int, loads: list[int], cost: int) -> list[int]:
@@ -160,189 +695,8 @@ def _all_gather(out: Tensor, inp: Tensor, group) -> None:
     gather(out, inp, group=group)
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon for 2-D and 3-D params; batched over equal block shapes; work split across ranks.
-
-    Per-group options: lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps,
-    adjust_lr_fn ("original" | "match_rms_adamw"), split (row-blocks per matrix, default 1; a
-    param's `_muon_split` attribute wins), replicated (params identical on all ranks: split the
-    work; False: every rank orthogonalizes its own params). `process_group` (default: the world)
-    is where the work of replicated params is shared; `batch_numel` caps one NS batch per rank.
-    See the module docstring for the algorithm.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                 ns_steps: int = NS_STEPS, eps: float = EPS, adjust_lr_fn: str | None = "original",
-                 split: int = 1, replicated: bool = True, *, process_group=None,
-                 batch_numel: int = BATCH_NUMEL) -> None:
-        if batch_numel < 1:
-            raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
-        self.process_group = process_group
-        self.batch_numel = batch_numel
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
-                        adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
-
-    def _world(self) -> tuple[int, int]:
-        """(world size, rank) of the group that shares work; (1, 0) when not distributed."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1, 0
-        return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs one optimization step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        world, rank = self._world()
-        loads = [0] * world  # NS FLOPs assigned to each rank so far this step
-        for (rows, cols, steps, *_, shared), jobs in self._jobs_by_block_class(world > 1).items():
-            w, r, w_loads = (world, rank, loads) if shared else (1, 0, [0])
-            segments = [(job, 0, job.blocks) for job in jobs]
-            per_round = w * max(1, self.batch_numel // (rows * cols))
-            for round_segments in _rounds(segments, per_round):
-                n_blocks = sum(b1 - b0 for _, b0, b1 in round_segments)
-                counts = _partition(n_blocks, w, w_loads, ns_flops(rows, cols, steps))
-                self._run_round(round_segments, counts, r, shared)
-        return loss
-
-    def _jobs_by_block_class(self, distributed: bool) -> dict[tuple, list[_Job]]:
-        """Update momentum buffers; group this step's params by (block shape, NS settings, shared)."""
-        classes: dict[tuple, list[_Job]] = {}
-        for group in self.param_groups:
-            shared = distributed and group["replicated"]
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update_momentum(p, group)
-                elif not (shared or isinstance(p, DTensor)):
-                    continue  # no collective depends on it: skip, like torch.optim.Muon
-                n = _split(p, group)
-                rows, cols = p.shape[-2] // n, p.shape[-1]
-                blocks = (p.shape[0] if p.ndim == 3 else 1) * n
-                key = (rows, cols, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                       _compute_device(p), shared)
-                classes.setdefault(key, []).append(_Job(p, group, blocks, rows, cols, pending=blocks))
-        return classes
-
-    def _update_momentum(self, p: Tensor, group: dict) -> None:
-        grad = p.grad
-        if grad.is_sparse or torch.is_complex(grad):
-            raise RuntimeError("Muon supports only dense real gradients")
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        state["momentum_buffer"].lerp_(grad, 1 - group["momentum"])
-
-    def _ns_input(self, job: _Job) -> Tensor:
-        """The full (blocks, rows, cols) bf16 update to orthogonalize (zeros when grad is None)."""
-        if job.u is None:
-            p, group = job.param, job.group
-            if p.grad is None:
-                u = torch.zeros_like(p, dtype=torch.bfloat16)
-            else:
-                buf = self.state[p]["momentum_buffer"]
-                u = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                u = u.bfloat16()
-            if isinstance(u, DTensor):
-                u = u.full_tensor()  # collective on p's mesh
-            job.u = u.reshape(job.blocks, job.rows, job.cols)  # (blocks, rows, cols)
-        return job.u
-
-    def _run_round(self, segments: list[tuple[_Job, int, int]], counts: list[int], rank: int,
-                   shared: bool) -> None:
-        """Orthogonalize this rank's share of the round's blocks, gather all shares, apply."""
-        for job, _, _ in segments:  # DTensor inputs are collectives: every rank, same order
-            if isinstance(job.param, DTensor):
-                self._ns_input(job)
-        start = sum(counts[:rank])
-        mine = _slice(segments, start, start + counts[rank])
-        job0 = segments[0][0]
-        Y = None  # (counts[rank], rows, cols): this rank's orthogonalized blocks
-        if mine:
-            X = torch.cat([self._ns_input(job)[b0:b1] for job, b0, b1 in mine])  # (n, rows, cols)
-            g = job0.group
-            Y = newton_schulz(X, g["ns_steps"], g["ns_coefficients"], g["eps"])
-        if shared:
-            Y = self._gather_shares(Y, counts, job0)
-        offset = 0
-        for job, b0, b1 in segments:  # Y holds the round's blocks in segment order
-            self._receive(job, b0, b1, Y[offset:offset + b1 - b0])
-            offset += b1 - b0
-
-    def _gather_shares(self, mine: Tensor | None, counts: list[int], job0: _Job) -> Tensor:
-        """All-gather each rank's orthogonalized blocks; returns them in order (sum(counts), r, c)."""
-        world, most = len(counts), max(counts)
-        shape = (job0.rows, job0.cols)
-        device = mine.device if mine is not None else _compute_device(job0.param)
-        send = torch.zeros(most, *shape, dtype=torch.bfloat16, device=device)  # (most, rows, cols)
-        if mine is not None:
-            send[:len(mine)] = mine
-        out = torch.empty(world * most, *shape, dtype=torch.bfloat16, device=device)
-        _all_gather(out, send, self.process_group)
-        out = out.view(world, most, *shape)  # (world, most, rows, cols)
-        return torch.cat([out[k, :counts[k]] for k in range(world)])  # (sum(counts), rows, cols)
-
-    def _receive(self, job: _Job, b0: int, b1: int, update: Tensor) -> None:
-        """Store blocks [b0, b1) of job's orthogonalized update; apply it once complete."""
-        if b0 == 0 and b1 == job.blocks:
-            job.out = update
-        else:
-            if job.out is None:
-                job.out = update.new_empty(job.blocks, job.rows, job.cols)  # (blocks, rows, cols)
-            job.out[b0:b1] = update
-        job.pending -= b1 - b0
-        if job.pending == 0:
-            self._apply(job)
-            job.u = job.out = None
-
-    def _apply(self, job: _Job) -> None:
-        p, group = job.param, job.group
-        if p.grad is None:
-            return  # zero update
-        update = job.out.reshape(p.shape)  # (rows, cols) or (E, rows, cols) of the full param
-        if isinstance(p, DTensor):
-            update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
-        lr = float(group["lr"])
-        p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update, alpha=-lr * lr_scale(group["adjust_lr_fn"], job.rows, job.cols))
-
-
 def _compute_device(p: Tensor) -> torch.device:
     return p.to_local().device if isinstance(p, DTensor) else p.device
-
-
-def _rounds(segments: list[tuple[_Job, int, int]], size: int):
-    """Cut a list of (job, first block, end block) into consecutive rounds of `size` blocks."""
-    current, room = [], size
-    for job, b0, b1 in segments:
-        while b0 < b1:
-            take = min(room, b1 - b0)
-            current.append((job, b0, b0 + take))
-            b0, room = b0 + take, room - take
-            if room == 0:
-                yield current
-                current, room = [], size
-    if current:
-        yield current
-
-
-def _slice(segments: list[tuple[_Job, int, int]], start: int, end: int) -> list[tuple[_Job, int, int]]:
-    """The blocks [start, end) of the concatenated segments, as segments."""
-    out, offset = [], 0
-    for job, b0, b1 in segments:
-        lo, hi = max(start, offset), min(end, offset + b1 - b0)
-        if lo < hi:
-            out.append((job, b0 + lo - offset, b0 + hi - offset))
-        offset += b1 - b0
-    return out
 
 
 def _check_group(group: dict) -> None:
