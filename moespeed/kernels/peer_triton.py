@@ -636,8 +636,11 @@ class _ProductKeyTopK(torch.autograd.Function):
     def forward(ctx, q, keys, k):
         *lead, H, _, dk = q.shape
         pools, _, n, _ = keys.shape
+        ctx.dtypes = q.dtype, keys.dtype
         qf = q.reshape(-1, H, 2, dk).contiguous()                                 # (T, H, 2, dk)
         keys = keys.contiguous()
+        if _interpreting():  # the interpreter's tl.dot mishandles bf16; fp32 gives the same scores
+            qf, keys = qf.float(), keys.float()
         T = qf.shape[0]
         scores = torch.empty(T, H, k, device=q.device, dtype=torch.float32)
         ids = torch.empty(T, H, k, device=q.device, dtype=torch.int64)
@@ -660,7 +663,7 @@ class _ProductKeyTopK(torch.autograd.Function):
         ds = dscores.reshape(T, H, k).float().contiguous()
         block_dk = max(16, triton.next_power_of_2(dk))
         kp = triton.next_power_of_2(k)
-        dq = torch.empty_like(qf)
+        dq = torch.empty(qf.shape, device=qf.device, dtype=ctx.dtypes[0])
         block_m = 4  # small tiles: (block_m, kp, block_dk) gathered sub-keys per program
         _pk_bwd_q_kernel[(triton.cdiv(T, block_m), H)](
             ds, ids, keys, dq, T, H, n, k, dk, *keys.stride()[:3],
@@ -669,10 +672,10 @@ class _ProductKeyTopK(torch.autograd.Function):
         sub = torch.stack((ids // n, n + ids % n), dim=-1)                        # (T, H, k, 2)
         if pools > 1:
             sub = sub + (torch.arange(H, device=ids.device) * 2 * n).view(1, H, 1, 1)
-        sorted_sub, order = torch.sort(sub.reshape(-1), stable=True)              # deterministic sums
-        bounds = torch.arange(pools * 2 * n + 1, device=ids.device)
-        offsets = torch.searchsorted(sorted_sub, bounds)                          # (pools * 2 * n + 1,)
-        dkeys = torch.empty_like(keys)
+        sorted_sub, order = torch.sort(sub.reshape(-1).to(torch.int32), stable=True)  # deterministic sums
+        bounds = torch.arange(pools * 2 * n + 1, device=ids.device, dtype=torch.int32)
+        offsets = torch.searchsorted(sorted_sub, bounds, out_int32=True)          # (pools * 2 * n + 1,)
+        dkeys = torch.empty(keys.shape, device=keys.device, dtype=ctx.dtypes[1])
         _pk_bwd_keys_kernel[(pools * 2 * n,)](ds, qf, order, offsets, dkeys, k, dk,
                                               BLOCK_E=32, BLOCK_DK=block_dk, num_warps=4)
         return dq.view(ctx.q_shape), dkeys, None
