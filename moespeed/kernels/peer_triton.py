@@ -223,18 +223,17 @@ def peer_table_step(factors: TableGradFactors, down: torch.Tensor, up: torch.Ten
     R, D = down.shape
     order, offsets = _sort_by_row(rows, R)
     adam = hp["algorithm"] == "adamw"
-    md, vd, mu, vu = ((states["exp_avg_down"], states["exp_avg_sq_down"], states["exp_avg_up"],
-                       states["exp_avg_sq_up"]) if adam else (down,) * 4)  # unused by sgd
-    bc1 = 1 - hp.get("beta1", 0.0) ** hp.get("step", 1)
-    bc2 = 1 - hp.get("beta2", 0.0) ** hp.get("step", 1)
-    block_d = triton.next_power_of_2(D)
-    block_r = 2  # fixed: the kernel updates in place, so it is never autotuned (tuning would re-apply it)
-    _peer_table_step_kernel[(triton.cdiv(R, block_r),)](
-        x, dy, cd, cu, order, offsets, down, up, md, vd, mu, vu,
-        R, rows.shape[1], D, x.stride(0), dy.stride(0), down.stride(0),
-        hp["lr_down"], hp["lr_up"], hp["wd_down"], hp["wd_up"],
-        hp.get("beta1", 0.0), hp.get("beta2", 0.0), hp.get("eps", 0.0), bc1, bc2,
-        ADAM=adam, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=max(1, min(8, block_r * block_d // 256)))
+    bc1 = 1 - hp["beta1"] ** hp["step"] if adam else 1.0
+    bc2 = 1 - hp["beta2"] ** hp["step"] if adam else 1.0
+    block_d, block_r = triton.next_power_of_2(D), 2  # fixed config: an in-place update is never autotuned
+    for name, table, coef, src in (("down", down, cd, x), ("up", up, cu, dy)):
+        m, v = (states["exp_avg_" + name], states["exp_avg_sq_" + name]) if adam else (table, table)
+        assert not adam or (m.is_contiguous() and v.is_contiguous())
+        _peer_rows_sum_kernel[(triton.cdiv(R, block_r),)](
+            src, coef, order, offsets, table, m, v, R, rows.shape[1], D, src.stride(0), table.stride(0),
+            hp["lr_" + name], hp["wd_" + name], hp.get("beta1", 0.0), hp.get("beta2", 0.0),
+            hp.get("eps", 0.0), bc1, bc2, MODE=2 if adam else 1, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=max(1, min(8, block_r * block_d // 256)))
 
 
 # ============================================================================ Triton kernels
@@ -411,54 +410,85 @@ if HAS_TRITON:
 
     # ------------------------------------------------------------------------ expert mix
     @triton.jit
+    def _gather_rows(tab_ptr, row, mask_p, offs_d, mask_d, stride_tab):
+        """Rows `row` (BLOCK_P,) of a table -> (BLOCK_P, BLOCK_D) in the table dtype (masked = 0)."""
+        return tl.load(tab_ptr + row[:, None] * stride_tab + offs_d[None, :],
+                       mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+
+    @triton.jit
     def _peer_fwd_kernel(x_ptr, rows_ptr, w_ptr, down_ptr, up_ptr, y_ptr, h_ptr,
                          P, D, stride_x, stride_y, stride_tab,
                          ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
         """One program per token: y[t] = sum_p w * act(down[row] . x[t]) * up[row]; saves h.
 
-        Software-pipelined: the next tile's rows are requested before the current tile is used,
-        so each program keeps two tiles of loads in flight.
-        """
+        Software-pipelined: while tile i is used, the rows of tile i + 1 are in flight and the
+        row indices of tile i + 2 too (so a gather never waits on its index load)."""
         t = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         x = tl.load(x_ptr + t * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        offs_p = tl.arange(0, BLOCK_P)
+        offs_p = tl.arange(0, BLOCK_P)                                   # tile i
         mask_p = offs_p < P
         row = tl.load(rows_ptr + t * P + offs_p, mask=mask_p, other=0).to(tl.int64)
-        tile_mask = mask_p[:, None] & mask_d[None, :]
-        u = tl.load(down_ptr + row[:, None] * stride_tab + offs_d[None, :], mask=tile_mask, other=0.0)
-        v = tl.load(up_ptr + row[:, None] * stride_tab + offs_d[None, :], mask=tile_mask, other=0.0)
+        u = _gather_rows(down_ptr, row, mask_p, offs_d, mask_d, stride_tab)
+        v = _gather_rows(up_ptr, row, mask_p, offs_d, mask_d, stride_tab)
+        offs_n = offs_p + BLOCK_P                                        # tile i + 1
+        mask_n = offs_n < P
+        row_n = tl.load(rows_ptr + t * P + offs_n, mask=mask_n, other=0).to(tl.int64)
         for p0 in range(0, P, BLOCK_P):
-            # next tile (all masked past the end)
-            offs_n = p0 + BLOCK_P + tl.arange(0, BLOCK_P)
-            mask_n = offs_n < P
-            row_n = tl.load(rows_ptr + t * P + offs_n, mask=mask_n, other=0).to(tl.int64)
-            next_mask = mask_n[:, None] & mask_d[None, :]
-            u_n = tl.load(down_ptr + row_n[:, None] * stride_tab + offs_d[None, :], mask=next_mask, other=0.0)
-            v_n = tl.load(up_ptr + row_n[:, None] * stride_tab + offs_d[None, :], mask=next_mask, other=0.0)
-            # current tile
+            offs_nn = offs_n + BLOCK_P                                   # tile i + 2: indices only
+            mask_nn = offs_nn < P
+            row_nn = tl.load(rows_ptr + t * P + offs_nn, mask=mask_nn, other=0).to(tl.int64)
+            u_n = _gather_rows(down_ptr, row_n, mask_n, offs_d, mask_d, stride_tab)
+            v_n = _gather_rows(up_ptr, row_n, mask_n, offs_d, mask_d, stride_tab)
             w = tl.load(w_ptr + t * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
             h = tl.sum(u.to(tl.float32) * x[None, :], axis=1)                     # (BLOCK_P,)
             tl.store(h_ptr + t * P + offs_p, h, mask=mask_p)
             f, _ = _act_and_grad(h, ACT)
             acc += tl.sum((w * f)[:, None] * v.to(tl.float32), axis=0)
             offs_p, mask_p, u, v = offs_n, mask_n, u_n, v_n
+            offs_n, mask_n, row_n = offs_nn, mask_nn, row_nn
         tl.store(y_ptr + t * stride_y + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
 
     @triton.jit
-    def _peer_bwd_rows_kernel(x_ptr, dy_ptr, w_ptr, h_ptr, up_ptr, order_ptr, offsets_ptr,
-                              gw_ptr, gh_ptr, gdown_ptr, gup_ptr,
-                              R, P, D, stride_x, stride_dy, stride_tab,
-                              ACT: tl.constexpr, DENSE: tl.constexpr,
-                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """BLOCK_R table rows per program: pair grads (grad_w, grad_h) of the pairs that selected
-        them and, if DENSE, rows of grad_down / grad_up (written once, zeros where unselected).
+    def _peer_bwd_x_kernel(gh_ptr, rows_ptr, down_ptr, gx_ptr, P, D, stride_gx, stride_tab,
+                           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One program per token: grad_x[t] = sum_p grad_h[t, p] * down[rows[t, p]] (pipelined as
+        the forward)."""
+        t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        offs_p = tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        row = tl.load(rows_ptr + t * P + offs_p, mask=mask_p, other=0).to(tl.int64)
+        u = _gather_rows(down_ptr, row, mask_p, offs_d, mask_d, stride_tab)
+        offs_n = offs_p + BLOCK_P
+        mask_n = offs_n < P
+        row_n = tl.load(rows_ptr + t * P + offs_n, mask=mask_n, other=0).to(tl.int64)
+        for p0 in range(0, P, BLOCK_P):
+            offs_nn = offs_n + BLOCK_P
+            mask_nn = offs_nn < P
+            row_nn = tl.load(rows_ptr + t * P + offs_nn, mask=mask_nn, other=0).to(tl.int64)
+            u_n = _gather_rows(down_ptr, row_n, mask_n, offs_d, mask_d, stride_tab)
+            gh = tl.load(gh_ptr + t * P + offs_p, mask=mask_p, other=0.0)
+            acc += tl.sum(gh[:, None] * u.to(tl.float32), axis=0)
+            offs_p, mask_p, u = offs_n, mask_n, u_n
+            offs_n, mask_n, row_n = offs_nn, mask_nn, row_nn
+        tl.store(gx_ptr + t * stride_gx + offs_d, acc.to(gx_ptr.dtype.element_ty), mask=mask_d)
 
-        The pairs of row r are order[offsets[r]:offsets[r + 1]] (flat indices t * P + p).
-        x and dy rows are re-read per pair: kept in L2 (evict_last); table rows and gradient
-        rows stream through (evict_first / streaming stores).
+    @triton.jit
+    def _peer_bwd_pairs_kernel(dy_ptr, w_ptr, h_ptr, up_ptr, order_ptr, offsets_ptr,
+                               gw_ptr, gh_ptr, gup_ptr, R, P, D, stride_dy, stride_tab,
+                               ACT: tl.constexpr, DENSE: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """BLOCK_R rows r of `up` per program; for each pair (t, p) that selected r:
+        g = dy[t] . up[r], grad_w = g * act(h), grad_h = g * w * act'(h); if DENSE also
+        grad_up[r] = sum w * act(h) * dy[t], written once (zeros where nobody selected r).
+
+        The pairs of row r are order[offsets[r]:offsets[r + 1]] (flat indices t * P + p). dy rows
+        are re-read per pair and kept in L2 (evict_last); table rows stream through.
         """
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -468,107 +498,68 @@ if HAS_TRITON:
         count = tl.load(offsets_ptr + offs_r + 1, mask=mask_r, other=0) - start   # (BLOCK_R,)
         tab = offs_r[:, None].to(tl.int64) * stride_tab + offs_d[None, :]        # (BLOCK_R, BLOCK_D)
         v = tl.load(up_ptr + tab, mask=(count > 0)[:, None] & mask_d[None, :], other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
-        g_down = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+                    eviction_policy="evict_first")
         g_up = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         for j in range(0, tl.max(count, 0)):
             valid = j < count
             pair = tl.load(order_ptr + start + j, mask=valid, other=0).to(tl.int64)  # (BLOCK_R,)
-            tok = pair // P
-            pmask = valid[:, None] & mask_d[None, :]
-            dy = tl.load(dy_ptr + tok[:, None] * stride_dy + offs_d[None, :], mask=pmask, other=0.0,
+            dy = tl.load(dy_ptr + (pair // P)[:, None] * stride_dy + offs_d[None, :],
+                         mask=valid[:, None] & mask_d[None, :], other=0.0,
                          eviction_policy="evict_last").to(tl.float32)
             h = tl.load(h_ptr + pair, mask=valid, other=0.0)
             w = tl.load(w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
             f, df = _act_and_grad(h, ACT)
-            g = tl.sum(dy * v, axis=1)                                            # d loss / d (w * act(h))
-            gh = g * w * df
+            g = tl.sum(dy * v.to(tl.float32), axis=1)                            # d loss / d (w * act(h))
             tl.store(gw_ptr + pair, g * f, mask=valid)
-            tl.store(gh_ptr + pair, gh, mask=valid)
+            tl.store(gh_ptr + pair, g * w * df, mask=valid)
             if DENSE:
-                x = tl.load(x_ptr + tok[:, None] * stride_x + offs_d[None, :], mask=pmask, other=0.0,
-                            eviction_policy="evict_last").to(tl.float32)
-                g_down += gh[:, None] * x
                 g_up += (w * f)[:, None] * dy
         if DENSE:
-            omask = mask_r[:, None] & mask_d[None, :]
-            tl.store(gdown_ptr + tab, g_down.to(gdown_ptr.dtype.element_ty), mask=omask, cache_modifier=".cs")
-            tl.store(gup_ptr + tab, g_up.to(gup_ptr.dtype.element_ty), mask=omask, cache_modifier=".cs")
+            tl.store(gup_ptr + tab, g_up.to(gup_ptr.dtype.element_ty),
+                     mask=mask_r[:, None] & mask_d[None, :], cache_modifier=".cs")
 
     @triton.jit
-    def _peer_bwd_x_kernel(gh_ptr, rows_ptr, down_ptr, gx_ptr, P, D, stride_gx, stride_tab,
-                           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One program per token: grad_x[t] = sum_p grad_h[t, p] * down[rows[t, p]] (pipelined
-        like the forward: the next tile's rows are requested before the current one is used)."""
-        t = tl.program_id(0).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        offs_p = tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        row = tl.load(rows_ptr + t * P + offs_p, mask=mask_p, other=0).to(tl.int64)
-        u = tl.load(down_ptr + row[:, None] * stride_tab + offs_d[None, :],
-                    mask=mask_p[:, None] & mask_d[None, :], other=0.0)
-        for p0 in range(0, P, BLOCK_P):
-            offs_n = p0 + BLOCK_P + tl.arange(0, BLOCK_P)
-            mask_n = offs_n < P
-            row_n = tl.load(rows_ptr + t * P + offs_n, mask=mask_n, other=0).to(tl.int64)
-            u_n = tl.load(down_ptr + row_n[:, None] * stride_tab + offs_d[None, :],
-                          mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            gh = tl.load(gh_ptr + t * P + offs_p, mask=mask_p, other=0.0)
-            acc += tl.sum(gh[:, None] * u.to(tl.float32), axis=0)
-            offs_p, mask_p, u = offs_n, mask_n, u_n
-        tl.store(gx_ptr + t * stride_gx + offs_d, acc.to(gx_ptr.dtype.element_ty), mask=mask_d)
-
-    @triton.jit
-    def _row_update(tab_ptr, tab_off, m_ptr, v_ptr, state_off, mask, g, lr, wd, beta1, beta2, eps,
-                    bc1, bc2, ADAM: tl.constexpr):
-        """In-place update of table rows (and their fp32 moments): decoupled decay, then SGD or AdamW."""
-        p = tl.load(tab_ptr + tab_off, mask=mask, other=0.0).to(tl.float32) * (1.0 - lr * wd)
-        if ADAM:
-            m = beta1 * tl.load(m_ptr + state_off, mask=mask, other=0.0) + (1.0 - beta1) * g
-            v = beta2 * tl.load(v_ptr + state_off, mask=mask, other=0.0) + (1.0 - beta2) * g * g
-            tl.store(m_ptr + state_off, m, mask=mask)
-            tl.store(v_ptr + state_off, v, mask=mask)
-            p = p - lr * (m / bc1) / (tl.sqrt(v / bc2) + eps)
-        else:
-            p = p - lr * g
-        tl.store(tab_ptr + tab_off, p.to(tab_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _peer_table_step_kernel(x_ptr, dy_ptr, cd_ptr, cu_ptr, order_ptr, offsets_ptr,
-                                down_ptr, up_ptr, md_ptr, vd_ptr, mu_ptr, vu_ptr,
-                                R, P, D, stride_x, stride_dy, stride_tab,
-                                lr_down, lr_up, wd_down, wd_up, beta1, beta2, eps, bc1, bc2,
-                                ADAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """BLOCK_R table rows per program: sum each row's deferred gradient from the factors and
-        update down[r], up[r] (and their moments) in place; rows no pair selected stay untouched."""
+    def _peer_rows_sum_kernel(src_ptr, coef_ptr, order_ptr, offsets_ptr, tab_ptr, m_ptr, v_ptr,
+                              R, P, D, stride_src, stride_tab, lr, wd, beta1, beta2, eps, bc1, bc2,
+                              MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """BLOCK_R table rows per program; for each, g[r] = sum over the pairs (t, p) at r of
+        coef[t * P + p] * src[t] (fp32), then by MODE:
+        0: write g[r] into tab_ptr (a gradient buffer), zeros where nobody selected r;
+        1: SGD on the table tab_ptr: p = p * (1 - lr * wd) - lr * g, selected rows only;
+        2: lazy AdamW on the table and its fp32 moments m_ptr, v_ptr ((R, D) contiguous),
+           selected rows only (bias corrections bc1, bc2 given).
+        """
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         start = tl.load(offsets_ptr + offs_r, mask=mask_r, other=0)
         count = tl.load(offsets_ptr + offs_r + 1, mask=mask_r, other=0) - start   # (BLOCK_R,)
-        g_down = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        g_up = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         for j in range(0, tl.max(count, 0)):
             valid = j < count
             pair = tl.load(order_ptr + start + j, mask=valid, other=0).to(tl.int64)  # (BLOCK_R,)
-            tok = pair // P
-            pmask = valid[:, None] & mask_d[None, :]
-            x = tl.load(x_ptr + tok[:, None] * stride_x + offs_d[None, :], mask=pmask, other=0.0,
-                        eviction_policy="evict_last").to(tl.float32)
-            dy = tl.load(dy_ptr + tok[:, None] * stride_dy + offs_d[None, :], mask=pmask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            g_down += tl.load(cd_ptr + pair, mask=valid, other=0.0)[:, None] * x
-            g_up += tl.load(cu_ptr + pair, mask=valid, other=0.0)[:, None] * dy
-        mask = (count > 0)[:, None] & mask_d[None, :]
-        tab_off = offs_r[:, None].to(tl.int64) * stride_tab + offs_d[None, :]      # (BLOCK_R, BLOCK_D)
-        state_off = offs_r[:, None].to(tl.int64) * D + offs_d[None, :]           # moments: (R, D) contiguous
-        _row_update(down_ptr, tab_off, md_ptr, vd_ptr, state_off, mask, g_down, lr_down, wd_down,
-                    beta1, beta2, eps, bc1, bc2, ADAM)
-        _row_update(up_ptr, tab_off, mu_ptr, vu_ptr, state_off, mask, g_up, lr_up, wd_up,
-                    beta1, beta2, eps, bc1, bc2, ADAM)
+            src = tl.load(src_ptr + (pair // P)[:, None] * stride_src + offs_d[None, :],
+                          mask=valid[:, None] & mask_d[None, :], other=0.0,
+                          eviction_policy="evict_last").to(tl.float32)
+            g += tl.load(coef_ptr + pair, mask=valid, other=0.0)[:, None] * src
+        tab = offs_r[:, None].to(tl.int64) * stride_tab + offs_d[None, :]        # (BLOCK_R, BLOCK_D)
+        if MODE == 0:
+            tl.store(tab_ptr + tab, g.to(tab_ptr.dtype.element_ty),
+                     mask=mask_r[:, None] & mask_d[None, :], cache_modifier=".cs")
+        else:
+            mask = (count > 0)[:, None] & mask_d[None, :]
+            p = tl.load(tab_ptr + tab, mask=mask, other=0.0).to(tl.float32) * (1.0 - lr * wd)
+            if MODE == 1:
+                p = p - lr * g
+            else:
+                state = offs_r[:, None].to(tl.int64) * D + offs_d[None, :]
+                m = beta1 * tl.load(m_ptr + state, mask=mask, other=0.0) + (1.0 - beta1) * g
+                v = beta2 * tl.load(v_ptr + state, mask=mask, other=0.0) + (1.0 - beta2) * g * g
+                tl.store(m_ptr + state, m, mask=mask)
+                tl.store(v_ptr + state, v, mask=mask)
+                p = p - lr * (m / bc1) / (tl.sqrt(v / bc2) + eps)
+            tl.store(tab_ptr + tab, p.to(tab_ptr.dtype.element_ty), mask=mask)
 
 
 # ============================================================================ launching
@@ -592,9 +583,9 @@ def _tuned(kernel_name: str, block_d: int):
                    ((16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4),
                     (64, 64, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8))]
         key = ["T", "n", "dk"]  # K is a constexpr: a kernel per K
-    elif kernel_name == "_peer_bwd_rows_kernel":
+    elif kernel_name in ("_peer_bwd_pairs_kernel", "_peer_rows_sum_kernel"):
         configs = _row_tile_configs(block_d, "BLOCK_R", (1, 2, 4))
-        key = ["R", "P", "D", "DENSE"]
+        key = ["R", "P", "D"]
     else:  # the per-token kernels
         configs = _row_tile_configs(block_d, "BLOCK_P", (1, 2, 4, 8))
         key = ["P", "D"]
@@ -602,7 +593,7 @@ def _tuned(kernel_name: str, block_d: int):
 
 
 _INTERPRETER_META = {"_pk_topk_kernel": {"BLOCK_M": 16, "BLOCK_N": 16},
-                     "_peer_bwd_rows_kernel": {"BLOCK_R": 2},
+                     "_peer_bwd_pairs_kernel": {"BLOCK_R": 2}, "_peer_rows_sum_kernel": {"BLOCK_R": 2},
                      "_peer_fwd_kernel": {"BLOCK_P": 4}, "_peer_bwd_x_kernel": {"BLOCK_P": 4}}
 
 
@@ -725,19 +716,25 @@ def _mix_forward_triton(x, rows, w, down, up, activation):
 
 
 def _mix_backward_triton(x, dy, rows, w, down, up, h, activation, dense):
-    """(grad_x, grad_w, grad_h, grad_down | None, grad_up | None) with the two backward kernels."""
+    """(grad_x, grad_w, grad_h, grad_down | None, grad_up | None) with the backward kernels:
+    pairs (per up row: grad_w, grad_h, grad_up), rows-sum (per down row: grad_down), grad_x."""
     (T, D), P, R = x.shape, rows.shape[1], down.shape[0]
     block_d = triton.next_power_of_2(D)
     order, offsets = _sort_by_row(rows, R)
+    per_rows = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)  # noqa: E731 - a launch grid
     grad_w = torch.empty(T, P, device=x.device, dtype=torch.float32)
     grad_h = torch.empty(T, P, device=x.device, dtype=torch.float32)
-    grad_down = torch.empty_like(down) if dense else None
     grad_up = torch.empty_like(up) if dense else None
-    _launch("_peer_bwd_rows_kernel", lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),),
-            x, dy, w, h, up, order, offsets, grad_w, grad_h,
-            grad_down if dense else grad_w, grad_up if dense else grad_w,  # unused without DENSE
-            R, P, D, x.stride(0), dy.stride(0), up.stride(0),
+    _launch("_peer_bwd_pairs_kernel", per_rows, dy, w, h, up, order, offsets, grad_w, grad_h,
+            grad_up if dense else grad_w,  # unused without DENSE
+            R, P, D, dy.stride(0), up.stride(0),
             block_d=block_d, ACT=_ACT_CODE[activation], DENSE=dense, BLOCK_D=block_d)
+    grad_down = None
+    if dense:
+        grad_down = torch.empty_like(down)
+        _launch("_peer_rows_sum_kernel", per_rows, x, grad_h, order, offsets, grad_down, grad_down,
+                grad_down, R, P, D, x.stride(0), grad_down.stride(0), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0,
+                block_d=block_d, MODE=0, BLOCK_D=block_d)
     grad_x = torch.empty_like(x)
     _launch("_peer_bwd_x_kernel", (T,), grad_h, rows, down, grad_x, P, D, grad_x.stride(0),
             down.stride(0), block_d=block_d, BLOCK_D=block_d)
