@@ -19,22 +19,29 @@ A PEER layer has two parts, each with a reference here (the CPU path) and fused 
    `down` and `up` are (R, D) tables (R up to millions of rows); `w` holds the softmax retrieval
    weights. The reference gathers the selected rows into (T, P, D) tensors; the kernels never do:
    - forward, one program per token: stream its P rows of `down` and `up` tile by tile (the next
-     tile's loads are issued before the current tile is used), keep y[t] in registers, save h.
+     tile's rows and the tile after's indices are in flight while a tile is used), keep y[t] in
+     registers, save h (T, P) fp32.
    - backward, no atomics, pairs sorted by table row (stable sort: deterministic sums):
-     a. one program per block of table rows: for each pair that selected row r,
+     a. pairs kernel, per block of rows r of `up`: for each pair that selected r,
         g = dy[t] . up[r], grad_w = g * act(h), grad_h = g * w * act'(h); with dense gradients
-        it also accumulates grad_down[r] = sum grad_h * x[t] and grad_up[r] = sum w * act(h) *
-        dy[t] in fp32 registers and writes each gradient row once (zeros for unselected rows).
-     b. one program per token: grad_x[t] = sum_p grad_h[t, p] * down[rows[t, p]].
-   - deferred table gradients (`TableGradFactors`): instead of the two dense (R, D) gradients,
-     the backward keeps the factors (rows, grad_h, w * act(h), x, dy) of
-     grad_down[r] = sum_{pairs at r} grad_h * x[t] and grad_up[r] = sum w * act(h) * dy[t];
-     `peer_table_step` later sums them per row and applies a row-wise SGD / lazy AdamW update
-     (kernel c), so no gradient buffer of the tables' size ever exists.
+        also grad_up[r] = sum w * act(h) * dy[t] (fp32 registers, written once, zeros where
+        unselected);
+     b. rows-sum kernel, per block of rows r of `down`: grad_down[r] = sum grad_h * x[t];
+     c. per token: grad_x[t] = sum_p grad_h[t, p] * down[rows[t, p]].
+     a and b each re-read one (T, D) activation per pair (dy, then x: 16 MiB each at 8192 x 1024
+     bf16) and ask L2 to keep it; one pass with both (32 MiB) would compete with the streamed
+     gradient writes for the 50 MB L2 (by reasoning; the split also halves the registers a row
+     needs, so more rows are in flight).
+   - deferred table gradients (`TableGradFactors`): the backward runs a (without grad_up) and c,
+     and keeps the factors (rows, grad_h, w * act(h), x, dy) of grad_down and grad_up;
+     `peer_table_step` runs the rows-sum kernel once per table in update mode (row-wise SGD or
+     lazy AdamW on the selected rows), so no gradient buffer of the tables' size ever exists.
 
 DRAM traffic of the expert mix per step (s = bytes per table element, pairs = T * P):
-forward 2 * pairs * D * s; backward, dense: touched_rows * D * s (up rows, kernel a)
-+ pairs * D * s (down rows, kernel b) + 2 * R * D * s (the dense gradients, written once).
+forward 2 * pairs * D * s; backward, dense: touched_rows * D * s (up rows, a) + pairs * D * s
+(down rows, c) + 2 * R * D * s (the dense gradients, written once); deferred: the same without the
+gradients, and the step reads and writes the touched rows (4 * touched_rows * D * s, plus the
+fp32 moments for AdamW).
 """
 from __future__ import annotations
 
@@ -225,7 +232,9 @@ def peer_table_step(factors: TableGradFactors, down: torch.Tensor, up: torch.Ten
     adam = hp["algorithm"] == "adamw"
     bc1 = 1 - hp["beta1"] ** hp["step"] if adam else 1.0
     bc2 = 1 - hp["beta2"] ** hp["step"] if adam else 1.0
-    block_d, block_r = triton.next_power_of_2(D), 2  # fixed config: an in-place update is never autotuned
+    # a fixed config (an in-place update cannot be autotuned): one row per program, few warps,
+    # so that many rows are in flight (the kernel is latency-bound: offsets -> order -> rows)
+    block_d, block_r = triton.next_power_of_2(D), 1
     for name, table, coef, src in (("down", down, cd, x), ("up", up, cu, dy)):
         m, v = (states["exp_avg_" + name], states["exp_avg_sq_" + name]) if adam else (table, table)
         assert not adam or (m.is_contiguous() and v.is_contiguous())
@@ -233,7 +242,7 @@ def peer_table_step(factors: TableGradFactors, down: torch.Tensor, up: torch.Ten
             src, coef, order, offsets, table, m, v, R, rows.shape[1], D, src.stride(0), table.stride(0),
             hp["lr_" + name], hp["wd_" + name], hp.get("beta1", 0.0), hp.get("beta2", 0.0),
             hp.get("eps", 0.0), bc1, bc2, MODE=2 if adam else 1, BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=max(1, min(8, block_r * block_d // 256)))
+            num_warps=max(1, min(4, block_d // 512)))
 
 
 # ============================================================================ Triton kernels
@@ -567,9 +576,10 @@ _MAX_TILE = 8192  # elements of one (BLOCK, BLOCK_D) tile of table rows; the pip
 
 
 def _row_tile_configs(block_d: int, name: str, sizes: tuple) -> list:
-    """Autotune candidates: `name` rows per tile x warps, tile <= _MAX_TILE, >= 8 elements a thread."""
-    configs = [triton.Config({name: b}, num_warps=nw) for b in sizes for nw in (2, 4, 8)
-               if b * block_d <= _MAX_TILE and b * block_d >= 256 * nw]
+    """Autotune candidates: `name` rows per tile x warps, with 8 to 64 tile elements per thread
+    (the latency-bound row kernels want many small programs in flight) and tile <= _MAX_TILE."""
+    configs = [triton.Config({name: b}, num_warps=nw) for b in sizes for nw in (1, 2, 4, 8)
+               if 8 * 32 * nw <= b * block_d <= min(_MAX_TILE, 64 * 32 * nw)]
     return configs or [triton.Config({name: 1}, num_warps=1)]
 
 
