@@ -263,15 +263,13 @@ if HAS_TRITON:
     @triton.jit
     def _top_sorted(vals, ids, KP: tl.constexpr):
         """The KP largest of each row of vals (BM, W) with their ids, sorted descending (KP passes)."""
-        BM: tl.constexpr = vals.shape[0]
-        W: tl.constexpr = vals.shape[1]
-        col = tl.arange(0, W)
+        col = tl.arange(0, vals.shape[1])                                         # (W,)
         slot = tl.arange(0, KP)
-        top_v = tl.full([BM, KP], float("-inf"), tl.float32)
-        top_i = tl.zeros([BM, KP], dtype=ids.dtype)
+        top_v = tl.full([vals.shape[0], KP], float("-inf"), tl.float32)
+        top_i = tl.zeros([vals.shape[0], KP], dtype=ids.dtype)
         for i in range(KP):
             m = tl.max(vals, 1)                                                   # (BM,)
-            pick = tl.min(tl.where(vals == m[:, None], col[None, :], W), 1)       # lowest column
+            pick = tl.min(tl.where(vals == m[:, None], col[None, :], vals.shape[1]), 1)  # lowest column
             chosen = col[None, :] == pick[:, None]                                # (BM, W)
             top_i = tl.where(slot[None, :] == i, tl.sum(tl.where(chosen, ids, 0), 1)[:, None], top_i)
             top_v = tl.where(slot[None, :] == i, m[:, None], top_v)
@@ -297,10 +295,9 @@ if HAS_TRITON:
         A chunk's scores that beat the running K-th best are inserted largest first; later
         chunks, where few scores qualify, take few passes.
         """
-        BM: tl.constexpr = q.shape[0]
         slot = tl.arange(0, KP)
-        best = tl.where(slot[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BM, KP], tl.float32)
-        best_id = tl.zeros([BM, KP], dtype=tl.int32)
+        best = tl.where(slot[None, :] < K, float("-inf"), float("inf")) + tl.zeros([q.shape[0], KP], tl.float32)
+        best_id = tl.zeros([q.shape[0], KP], dtype=tl.int32)
         for n0 in range(0, n, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n
