@@ -592,7 +592,7 @@ def _tuned(kernel_name: str, block_d: int):
         key = ["T", "n", "dk"]  # K is a constexpr: a kernel per K
     elif kernel_name in ("_peer_bwd_pairs_kernel", "_peer_rows_sum_kernel"):
         configs = _row_tile_configs(block_d, "BLOCK_R", (1, 2, 4))
-        key = ["R", "P", "D"]
+        key = ["R", "P", "D", "DENSE"] if kernel_name == "_peer_bwd_pairs_kernel" else ["R", "P", "D"]
     else:  # the per-token kernels
         configs = _row_tile_configs(block_d, "BLOCK_P", (1, 2, 4, 8))
         key = ["P", "D"]
