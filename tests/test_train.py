@@ -150,6 +150,9 @@ def test_crash_while_saving_leaves_no_half_checkpoint(corpus, tmp_path, monkeypa
      "--model.moe.moe_inter_dim", "32", "--model.moe.bias_update_speed", "0.01"],
     ["--model.ffn_pattern", "dense,peer", "--model.peer.num_experts", "256", "--model.peer.product_key_dim", "16,16",
      "--model.peer.num_heads", "2", "--model.peer.num_experts_per_tok", "4", "--model.peer.query_dim", "16"],
+    ["--model.ffn_pattern", "dense,peer", "--model.peer.num_experts", "256", "--model.peer.product_key_dim", "16,16",
+     "--model.peer.num_heads", "2", "--model.peer.num_experts_per_tok", "4", "--model.peer.query_dim", "16",
+     "--model.peer.table_grad", "deferred"],
 ])
 def test_sparse_ffn_models_train_and_val_loss_falls(corpus, tmp_path, ffn_args):
     data, cache = corpus

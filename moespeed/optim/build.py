@@ -55,11 +55,13 @@ class OptimizerSet:
 
 def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
     """The optimizer of a model for a TrainConfig, and a summary of the grouping."""
-    muon, decay, keep = [], [], []
+    muon, decay, keep, peer_tables = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if tc.optimizer == "muon" and muon_eligible(name, p):
+        if getattr(p, "_peer_table_grad", None) is not None:  # PEER tables with deferred gradients
+            peer_tables.append(p)
+        elif tc.optimizer == "muon" and muon_eligible(name, p):
             muon.append(p)
         elif no_decay(name, p):
             keep.append(p)
@@ -71,6 +73,12 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
     optimizers = {"adamw": torch.optim.AdamW(adamw_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)}
     lines = [f"  AdamW wd={g['weight_decay']}: {len(g['params'])} tensors, "
              f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M params" for g in adamw_groups]
+    if peer_tables:
+        from ..model.peer import PEERTableOptimizer
+        optimizers["peer_tables"] = PEERTableOptimizer([{"params": peer_tables, "base_lr": tc.lr}], lr=tc.lr,
+                                                       betas=(tc.beta1, tc.beta2))
+        lines.append(f"  PEER tables (lazy row-wise AdamW, deferred grads): {len(peer_tables)} tensors, "
+                     f"{sum(p.numel() for p in peer_tables) / 1e6:.2f}M params")
     if muon:
         muon_lr = tc.muon_lr or tc.lr
         optimizers["muon"] = Muon([{"params": muon, "base_lr": muon_lr}], lr=muon_lr, weight_decay=tc.weight_decay,
