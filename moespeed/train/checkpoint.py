@@ -78,14 +78,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         for f in tmp.iterdir():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _publish(tmp, final, run_dir, keep_last)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _publish(tmp: Path, final: Path, run_dir: Path, keep_last: int) -> None:
+    """Rename a complete temporary checkpoint folder to step-N, then drop the oldest beyond keep_last."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def read_state(ckpt: Path) -> dict:
@@ -152,13 +157,9 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, state_dict: dict, st
         try:
             (tmp / "state.json").write_text(json.dumps({**state, "world_size": dist.get_world_size()}, indent=1))
             _fsync(tmp / "state.json")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _publish(tmp, final, Path(run_dir), keep_last)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
