@@ -42,7 +42,7 @@ def naive_peer(layer: PEER, x: torch.Tensor) -> torch.Tensor:
     selected expert as a tiny MLP (hidden neurons = expert_hidden_size) one by one."""
     cfg = layer.cfg
     B, T, D = x.shape
-    H, dq, n, hid, N = cfg.num_heads, cfg.query_dim, cfg.product_key_dim[0], cfg.expert_hidden_size, cfg.num_experts
+    H, dq, hid, N = cfg.num_heads, cfg.query_dim, cfg.expert_hidden_size, cfg.num_experts
     q = layer.query_norm(layer.query(x).view(B, T, H, dq))
     down = layer.down.view(layer.pools, N, hid, D)
     up = layer.up.view(layer.pools, N, hid, D)
