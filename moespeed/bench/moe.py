@@ -19,15 +19,14 @@ import datetime
 import gc
 import json
 import math
-import statistics
 import subprocess
 import sys
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from moespeed.bench.common import peak_mib, time_ms
 from moespeed.model.moe import MoE, MoEConfig
 
 SHAPES = {  # tokens = batch * seq_len
@@ -43,37 +42,6 @@ ZIPF_MAX_OVER_MEAN = 4.0  # target load of the busiest expert / mean load in the
 
 
 # -- measuring -------------------------------------------------------------------------------------
-
-def time_ms(fn: Callable[[], None], grad_to_none: list[torch.Tensor], device: torch.device) -> float:
-    """Median ms of fn(): triton's do_bench on CUDA (grads reset between calls), a wall clock on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return float(do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        for t in grad_to_none:
-            t.grad = None
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mib(fn: Callable[[], None], grad_to_none: list[torch.Tensor], device: torch.device) -> float | None:
-    """Peak memory of one fn() call above what was allocated before it (inputs, weights)."""
-    if device.type != "cuda":
-        return None
-    for t in grad_to_none:
-        t.grad = None
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
 
 def attempt(notes: list[str], label: str, fn: Callable, *args):
     """fn(*args), or None with the error noted (a failing peer or an OOM must not stop the run)."""

@@ -36,6 +36,7 @@ import time
 import torch
 
 from moespeed.optim import muon as muon_mod
+from moespeed.bench.common import peak_mib
 from moespeed.optim.muon import Muon, muon_eligible, ns_flops
 
 HP = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
@@ -117,18 +118,6 @@ def _gpu_cpu_ms(fn, device: torch.device, reps: int = 10) -> tuple[float | None,
             torch.cuda.synchronize()
             gpu.append(start.elapsed_time(end))
     return (statistics.median(gpu) if gpu else None), statistics.median(cpu)
-
-
-def _peak_mib(fn, device: torch.device) -> float | None:
-    """Peak memory of fn() above what was allocated before it (MiB)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _kernels(fn, device: torch.device) -> int | None:
@@ -276,7 +265,7 @@ def _time_step(params, device, **kwargs) -> dict:
     opt.step()  # momentum buffers, Triton compilation and autotuning
     out = {"ms": _time_ms(opt.step, device)}
     out["gpu_ms"], out["cpu_ms"] = _gpu_cpu_ms(opt.step, device)
-    out["peak_mib"] = _peak_mib(opt.step, device)
+    out["peak_mib"] = peak_mib(opt.step, [], device)
     out["kernels"] = _kernels(opt.step, device)
     del opt
     _free(device)
@@ -339,7 +328,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
             peer = torch.optim.Muon(_expert_views(params), **HP)
             peer.step()
             row["peer_ms"] = _time_ms(peer.step, device)
-            row["peer_peak_mib"] = _peak_mib(peer.step, device)
+            row["peer_peak_mib"] = peak_mib(peer.step, [], device)
             row["speedup"] = row["peer_ms"] / row["ours_ms"]
         except Exception as exc:  # noqa: BLE001 - report the peer's failure, keep ours
             row.update(peer_ms=None, peer_peak_mib=None, speedup=None)

@@ -32,13 +32,13 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from typing import Callable
 
 import torch
+
+from moespeed.bench.common import peak_mib, time_ms
 from torch import nn
 
 from moespeed.kernels import peer_triton
@@ -73,38 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- measuring
-def bench_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor], device: torch.device) -> float:
-    """Median milliseconds of fn(): triton's do_bench on CUDA, a plain timer elsewhere."""
-    if device.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
-    times = []
-    for _ in range(3):
-        for t in grad_to_none:
-            t.grad = None
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mib(fn: Callable[[], object], grad_to_none: list[torch.Tensor], device: torch.device) -> float | None:
-    """Peak MiB allocated while fn() runs, net of what was allocated before (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    for t in grad_to_none:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / MIB
-    for t in grad_to_none:
-        t.grad = None
-    return round(peak, 1)
-
-
 def measure(fns: dict[str, Callable[[], object]], grad_to_none: list[torch.Tensor], device: torch.device,
             peak_of: str | None = None) -> dict:
     """{name + '_ms': median ms} for each fn (after one warm-up call: compile / autotune), and
@@ -112,7 +80,7 @@ def measure(fns: dict[str, Callable[[], object]], grad_to_none: list[torch.Tenso
     out = {}
     for name, fn in fns.items():
         fn()
-        out[name + "_ms"] = round(bench_ms(fn, grad_to_none, device), 3)
+        out[name + "_ms"] = round(time_ms(fn, grad_to_none, device), 3)
     if peak_of:
         out["peak_mib"] = peak_mib(fns[peak_of], grad_to_none, device)
     return out
@@ -130,7 +98,7 @@ def copy_gbps(device: torch.device) -> float | None:
         return None
     src = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), [], device)
+    ms = time_ms(lambda: dst.copy_(src), [], device)
     return round(2 * src.numel() / ms / 1e6, 1)
 
 
@@ -422,8 +390,7 @@ def kernel_times(args, device: torch.device) -> dict:
                 hp = {"algorithm": algorithm, "lr_down": 1e-5, "lr_up": 1e-5, "wd_down": 0.0, "wd_up": 0.0,
                       "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "step": 1}
                 res[f"table_step_{algorithm}"] = attempt(lambda: measure(
-                    {"step": lambda: peer_table_step(factors, down, up, states, hp)}, [], device), device)
-                del states
+                    {"step": lambda s=states, h=hp: peer_table_step(factors, down, up, s, h)}, [], device), device)
         return res
 
     out["retrieval"] = attempt(retrieval, device)
