@@ -2,7 +2,7 @@
 
     python -m moespeed.bench.attention --json benchmarks/results/attention.json [--quick] [--no-train]
 
-Part 1, the attention op alone (MLA head dims of the `small` preset: 12 heads, qk 96, v 64, bf16),
+Part 1, the attention op alone (MLA head dims of the `small` preset: 12 heads, qk 48 + 16, v 64, bf16),
 at T = 8K, 32K, 64K with B = 64K / T sequences (64K tokens per step), forward+backward:
   sdpa_causal        F.scaled_dot_product_attention(is_causal=True) (v 64 != qk 96: no flash kernel)
   sdpa_causal_padv   the same with v zero-padded to 96 (lets SDPA pick flash; the pad costs FLOPs)
@@ -41,7 +41,26 @@ import torch.nn.functional as F
 from moespeed.model import masks
 from moespeed.model.attention import AttentionContext
 
-H, D_QK, D_V = 12, 96, 64  # MLA heads and dims of the `small` preset
+def _small_dims() -> tuple[int, int, int]:
+    from moespeed.config import preset_config
+
+    m = preset_config("small").model
+    return m.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+
+
+H, D_QK, D_V = _small_dims()  # MLA heads and dims of the `small` preset (12, 64, 64)
+FLEX_SWEEP = [  # kernel options for --flex-sweep (FlexKernelOptions); {} = torch's defaults
+    {}, {"ROWS_GUARANTEED_SAFE": True}, {"USE_TMA": True},
+    {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True},
+    {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+    {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 3},
+    {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
+     "bwd_num_warps": 8, "bwd_num_stages": 3},
+    {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
+     "bwd_num_warps": 4, "bwd_num_stages": 3},
+    {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+     "bwd_num_warps": 4, "bwd_num_stages": 4},
+]
 TOKENS = 65536
 SEQ_LENS = [8192, 32768, 65536]
 MEAN_DOC = 2048
@@ -334,6 +353,26 @@ def print_table(rows: list[dict], extras: dict) -> None:
         print(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
 
 
+def flex_sweep(T: int, cases: list[str]) -> list[dict]:
+    """bench_op for each kernel-option set in FLEX_SWEEP (flex cases) plus sdpa_causal once."""
+    from moespeed.model import attention
+
+    default = dict(attention.FLEX_KERNEL_OPTIONS)
+    rows = [bench_op("sdpa_causal", T)]
+    for options in FLEX_SWEEP:
+        attention.FLEX_KERNEL_OPTIONS.clear()
+        attention.FLEX_KERNEL_OPTIONS.update(options)
+        attention._compiled_flex.cache_clear()
+        for name in cases:
+            row = bench_op(name, T)
+            row["case"] = f"{name} {json.dumps(options)}"
+            rows.append(row)
+    attention.FLEX_KERNEL_OPTIONS.clear()
+    attention.FLEX_KERNEL_OPTIONS.update(default)
+    attention._compiled_flex.cache_clear()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here (BENCHMARKING.md format)")
@@ -343,10 +382,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-train", action="store_true", help="skip the training-step part")
     parser.add_argument("--train-cases", default=",".join(TRAIN_CASES), help="comma-separated train cases")
     parser.add_argument("--no-compile", action="store_true", help="training step without torch.compile")
+    parser.add_argument("--flex-sweep", type=int, metavar="T",
+                        help="only: flex_causal and flex_doc at this T under each FLEX_SWEEP option set")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention bench: needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.flex_sweep:
+        rows = flex_sweep(args.flex_sweep, ["flex_causal", "flex_doc"])
+        if args.json:
+            doc = {**environment(), "command": "python -m moespeed.bench.attention " + " ".join(sys.argv[1:]),
+                   "results": rows}
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+        for r in rows:
+            print(f"{r['case']:>100} {r.get('ms', float('nan')):9.2f} {r.get('tflops', float('nan')):7.1f}"
+                  f" {r.get('error', '')}")
+        return 0
     seq_lens = [8192] if args.quick else [int(t) for t in args.seq_lens.split(",")]
     rows = [bench_op(name, T) for T in seq_lens for name in args.cases.split(",")]
     if not (args.quick or args.no_train):

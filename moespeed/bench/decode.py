@@ -2,7 +2,7 @@
 
     python -m moespeed.bench.decode --json benchmarks/results/decode.json [--quick]
 
-Models: the `small` preset (12 layers, d_model 768, 12 heads, MLA r 256 + p 32, bf16 weights) and the
+Models: the `small` preset (12 layers, d_model 768, 12 heads, MLA r 128 + p 16, bf16 weights) and the
 same model with MHA attention (12 heads x 64). One decode step = one new token per sequence at
 position ctx - 1 over a static cache of ctx positions (filled with random values), for batch 1, 16,
 64 and ctx 4K, 16K, 32K. Paths (attention, decode kernel):
@@ -19,8 +19,10 @@ must be read per step (all weights once + every layer's cache for B x ctx tokens
 next to the measured copy bandwidth (read + write of 1 GiB). Correctness first: the compiled step's
 logits vs the eager model's at a small context (bf16: rel. err <= 2e-2; NaN fails).
 Goals: MLA cache >= 10x smaller than MHA's; decode at batch 64 x 16K context >= 50% of the copy
-bandwidth. The cache ratio is 2 * d_model / (r + p) here (5.3x for the preset's r 256 + p 32; r + p
-<= 153 reaches 10x at d_model 768: try --kv-lora-rank 128 --qk-rope-head-dim 16).
+bandwidth. The cache ratio is 2 * d_model / (r + p) here (10.7x for the preset's r 128 + p 16; 5.3x
+with --kv-lora-rank 256 --qk-rope-head-dim 32).
+--kernel-sweep first times the decode kernel alone (one layer, B 64 x 16K) under several launch
+configurations (see SWEEP); the model rows use the module defaults.
 A case that does not fit in memory is skipped and says so.
 """
 from __future__ import annotations
@@ -178,6 +180,67 @@ def bench_case(path: str, model, batch: int, ctx: int, modes: list[str]) -> dict
     return row
 
 
+SWEEP = [  # (programs_per_sm, block_n, num_warps, num_stages); the first is the current default
+    (2, None, 4, 2), (4, None, 4, 2), (8, None, 4, 2), (4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 8, 3),
+    (8, 128, 8, 3), (16, 64, 4, 3), (8, 32, 4, 4), (16, 32, 4, 4), (4, 64, 8, 4), (8, 128, 4, 3),
+]
+
+
+def kernel_sweep(batch: int = 64, ctx: int = 16384) -> list[dict]:
+    """The Triton decode kernel alone on one layer's MLA absorbed shape (rows = heads, key =
+    latent + rope, value = latent), for each launch configuration in SWEEP: ms and GB/s of the
+    cache read, error vs the reference. Restores the default launch parameters afterwards."""
+    from triton.testing import do_bench
+
+    from moespeed.kernels import decode_attention as da
+
+    cfg = build_model("mla_absorbed").cfg
+    r, p, heads = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_heads
+    k = torch.randn(batch, 1, ctx, r + p, device="cuda", dtype=torch.bfloat16)  # (B, 1, S, r + p)
+    q = torch.randn(batch, 1, heads, r + p, device="cuda", dtype=torch.bfloat16)  # (B, 1, H, r + p)
+    q_pos = torch.tensor([ctx - 1], device="cuda")
+    scale = (r + p) ** -0.5
+    ref = da.decode_attention_reference(q, k, None, q_pos, scale, v_dim=r)
+    default = dict(da.LAUNCH)
+    rows = []
+    for pps, block_n, warps, stages in SWEEP:
+        da.LAUNCH.update(programs_per_sm=pps, block_n=block_n, num_warps=warps, num_stages=stages)
+        row = {"programs_per_sm": pps, "block_n": block_n, "num_warps": warps, "num_stages": stages}
+        try:
+            out = da._decode_triton(q, k, None, q_pos, None, None, scale, r)
+            row["err"] = rel_err(out, ref)
+            row["ms"] = do_bench(lambda: da._decode_triton(q, k, None, q_pos, None, None, scale, r),
+                                 return_mode="median")
+            row["gbps"] = k.numel() * k.element_size() / row["ms"] / 1e6
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported
+            row["error"] = error_text(exc)
+        print(json.dumps({"kernel_sweep": row}), flush=True)
+        rows.append(row)
+    da.LAUNCH.update(default)
+    return rows
+
+
+def profile_step(path: str = "mla_absorbed", batch: int = 64, ctx: int = 16384) -> str:
+    """GPU time per kernel of one eager decode step (torch.profiler), as a printable table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model(path)
+    with torch.no_grad():
+        caches = model.new_cache(batch, ctx)
+        token = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda")
+        step = make_step(model, caches, token, torch.tensor(ctx - 1, device="cuda"), "eager")
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+    del caches, model
+    free_memory()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+
+
 def copy_gbps() -> float:
     from triton.testing import do_bench
 
@@ -210,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated paths")
     parser.add_argument("--modes", default="graph,eager", help="step modes to try, in order "
                         "(graph, compile_graph, compile, eager)")
-    parser.add_argument("--kv-lora-rank", type=int, help="MLA latent rank r (preset: 256)")
-    parser.add_argument("--qk-rope-head-dim", type=int, help="MLA shared rope key dims p (preset: 32)")
+    parser.add_argument("--kernel-sweep", action="store_true",
+                        help="first time the decode kernel alone under several launch configurations")
+    parser.add_argument("--profile", action="store_true",
+                        help="first print a per-kernel GPU-time profile of the MLA absorbed step at B 64 x 16K")
+    parser.add_argument("--kv-lora-rank", type=int, help="MLA latent rank r (preset: 128)")
+    parser.add_argument("--qk-rope-head-dim", type=int, help="MLA shared rope key dims p (preset: 16)")
     args = parser.parse_args(argv)
     MLA_DIMS.update({k: v for k, v in (("kv_lora_rank", args.kv_lora_rank),
                                        ("qk_rope_head_dim", args.qk_rope_head_dim)) if v})
@@ -225,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         extras["copy_gbps"] = copy_gbps()
     except Exception as exc:  # noqa: BLE001 - optional
         extras["copy_error"] = error_text(exc)
+    if args.profile:
+        print(profile_step(), flush=True)
+    if args.kernel_sweep:
+        extras["kernel_sweep_B64_16K"] = kernel_sweep()
+        free_memory()
     rows = []
     for path in args.paths.split(","):
         try:

@@ -100,8 +100,12 @@ def build_cases(n, d, v, sweep):
         ("ours_triton", lambda: ours_case(backend="triton")),
         (f"ours_triton_lean_c{lean_chunk}",
          lambda: ours_case(backend="triton", accum_dtype=None, chunk_size=lean_chunk)),
+        (f"ours_triton_lean_c{lean_chunk}_no_overlap",
+         lambda: ours_case(backend="triton", accum_dtype=None, chunk_size=lean_chunk,
+                           overlap=False)),
     ]
     if sweep:
+        cases.append(("ours_triton_no_overlap", lambda: ours_case(backend="triton", overlap=False)))
         for chunk in (1024, 4096):
             cases.append((f"ours_triton_c{chunk}", lambda c=chunk: ours_case(backend="triton",
                                                                           chunk_size=c)))
@@ -200,6 +204,39 @@ def ce_kernel_gbps(n_rows, v, dtype, block=None, num_warps=None):
                                                          return_mode="median")
     bytes_moved = 3 * n_rows * v * logits.element_size()  # 2 reads + 1 write
     return ms, bytes_moved / ms / 1e6
+
+
+def chunk_parts_ms(n, d, v, chunk, dtype):
+    """Median ms of each step of one chunk, alone: the three GEMMs, the CE kernel, and the
+    grad_W product with a bf16 (beta=1) and an fp32 accumulator. Shows where small chunks lose."""
+    from triton.testing import do_bench
+
+    h = torch.randn(chunk, d, device=DEVICE).to(dtype)
+    w = torch.randn(v, d, device=DEVICE).to(dtype) * 0.02
+    logits = torch.empty(chunk, v, device=DEVICE, dtype=dtype)
+    targets = torch.randint(0, v, (chunk,), device=DEVICE)
+    row_loss = torch.empty(chunk, device=DEVICE)
+    scale = torch.tensor(1.0 / n, device=DEVICE)
+    grad_h = torch.empty(chunk, d, device=DEVICE, dtype=dtype)
+    acc16 = torch.zeros(v, d, device=DEVICE, dtype=dtype)
+    torch.mm(h, w.t(), out=logits)
+    lce._ce_chunk_triton(logits, targets, row_loss, scale, -100, 0.0, 0.0, True)
+    parts = {
+        "logits_mm": do_bench(lambda: torch.mm(h, w.t(), out=logits), return_mode="median"),
+        "grad_h_mm": do_bench(lambda: torch.mm(logits, w, out=grad_h), return_mode="median"),
+        "grad_w_addmm_bf16": do_bench(lambda: lce._addmm_into(acc16, logits.t(), h, False),
+                                      return_mode="median"),
+    }
+    del acc16
+    acc32 = torch.zeros(v, d, device=DEVICE)
+    parts["grad_w_addmm_fp32"] = do_bench(lambda: lce._addmm_into(acc32, logits.t(), h, False),
+                                          return_mode="median")
+    del acc32
+    work = logits.clone()
+    parts["ce_kernel"] = do_bench(lambda: (work.copy_(logits), lce._ce_chunk_triton(
+        work, targets, row_loss, scale, -100, 0.0, 0.0, True)), return_mode="median") - do_bench(
+        lambda: work.copy_(logits), return_mode="median")
+    return {k: round(val, 4) for k, val in parts.items()}
 
 
 def matmul_ceiling_tflops(dtype):
@@ -302,6 +339,12 @@ def main(argv=None):
             ce_ms, ce_gbps = ce_kernel_gbps(chunk, shapes[0][2], dtype, block, warps)
             key = f"ce_kernel_{chunk}x{shapes[0][2]}_block{block or 'default'}_warps{warps or ''}"
             extras[key] = f"{ce_ms:.3f} ms, {ce_gbps:.0f} GB/s"
+        if args.sweep:
+            n, d, v = shapes[0]
+            for chunk in sorted({liger_chunk_size(n, d, v), 1024, 4096}):
+                extras[f"chunk_parts_ms_{n}x{d}x{v}_c{chunk}"] = chunk_parts_ms(n, d, v, chunk,
+                                                                                dtype)
+                free_memory()
     except Exception as exc:  # noqa: BLE001 - extras are optional
         extras["extras_error"] = repr(exc)
     rows = []

@@ -136,10 +136,19 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# Launch parameters of the Triton kernel. block_n None: 64 keys per block when a padded key or value
+# part is >= 256 wide, else 128. The decode benchmark's --kernel-sweep measures the alternatives.
+LAUNCH = {"programs_per_sm": 2, "block_n": None, "num_warps": 4, "num_stages": 2}
+
+
 @functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _n_programs_target(device: torch.device) -> int:
-    """About two waves of programs: 2 x the number of SMs (4 when interpreting on CPU)."""
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    """About LAUNCH["programs_per_sm"] waves of programs (4 programs when interpreting on CPU)."""
+    return LAUNCH["programs_per_sm"] * _sm_count(device) if device.type == "cuda" else 4
 
 
 def _chunking(S: int, n_bh: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -157,7 +166,7 @@ def _decode_triton(q, k, v, q_pos, window, slopes, scale: float, v_dim: int) -> 
     q = q.to(k.dtype).contiguous()
     da, db = (dv, dk - dv) if v_in_k else (dk, 0)
     block_r = max(16, _pow2(R))
-    block_n = 64 if max(_pow2(da), _pow2(dv)) >= 256 else 128
+    block_n = LAUNCH["block_n"] or (64 if max(_pow2(da), _pow2(dv)) >= 256 else 128)
     chunk, n_chunks = _chunking(S, B * Hkv, block_n, q.device)
     o = torch.empty(B, Hkv, n_chunks, R, dv, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hkv, n_chunks, R, device=q.device, dtype=torch.float32)
@@ -171,7 +180,7 @@ def _decode_triton(q, k, v, q_pos, window, slopes, scale: float, v_dim: int) -> 
         lse.stride(0), lse.stride(1), lse.stride(2),
         DA=da, DB=db, DV=dv, DA_P=_pow2(da), DB_P=_pow2(max(db, 1)), DV_P=_pow2(dv), BLOCK_R=block_r,
         BLOCK_N=block_n, V_IN_K=v_in_k, HAS_WINDOW=window is not None, HAS_ALIBI=slopes is not None,
-        num_warps=4, num_stages=2)
+        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
     weights = torch.softmax(lse, dim=2)  # (B, Hkv, n_chunks, R): each chunk's share of the total
     return (weights[..., None] * o).sum(dim=2).to(k.dtype)  # (B, Hkv, R, dv)
 

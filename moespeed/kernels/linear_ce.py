@@ -65,6 +65,7 @@ shapes; the softmax step is memory-bound and small. What chunking trades:
 - torch.compile: the chunk loop runs inside the custom op `moespeed::linear_ce_fwd`, opaque to
   Dynamo and Inductor, so compiled code calls exactly the eager kernels.
 """
+import contextlib
 import functools
 import os
 import warnings
@@ -330,6 +331,49 @@ class _WeightGradAccumulator:
             a = b
 
 
+class _WeightGradStream:
+    """Runs each chunk's grad_W product on a side CUDA stream, overlapped with its grad_h product.
+
+    Both products only read the chunk's gradient buffer; the next chunk's logits GEMM overwrites
+    it, so the current stream waits for the side stream's previous product first
+    (`before_overwrite`). With a bf16 accumulator and small chunks the grad_W product is bound by
+    the read-modify-write of grad_W (4*V*D bytes per chunk) while grad_h = G @ W has few output
+    tiles, so running them side by side fills the GPU better. Disabled (a no-op) on CPU.
+    """
+
+    _streams: dict = {}
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled = enabled and device.type == "cuda"
+        self.done = None  # event: the side stream's last product has finished
+        if self.enabled:
+            self.main = torch.cuda.current_stream(device)
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            self.side = self._streams[device]
+
+    def before_overwrite(self) -> None:
+        if self.done is not None:
+            self.main.wait_event(self.done)
+
+    @contextlib.contextmanager
+    def run(self):
+        """Context: the work inside runs on the side stream after all queued main-stream work."""
+        if not self.enabled:
+            yield
+            return
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            yield
+            self.done = torch.cuda.Event()
+            self.done.record(self.side)
+
+    def join(self) -> None:
+        """The current stream waits for everything queued on the side stream."""
+        if self.enabled:
+            self.main.wait_stream(self.side)
+
+
 # --------------------------------------------------------------------------------------------
 # The chunked forward (computes the loss and both gradients)
 # --------------------------------------------------------------------------------------------
@@ -341,7 +385,7 @@ def default_chunk_size(n_tokens: int, vocab: int, itemsize: int) -> int:
 
 def _chunked_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
                      mean: bool, z_loss: float, softcap: float, chunk_size: int, backend: str,
-                     fp32_accum: bool, need_grad_h: bool, need_grad_w: bool):
+                     fp32_accum: bool, overlap: bool, need_grad_h: bool, need_grad_w: bool):
     """Loss and (unscaled) gradients of hidden and weight, one chunk of tokens at a time.
 
     backend: "triton", "chunked", or "auto" (decided here, at run time, outside torch.compile).
@@ -364,17 +408,21 @@ def _chunked_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_ind
     compute_grad = need_grad_h or need_grad_w
     chunk_size = max(1, min(chunk_size, n_tokens))
     logits_buf = hidden.new_empty(chunk_size, vocab)  # (chunk, V), reused by every chunk
+    side = _WeightGradStream(hidden.device, enabled=overlap and need_grad_w and need_grad_h)
     for start in range(0, n_tokens, chunk_size):
         end = min(start + chunk_size, n_tokens)
         h = hidden[start:end]  # (n, D)
         logits = logits_buf[: end - start]  # (n, V)
+        side.before_overwrite()  # the previous chunk's grad_W product has read the buffer
         torch.mm(h, w.t(), out=logits)
         ce_chunk(logits, targets[start:end], row_loss[start:end], scale,
                  ignore_index, z_loss, softcap, compute_grad)  # logits now hold dloss/dlogits
+        if need_grad_w:
+            with side.run():  # on a side stream when overlapping, concurrent with grad_h below
+                acc.add(logits, h)
         if need_grad_h:
             torch.mm(logits, w, out=grad_h[start:end])
-        if need_grad_w:
-            acc.add(logits, h)
+    side.join()
     del logits_buf
     loss = row_loss.sum() * scale
     grad_w = acc.finish() if need_grad_w else weight.new_empty(0)
@@ -384,17 +432,17 @@ def _chunked_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_ind
 @torch.library.custom_op("moespeed::linear_ce_fwd", mutates_args=())
 def _linear_ce_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
                    mean: bool, z_loss: float, softcap: float, chunk_size: int, backend: str,
-                   fp32_accum: bool, need_grad_h: bool, need_grad_w: bool
+                   fp32_accum: bool, overlap: bool, need_grad_h: bool, need_grad_w: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Custom op around `_chunked_forward`: opaque to torch.compile, so compile runs it as is."""
     with torch.autocast(hidden.device.type, enabled=False):
         return _chunked_forward(hidden, weight, targets, ignore_index, mean, z_loss, softcap,
-                                chunk_size, backend, fp32_accum, need_grad_h, need_grad_w)
+                                chunk_size, backend, fp32_accum, overlap, need_grad_h, need_grad_w)
 
 
 @_linear_ce_fwd.register_fake
 def _(hidden, weight, targets, ignore_index, mean, z_loss, softcap, chunk_size, backend,
-      fp32_accum, need_grad_h, need_grad_w):
+      fp32_accum, overlap, need_grad_h, need_grad_w):
     loss = hidden.new_empty((), dtype=torch.float32)
     grad_h = torch.empty_like(hidden) if need_grad_h else hidden.new_empty(0)
     grad_w = torch.empty_like(weight) if need_grad_w else weight.new_empty(0)
@@ -406,10 +454,10 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, mean, z_loss, softcap, chunk_size,
-                backend, fp32_accum, need_grad_h, need_grad_w):
+                backend, fp32_accum, overlap, need_grad_h, need_grad_w):
         loss, grad_h, grad_w = torch.ops.moespeed.linear_ce_fwd(
             hidden, weight, targets, ignore_index, mean, z_loss, softcap, chunk_size,
-            backend, fp32_accum, need_grad_h, need_grad_w)
+            backend, fp32_accum, overlap, need_grad_h, need_grad_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.need = (need_grad_h, need_grad_w)
         return loss
@@ -419,7 +467,7 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = _scale_(grad_h, grad_loss) if ctx.need[0] else None
         grad_w = _scale_(grad_w, grad_loss) if ctx.need[1] else None
-        return (grad_h, grad_w) + (None,) * 10
+        return (grad_h, grad_w) + (None,) * 11
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,7 +543,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                          ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
                          softcap: Optional[float] = None, backend: str = "auto",
                          chunk_size: Optional[int] = None,
-                         accum_dtype: Optional[torch.dtype] = torch.float32) -> Tensor:
+                         accum_dtype: Optional[torch.dtype] = torch.float32,
+                         overlap: bool = True) -> Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets` without materializing the logits.
 
     hidden: (N, D) or (..., D) float (bf16/fp16/fp32); weight: (V, D), e.g. a tied embedding;
@@ -507,6 +556,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     chunk_size: tokens per chunk (default: `default_chunk_size`, ~4096 rows).
     accum_dtype: torch.float32 (default) sums the weight gradient in fp32; None sums it in the
         weight's dtype like Liger (less memory, one rounding per chunk).
+    overlap: on CUDA, run each chunk's weight-gradient product on a side stream, concurrently with
+        its hidden-gradient product (same results; see `_WeightGradStream`).
     Under autocast the GEMMs run in the autocast dtype. Returns a 0-d fp32 tensor.
     """
     _check_args(hidden, weight, targets, reduction, z_loss, softcap, chunk_size)
@@ -527,7 +578,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     args = (hidden, weight, targets, ignore_index, reduction == "mean", float(z_loss),
             float(softcap or 0.0), int(chunk_size), backend,
-            accum_dtype == torch.float32, need_h, need_w)
+            accum_dtype == torch.float32, bool(overlap), need_h, need_w)
     if not (need_h or need_w):
         return torch.ops.moespeed.linear_ce_fwd(*args)[0]
     return _FusedLinearCE.apply(*args)

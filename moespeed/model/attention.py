@@ -89,6 +89,13 @@ class KVCache:
 
 
 # ------------------------------------------------------------------------------------ the context
+# Triton kernel options of FlexAttention on CUDA (torch's FlexKernelOptions: block sizes, warps,
+# stages, USE_TMA, ...). Empty: torch's defaults. `python -m moespeed.bench.attention --flex-sweep`
+# measures alternatives. Every mask built here keeps the diagonal, so no query row is fully masked
+# and ROWS_GUARANTEED_SAFE always holds.
+FLEX_KERNEL_OPTIONS: dict = {}
+
+
 @functools.cache
 def _compiled_flex():
     """flex_attention compiled once per process (uncompiled, it materializes the scores)."""
@@ -100,7 +107,9 @@ def run_flex(q, k, v, block_mask, score_mod=None, scale=None):
     gqa = q.shape[1] != k.shape[1]
     eager = q.device.type == "cpu" or torch.compiler.is_compiling()  # inside torch.compile: traced
     fn = flex_attention if eager else _compiled_flex()
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    options = dict(FLEX_KERNEL_OPTIONS) if q.is_cuda and FLEX_KERNEL_OPTIONS else None
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+              kernel_options=options)
 
 
 class AttentionContext:
