@@ -60,6 +60,8 @@ class ModelConfig:
     tie_embeddings: bool = option(True, "share the token embedding with the output head")
     loss_backend: str = option("auto", "linear cross-entropy: auto (fused Triton on CUDA, else chunked), triton, chunked, reference (materialized logits), liger (needs liger-kernel)",
                                choices=["auto", "triton", "chunked", "reference", "liger"])
+    loss_memory: str = option("fast", "fused loss memory/speed trade-off: fast (fp32 weight-gradient sum, ~4096-token chunks) or lean (bf16 sum with Liger's chunk size: Liger's memory, about its speed)",
+                              choices=["fast", "lean"])
     init_std: float = option(0.02, "std of the normal init of weights; residual output projections get std/sqrt(2*n_layers)")
     ffn_pattern: str = option("dense", "FFN kind per layer, comma-separated (dense, moe, peer), repeated to n_layers; e.g. dense,peer")
     first_k_dense: int = option(0, "the first k layers use the dense MLP whatever ffn_pattern says")

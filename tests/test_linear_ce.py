@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from moespeed.kernels.linear_ce import (
     _WeightGradAccumulator,
     _addmm_into,
+    lean_chunk_size,
     linear_cross_entropy,
+    memory_settings,
     reference_linear_cross_entropy,
 )
 
@@ -244,3 +246,29 @@ def test_cuda_bf16_matches_reference(backend, reduction, z_loss, softcap):
     ours = loss_and_grads(hidden, weight, targets, backend=backend, chunk_size=384, **kw)
     for name, a, b in zip(("loss", "grad_hidden", "grad_weight"), ours, ref):
         assert rel_err(a, b) < 1e-2, (name, rel_err(a, b))
+
+
+def test_lean_chunk_is_liger_chunk_and_memory_modes():
+    assert lean_chunk_size(16384, 4096, 131072) == 512  # ceil(V / D) = 32 -> 16384 / 32
+    assert lean_chunk_size(16384, 1024, 32768) == 512
+    assert lean_chunk_size(100, 64, 1000) == 8  # ceil(100 / 16) = 7 -> next power of two
+    assert memory_settings("lean", 16384, 4096, 131072, 2) == (512, None)
+    assert memory_settings("fast", 16384, 4096, 131072, 2) == (4096, torch.float32)
+    with pytest.raises(ValueError, match="memory='huge'"):
+        memory_settings("huge", 8, 8, 8, 2)
+
+
+def test_model_lean_loss_memory_matches_fast():
+    from moespeed.model.transformer import Transformer
+    from tests.helpers import tiny_model_config
+
+    tokens = torch.randint(0, 256, (2, 32))
+    results = []
+    for memory in ("fast", "lean"):
+        torch.manual_seed(0)
+        model = Transformer(tiny_model_config(loss_memory=memory))
+        loss = model(tokens, tokens)
+        loss.backward()
+        results.append((loss.detach(), model.head_weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)

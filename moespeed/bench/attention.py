@@ -383,13 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-cases", default=",".join(TRAIN_CASES), help="comma-separated train cases")
     parser.add_argument("--no-compile", action="store_true", help="training step without torch.compile")
     parser.add_argument("--flex-sweep", type=int, metavar="T",
-                        help="only: flex_causal and flex_doc at this T under each FLEX_SWEEP option set")
+                        help="only: flex_causal at this T under each FLEX_SWEEP option set")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention bench: needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.flex_sweep:
-        rows = flex_sweep(args.flex_sweep, ["flex_causal", "flex_doc"])
+        rows = flex_sweep(args.flex_sweep, ["flex_causal"])
         if args.json:
             doc = {**environment(), "command": "python -m moespeed.bench.attention " + " ".join(sys.argv[1:]),
                    "results": rows}

@@ -50,9 +50,8 @@ def _commit():
 
 
 def liger_chunk_size(n: int, d: int, v: int) -> int:
-    """Liger's chunk: next power of two of N / ceil(V / D) (logits chunk ~ the size of hidden)."""
-    rows = math.ceil(n / math.ceil(v / d))
-    return min(n, 1 << max(0, (rows - 1).bit_length()))
+    """Liger's chunk size (what the lean memory mode uses)."""
+    return lce.lean_chunk_size(n, d, v)
 
 
 def make_inputs(n, d, v, dtype, seed=0):

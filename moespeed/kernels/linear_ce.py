@@ -377,6 +377,29 @@ class _WeightGradStream:
 # --------------------------------------------------------------------------------------------
 # The chunked forward (computes the loss and both gradients)
 # --------------------------------------------------------------------------------------------
+def lean_chunk_size(n_tokens: int, dim: int, vocab: int) -> int:
+    """Liger's chunk: the next power of two of N / ceil(V / D) rows, so that a chunk's logits take
+    about as many bytes as the hidden states."""
+    rows = -(-n_tokens // -(-vocab // dim))  # ceil(N / ceil(V / D))
+    return max(1, min(n_tokens, 1 << max(0, (rows - 1).bit_length())))
+
+
+MEMORY_MODES = ("fast", "lean")
+
+
+def memory_settings(memory: str, n_tokens: int, dim: int, vocab: int, itemsize: int):
+    """(chunk_size, accum_dtype) of a memory mode.
+
+    fast: ~4096-row chunks and an fp32 weight-gradient accumulator (exact sum, more memory).
+    lean: Liger's chunk size and accumulation in the weight dtype (Liger's memory, its speed).
+    """
+    if memory == "fast":
+        return default_chunk_size(n_tokens, vocab, itemsize), torch.float32
+    if memory == "lean":
+        return lean_chunk_size(n_tokens, dim, vocab), None
+    raise ValueError(f"linear_cross_entropy: memory={memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+
+
 def default_chunk_size(n_tokens: int, vocab: int, itemsize: int) -> int:
     """~4096 rows, fewer when a chunk's logits would pass `_MAX_CHUNK_BYTES` (>= 128 rows)."""
     rows = min(_TARGET_CHUNK_ROWS, _MAX_CHUNK_BYTES // max(1, vocab * itemsize))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels.linear_ce import linear_cross_entropy
+from ..kernels.linear_ce import linear_cross_entropy, memory_settings
 from .attention import AttentionContext, KVCache, LatentKVCache, build_attention, gqa_param_count
 from .masks import alibi_slopes
 from .mlp import MLP
@@ -173,8 +173,11 @@ class Transformer(nn.Module):
         if targets is None:
             return self.logits(h)
         B, T, D = h.shape
+        chunk_size, accum_dtype = memory_settings(self.cfg.loss_memory, B * T, D, self.head_weight.shape[0],
+                                                  h.element_size())
         loss = linear_cross_entropy(h.reshape(B * T, D), self.head_weight, targets.reshape(B * T),
-                                    ignore_index=ignore_index, backend=self.cfg.loss_backend)
+                                    ignore_index=ignore_index, backend=self.cfg.loss_backend,
+                                    chunk_size=chunk_size, accum_dtype=accum_dtype)
         if aux is not None:
             loss = loss + aux
         return (loss, self.logits(h)) if return_logits else loss
