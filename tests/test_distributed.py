@@ -23,6 +23,7 @@ from torch import nn
 from moespeed.config import TrainConfig, build_config
 from moespeed.errors import ConfigError
 from moespeed.model.moe import MoE, MoEConfig
+from moespeed.model.moe_ep import choose_dispatch
 from moespeed.run import load
 from moespeed.train.distributed import DistEnv, check_same_config, parallelize
 from moespeed.train.trainer import Trainer
@@ -135,6 +136,18 @@ def test_expert_parallel_layer_matches_single_process():
     # each child first drops to one thread, so no OpenMP pool is used across the fork
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method=method)
+
+
+def test_ep_dispatch_auto_and_validation():
+    """auto: allgather when top-k >= ep_size (fewer bytes than all-to-all), else alltoall; bad values fail."""
+    assert choose_dispatch("auto", top_k=6, ep_size=2) == "allgather"
+    assert choose_dispatch("auto", top_k=6, ep_size=6) == "allgather"
+    assert choose_dispatch("auto", top_k=6, ep_size=8) == "alltoall"
+    assert choose_dispatch("alltoall", top_k=6, ep_size=2) == "alltoall"
+    with pytest.raises(ConfigError, match="train.ep_dispatch = 'scatter': allowed are auto | alltoall | allgather"):
+        TrainConfig(ep_dispatch="scatter").validate()
+    with pytest.raises(ConfigError, match="train.ep_dispatch"):
+        build_config("quickstart", None, [("train.ep_dispatch", "scatter")])
 
 
 # ------------------------------------------------------------------------- training end to end

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -115,10 +116,8 @@ def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int =
     x_mine = x[mine].clone().requires_grad_()
 
     single = copy.deepcopy(layer)  # one GPU, all experts, this rank's tokens
-    step = lambda: _layer_step(single, x_mine, dy[mine])  # noqa: E731
-    result = {"1gpu": {"layer_ms": _median_ms(step, [x_mine, *single.parameters()]),
-                       "layer_peak_mib": peak_mib(step, [x_mine, *single.parameters()], x.device)}}
-    del single
+    step, params = functools.partial(_layer_step, single, x_mine, dy[mine]), [x_mine, *single.parameters()]
+    result = {"1gpu": {"layer_ms": _median_ms(step, params), "layer_peak_mib": peak_mib(step, params, x.device)}}
 
     ref = copy.deepcopy(layer)
     ref.cfg.dispatch = "padded_bmm"  # fp32 reference
@@ -138,11 +137,9 @@ def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int =
         for name, p in moe.named_parameters():
             full = ref.get_parameter(name).grad
             errors[f"{name}_grad"] = _rel_err(p.grad, full[shard] if name in ("w1", "w2", "w3") else full)
-        step = lambda: _layer_step(par.train_model, x_ep, dy[mine])  # noqa: E731
-        params = [x_ep, *model.parameters()]
+        step, params = functools.partial(_layer_step, par.train_model, x_ep, dy[mine]), [x_ep, *model.parameters()]
         result[dispatch] = {"rel_err": errors, "layer_ms": _median_ms(step, params),
                             "layer_peak_mib": peak_mib(step, params, x.device)}
-        del par, model
     gathered = [None] * env.world_size
     dist.all_gather_object(gathered, result)
     if env.is_main:
