@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .model.moe import MoEConfig
+from .model.moe_ep import DISPATCHERS as EP_DISPATCHERS
 from .model.peer import PEERConfig
 from .options import field_choices, field_doc, option
 
@@ -186,6 +187,7 @@ class TrainConfig:
     threads: int = option(0, "CPU threads for torch; 0 = torch's default")
     parallel: str = option("ddp", "with several processes (torchrun): ddp replicates the model; fsdp shards params, grads and optimizer state (FSDP2)", choices=["ddp", "fsdp"])
     ep_size: int = option(1, "expert parallelism: routed experts split over groups of ep_size ranks (must divide the number of processes and model.moe.n_routed_experts); data parallel over the groups")
+    ep_dispatch: str = option("auto", "how expert parallelism moves token copies: alltoall (each copy to its expert's rank and back; one host sync per layer), allgather (all-gather tokens, reduce-scatter outputs; no host sync, ep_size x the expert rows in memory), auto = allgather when model.moe.num_experts_per_tok >= ep_size", choices=EP_DISPATCHERS)
 
     def validate(self) -> None:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every"):
@@ -202,6 +204,8 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip = {self.grad_clip}: must be >= 0 (0 = off)")
         _require(self.threads >= 0, f"train.threads = {self.threads}: must be >= 0")
         _require(self.ep_size >= 1, f"train.ep_size = {self.ep_size}: must be >= 1 (1 = no expert parallelism)")
+        _require(self.ep_dispatch in EP_DISPATCHERS,
+                 f"train.ep_dispatch = {self.ep_dispatch!r}: allowed are {' | '.join(EP_DISPATCHERS)}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"train.device = {self.device!r}: must be auto, cpu, cuda or cuda:N")
 

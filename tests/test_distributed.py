@@ -23,6 +23,7 @@ from torch import nn
 from moespeed.config import TrainConfig, build_config
 from moespeed.errors import ConfigError
 from moespeed.model.moe import MoE, MoEConfig
+from moespeed.model.moe_ep import choose_dispatch
 from moespeed.run import load
 from moespeed.train.distributed import DistEnv, check_same_config, parallelize
 from moespeed.train.trainer import Trainer
@@ -60,6 +61,11 @@ def _objective(y, aux, dy, n_tokens):
     return (y * dy).sum() / n_tokens + aux
 
 
+# (train.ep_dispatch, model.moe.dispatch): allgather's sentinel rows must not leak into the results,
+# neither as grouped_mm's uninitialized rows nor as padded_bmm's extra blocks
+EP_LAYER_PATHS = [("alltoall", "auto"), ("allgather", "padded_bmm"), ("allgather", "grouped_mm")]
+
+
 def _ep_layer_worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -68,60 +74,80 @@ def _ep_layer_worker(rank: int, world: int, port: int) -> None:
         # a clear error when the ranks disagree on the config
         with pytest.raises(ConfigError, match="rank 0 has train.steps = 200, rank 3 has train.steps = 300"):
             check_same_config(f"[train]\nsteps = {300 if rank == 3 else 200}\n", DistEnv(rank, world))
-        cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
-                        activation="swiglu", aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01)
-        for case in ("random", "rank 1 of each EP group receives nothing"):
-            torch.manual_seed(0)  # the same layer and batch on every rank
-            ref = MoE(24, cfg)
-            if case != "random":  # bias the selection to experts 0 and 1 (held by EP rank 0)
-                ref.expert_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))
-            ref.train()
-            x, dy = torch.randn(2 * world, 8, 24), torch.randn(2 * world, 8, 24)  # (B, T, D): 2 sequences per rank
-            ep_model = _OneMoE(copy.deepcopy(ref))
-            # one process: the batch of each EP group in turn (the balance loss covers one EP group's tokens)
-            x_ref = x.clone().requires_grad_()
-            y_ref, aux_ref = [], []
-            for group in (slice(0, 4), slice(4, 8)):
-                y, aux = ref(x_ref[group])
-                _objective(y, aux / 2, dy[group], x.shape[0] * x.shape[1]).backward()
-                y_ref.append(y.detach())
-                aux_ref.append(aux.detach())
-            y_ref, aux_ref = torch.cat(y_ref), aux_ref[rank // 2]  # (B, T, D), this rank's EP group's aux
-            # expert parallel: EP groups {0, 1}, {2, 3}; data parallel over the groups
-            par = parallelize(ep_model, TrainConfig(ep_size=2), DistEnv(rank, world))
-            mine = slice(2 * rank, 2 * rank + 2)
-            x_ep = x[mine].clone().requires_grad_()
-            with par.micro_step(last=False):  # accumulation: DDP skips its all-reduce
-                assert not par.ddp.require_backward_grad_sync
-            with par.micro_step(last=True):
-                assert par.ddp.require_backward_grad_sync
-            y_ep, aux_ep = par.train_model(x_ep)
-            _objective(y_ep, aux_ep, dy[mine], x_ep.shape[0] * x_ep.shape[1]).backward()  # DDP averages over ranks
-            par.finish_grads()
-            moe, shard = ep_model.moe, slice(2 * (rank % 2), 2 * (rank % 2) + 2)
-            assert moe.w1.shape[0] == 2 and moe.expert_parallel is not None
-            assert (ref._load_counts[2:].sum() == 0) == (case != "random")  # nothing for EP rank 1
-            close = dict(rtol=1e-4, atol=1e-6, msg=lambda m: f"{case}, rank {rank}: {m}")
-            torch.testing.assert_close(y_ep, y_ref[mine], **close)
-            aux_mean = aux_ep.detach().clone()
-            dist.all_reduce(aux_mean, group=moe.expert_parallel.group)
-            torch.testing.assert_close(aux_mean / 2, aux_ref, **close)
-            torch.testing.assert_close(x_ep.grad, x_ref.grad[mine] * world, **close)
-            for name in ("gate", "shared.w1.weight", "shared.w2.weight", "shared.w3.weight"):
-                torch.testing.assert_close(moe.get_parameter(name).grad, ref.get_parameter(name).grad, **close)
-            for name in ("w1", "w2", "w3"):
-                torch.testing.assert_close(getattr(moe, name).grad, getattr(ref, name).grad[shard], **close)
-                assert getattr(ref, name).grad[shard].abs().sum() > 0 or case != "random"
+        for ep_dispatch, mode in EP_LAYER_PATHS:
+            cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
+                            activation="swiglu", aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01,
+                            dispatch=mode)
+            for case in ("random", "rank 1 of each EP group receives nothing"):
+                _check_ep_layer(rank, world, cfg, ep_dispatch, f"{ep_dispatch}/{mode}, {case}", case != "random")
     finally:
         dist.destroy_process_group()
 
 
+def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, case: str, skewed: bool) -> None:
+    """EP=2 x DP=2 layer vs one process: output, aux loss, input, router, shared and expert grads."""
+    torch.manual_seed(0)  # the same layer and batch on every rank
+    ref = MoE(24, cfg)
+    if skewed:  # bias the selection to experts 0 and 1 (held by EP rank 0)
+        ref.expert_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))
+    ref.train()
+    x, dy = torch.randn(2 * world, 8, 24), torch.randn(2 * world, 8, 24)  # (B, T, D): 2 sequences per rank
+    ep_model = _OneMoE(copy.deepcopy(ref))
+    # one process: the batch of each EP group in turn (the balance loss covers one EP group's tokens)
+    x_ref = x.clone().requires_grad_()
+    y_ref, aux_ref = [], []
+    for group in (slice(0, 4), slice(4, 8)):
+        y, aux = ref(x_ref[group])
+        _objective(y, aux / 2, dy[group], x.shape[0] * x.shape[1]).backward()
+        y_ref.append(y.detach())
+        aux_ref.append(aux.detach())
+    y_ref, aux_ref = torch.cat(y_ref), aux_ref[rank // 2]  # (B, T, D), this rank's EP group's aux
+    # expert parallel: EP groups {0, 1}, {2, 3}; data parallel over the groups
+    par = parallelize(ep_model, TrainConfig(ep_size=2, ep_dispatch=ep_dispatch), DistEnv(rank, world))
+    mine = slice(2 * rank, 2 * rank + 2)
+    x_ep = x[mine].clone().requires_grad_()
+    with par.micro_step(last=False):  # accumulation: DDP skips its all-reduce
+        assert not par.ddp.require_backward_grad_sync
+    with par.micro_step(last=True):
+        assert par.ddp.require_backward_grad_sync
+    y_ep, aux_ep = par.train_model(x_ep)
+    _objective(y_ep, aux_ep, dy[mine], x_ep.shape[0] * x_ep.shape[1]).backward()  # DDP averages over ranks
+    par.finish_grads()
+    moe, shard = ep_model.moe, slice(2 * (rank % 2), 2 * (rank % 2) + 2)
+    assert moe.w1.shape[0] == 2 and moe.expert_parallel.dispatch == ep_dispatch
+    assert (ref._load_counts[2:].sum() == 0) == skewed  # nothing for EP rank 1
+    close = dict(rtol=1e-4, atol=1e-6, msg=lambda m: f"{case}, rank {rank}: {m}")
+    torch.testing.assert_close(y_ep, y_ref[mine], **close)
+    aux_mean = aux_ep.detach().clone()
+    dist.all_reduce(aux_mean, group=moe.expert_parallel.group)
+    torch.testing.assert_close(aux_mean / 2, aux_ref, **close)
+    torch.testing.assert_close(x_ep.grad, x_ref.grad[mine] * world, **close)
+    for name in ("gate", "shared.w1.weight", "shared.w2.weight", "shared.w3.weight"):
+        torch.testing.assert_close(moe.get_parameter(name).grad, ref.get_parameter(name).grad, **close)
+    for name in ("w1", "w2", "w3"):
+        torch.testing.assert_close(getattr(moe, name).grad, getattr(ref, name).grad[shard], **close)
+        assert getattr(ref, name).grad[shard].abs().sum() > 0 or skewed
+
+
 def test_expert_parallel_layer_matches_single_process():
-    """EP=2 x DP=2 on 4 processes: outputs, aux loss and every gradient equal the one-process layer's."""
+    """EP=2 x DP=2 on 4 processes, each dispatcher: outputs, aux loss and every gradient equal the
+    one-process layer's."""
     # fork: the children inherit the imported modules (a spawn pays ~5 s of imports per process);
     # each child first drops to one thread, so no OpenMP pool is used across the fork
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method=method)
+
+
+def test_ep_dispatch_auto_and_validation():
+    """auto: allgather when top-k >= ep_size (fewer bytes than all-to-all), else alltoall; bad values fail."""
+    assert choose_dispatch("auto", top_k=6, ep_size=2) == "allgather"
+    assert choose_dispatch("auto", top_k=6, ep_size=6) == "allgather"
+    assert choose_dispatch("auto", top_k=6, ep_size=8) == "alltoall"
+    assert choose_dispatch("alltoall", top_k=6, ep_size=2) == "alltoall"
+    with pytest.raises(ConfigError, match="train.ep_dispatch = 'scatter': allowed are auto | alltoall | allgather"):
+        TrainConfig(ep_dispatch="scatter").validate()
+    with pytest.raises(ConfigError, match="train.ep_dispatch"):
+        build_config("quickstart", None, [("train.ep_dispatch", "scatter")])
 
 
 # ------------------------------------------------------------------------- training end to end
@@ -201,18 +227,20 @@ def _copy_until(src: Path, dst: Path, step: int) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A one-process reference (grad_accum 2, batches of 4) and, in one torchrun launch of 2 processes:
-    expert parallel, DDP with accumulation, a same-size EP resume, FSDP2 continuing the reference's
-    step-2, FSDP2 with expert parallelism, and a layout error."""
+    expert parallel (alltoall, then allgather), DDP with accumulation, a same-size EP resume, FSDP2
+    continuing the reference's step-2, FSDP2 with expert parallelism (allgather), and a layout error."""
     root = tmp_path_factory.mktemp("dist")
     data, cache = write_corpus(root / "src"), root / "cache"
     Trainer(_config(_args(data, root / "ref", cache, **{"train.grad_accum": 2}))).fit()
     _copy_until(root / "ref", root / "fsdp", 2)
-    ep = _args(data, root / "ep", cache, **{"train.ep_size": 2})
+    ep = _args(data, root / "ep", cache, **{"train.ep_size": 2, "train.ep_dispatch": "alltoall"})
     _run_distributed([
         {"args": ep},
+        {"args": _args(data, root / "ep-allgather", cache, **{"train.ep_size": 2})},  # auto: top-2 >= 2 ranks
         {"args": _args(data, root / "ddp", cache, **{"data.batch_size": 2, "train.grad_accum": 2})},
         {"copy_until": [str(root / "ep"), str(root / "ep-resumed"), 2]},
-        {"args": _args(data, root / "ep-resumed", cache, **{"train.ep_size": 2}) + ["--resume"]},
+        {"args": _args(data, root / "ep-resumed", cache, **{"train.ep_size": 2, "train.ep_dispatch": "alltoall"})
+         + ["--resume"]},
         {"args": _args(data, root / "fsdp", cache, **{"train.parallel": "fsdp"}) + ["--resume"]},
         {"args": _args(data, root / "fsdp-ep", cache, **{"train.parallel": "fsdp", "train.ep_size": 2})},
         {"args": _args(data, root / "bad", cache, **{"train.ep_size": 3}), "status": 2},
@@ -226,11 +254,17 @@ def test_ddp_no_sync_accumulation_matches_one_process(runs):
     _assert_same_training(root / "ddp", root / "ref", steps=[1, 2, 3, 4])
 
 
-def test_expert_parallel_training_matches_and_resumes_exactly(runs):
+@pytest.mark.parametrize("run, dispatch", [("ep", "alltoall"), ("ep-allgather", "allgather")])
+def test_expert_parallel_training_matches_one_process(runs, run, dispatch):
     _, _, root = runs
-    _assert_same_training(root / "ep", root / "ref", steps=[1, 2, 3, 4])
-    info = json.loads((root / "ep" / "parallel.json").read_text())
+    _assert_same_training(root / run, root / "ref", steps=[1, 2, 3, 4])
+    info = json.loads((root / run / "parallel.json").read_text())
     assert info["ep_size"] == 2 and info["routed_expert_params"] == 2 * 32 * 32 * 2  # half of the 4 experts
+    assert info["ep_dispatch"] == dispatch
+
+
+def test_expert_parallel_training_resumes_exactly(runs):
+    _, _, root = runs
     # resumed from step-2 at the same world size: bitwise the uninterrupted run
     assert _losses(root / "ep-resumed") == _losses(root / "ep")
     a, b = _params(root / "ep-resumed"), _params(root / "ep")

@@ -2,14 +2,17 @@
 
     python -m moespeed.bench.distributed --json benchmarks/results/distributed.json
 
-1. Correctness: on 2 GPUs (NCCL, bf16 autocast) an EP=2 MoE layer of small-moe's shape against the
-   same layer on one GPU in fp32 over the EP group's whole batch: relative errors of the output and
-   of every gradient (NaN fails).
+1. EP layer, on 2 GPUs (NCCL, bf16 autocast), for each EP dispatcher (`train.ep_dispatch` alltoall
+   and allgather): an EP=2 MoE layer of small-moe's shape against the same layer on one GPU in fp32
+   over the EP group's whole batch: relative errors of the output and of every gradient (NaN
+   fails); then its forward+backward time (median of fixed iterations, CUDA events; the slowest
+   rank) and peak memory, next to the one-GPU layer (all experts) on the same tokens per GPU.
 2. Data: the tokenizer and shards are prepared once (this Python's stdlib; cache dir shared by the
    runs; a smaller tokenizer sample than the preset's, to stay fast; it does not change speed).
 3. Runs, N steps each, the same micro-batch per GPU (the preset's 32 x 1024 tokens): "1gpu" with
    grad_accum 2 (the same global batch and data as the 2-GPU runs, so the loss curves must match),
-   "ddp2" (`torchrun --nproc_per_node 2`, DDP), "ep2" (the same with `--train.ep_size 2`).
+   "ddp2" (`torchrun --nproc_per_node 2`, DDP), "ep2_alltoall" and "ep2_allgather" (the same with
+   `--train.ep_size 2` and that `--train.ep_dispatch`). `--cases` picks a subset.
    Reported: tokens/s (median over the logged intervals after the first; goal: >= 1.8x one GPU),
    peak GPU memory of rank 0, routed-expert bytes per GPU (params + grads + optimizer state; EP=2
    halves them) and the largest train-loss difference to the 1-GPU run.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -53,15 +57,51 @@ class _OneMoE(torch.nn.Module):
         return self.moe(x)
 
 
+EP_DISPATCHERS = ("alltoall", "allgather")
+CASES = {  # training run -> (GPUs, extra CLI args)
+    "1gpu": (1, ["--train.grad_accum", "2"]),
+    "ddp2": (2, []),
+    **{f"ep2_{d}": (2, ["--train.ep_size", "2", "--train.ep_dispatch", d]) for d in EP_DISPATCHERS},
+}
+LAYER_ITERS = 20  # timed iterations of the EP layer: a fixed count, the same on every rank
+
+
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     err = ((a.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
     return err if err == err else float("inf")  # NaN fails
 
 
+def _median_ms(fn, params: list[torch.Tensor], iters: int = LAYER_ITERS) -> float:
+    """Median ms of fn() over a fixed number of calls (CUDA events). Not `do_bench`: its call count
+    depends on a per-rank estimate, and ranks that disagree on it would deadlock in a collective."""
+    times = []
+    for i in range(iters + 3):  # 3 warm-up calls
+        for t in params:
+            t.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _layer_step(model, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """One bf16 forward+backward of a MoE layer with the LM-like objective; returns the output."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, aux = model(x)
+    ((y.float() * dy).sum() / dy[..., 0].numel() + aux).backward()
+    return y.detach()
+
+
 def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int = 1024) -> None:
-    """Per rank: EP=2 layer (bf16) vs the fp32 one-GPU layer over the whole batch; rank 0 writes JSON."""
+    """Per rank and dispatcher: EP=2 layer (bf16) vs the fp32 one-GPU layer over the whole batch,
+    its time and peak memory; the one-GPU bf16 layer on this rank's tokens; rank 0 writes JSON."""
     import torch.distributed as dist
 
+    from moespeed.bench.common import peak_mib
     from moespeed.config import TrainConfig, preset_config
     from moespeed.model.moe import MoE
     from moespeed.train.distributed import init_distributed, parallelize
@@ -69,33 +109,49 @@ def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int =
     env = init_distributed(torch.device("cuda"))
     cfg = preset_config(preset).model
     torch.manual_seed(0)  # the same layer and batch on every rank
-    ref = MoE(cfg.d_model, copy.deepcopy(cfg.moe)).cuda()
+    layer = MoE(cfg.d_model, copy.deepcopy(cfg.moe)).cuda()
     x = torch.randn(batch * env.world_size, seq_len, cfg.d_model, device="cuda")  # (B, T, D)
     dy = torch.randn_like(x)
-    model = _OneMoE(copy.deepcopy(ref))
+    mine = slice(env.rank * batch, (env.rank + 1) * batch)
+    x_mine = x[mine].clone().requires_grad_()
+
+    single = copy.deepcopy(layer)  # one GPU, all experts, this rank's tokens
+    step, params = functools.partial(_layer_step, single, x_mine, dy[mine]), [x_mine, *single.parameters()]
+    result = {"1gpu": {"layer_ms": _median_ms(step, params), "layer_peak_mib": peak_mib(step, params, x.device)}}
+
+    ref = copy.deepcopy(layer)
     ref.cfg.dispatch = "padded_bmm"  # fp32 reference
     x_ref = x.clone().requires_grad_()
     y_ref, aux_ref = ref(x_ref)
     ((y_ref * dy).sum() / dy[..., 0].numel() + aux_ref).backward()
 
-    par = parallelize(model, TrainConfig(ep_size=env.world_size), env)
-    mine = slice(env.rank * batch, (env.rank + 1) * batch)
-    x_ep = x[mine].clone().requires_grad_()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_ep, aux_ep = par.train_model(x_ep)
-    ((y_ep.float() * dy[mine]).sum() / dy[mine][..., 0].numel() + aux_ep).backward()
-    par.finish_grads()
-    moe, shard = model.moe, model.moe.expert_parallel.expert_slice()
-    errors = {"output": _rel_err(y_ep, y_ref[mine]), "x_grad": _rel_err(x_ep.grad, x_ref.grad[mine] * env.world_size)}
-    for name, p in moe.named_parameters():
-        full = ref.get_parameter(name).grad
-        errors[f"{name}_grad"] = _rel_err(p.grad, full[shard] if name in ("w1", "w2", "w3") else full)
+    for dispatch in EP_DISPATCHERS:
+        model = _OneMoE(copy.deepcopy(layer))
+        par = parallelize(model, TrainConfig(ep_size=env.world_size, ep_dispatch=dispatch), env)
+        x_ep = x[mine].clone().requires_grad_()
+        y_ep = _layer_step(par.train_model, x_ep, dy[mine])
+        par.finish_grads()
+        moe, shard = model.moe, model.moe.expert_parallel.expert_slice()
+        errors = {"output": _rel_err(y_ep, y_ref[mine]),
+                  "x_grad": _rel_err(x_ep.grad, x_ref.grad[mine] * env.world_size)}
+        for name, p in moe.named_parameters():
+            full = ref.get_parameter(name).grad
+            errors[f"{name}_grad"] = _rel_err(p.grad, full[shard] if name in ("w1", "w2", "w3") else full)
+        step, params = functools.partial(_layer_step, par.train_model, x_ep, dy[mine]), [x_ep, *model.parameters()]
+        result[dispatch] = {"rel_err": errors, "layer_ms": _median_ms(step, params),
+                            "layer_peak_mib": peak_mib(step, params, x.device)}
     gathered = [None] * env.world_size
-    dist.all_gather_object(gathered, errors)
+    dist.all_gather_object(gathered, result)
     if env.is_main:
-        worst = {k: max(e[k] for e in gathered) for k in errors}
-        Path(out_path).write_text(json.dumps(worst))
+        Path(out_path).write_text(json.dumps(_worst(gathered)))
     env.close()
+
+
+def _worst(per_rank: list):
+    """The worst rank's value of every leaf of nested dicts: largest error, time or peak (None: unknown)."""
+    if isinstance(per_rank[0], dict):
+        return {k: _worst([d[k] for d in per_rank]) for k in per_rank[0]}
+    return None if None in per_rank else max(per_rank)
 
 
 # -- 2./3. training runs ----------------------------------------------------------------------------
@@ -171,21 +227,36 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(check: dict | None, rows: list[dict]) -> None:
     if check is not None:
-        worst = max(check.values()) if check else None
-        print(f"EP=2 layer check (bf16 vs fp32 one GPU): worst relative error {_fmt(worst, '.1e')} "
-              f"({'ok' if worst is not None and worst <= 1e-2 else 'FAIL'}): "
-              + ", ".join(f"{k} {v:.1e}" for k, v in check.items()))
+        print_layer_check(check)
     for r in rows:
         if r["notes"]:
             print(f"notes {r['bench']}: {r['notes']}")
-    head = f"{'run':>6} {'GPUs':>4} {'tok/s':>9} {'x1gpu':>6} {'peak GiB':>8} {'experts MiB/GPU':>15} " \
+    head = f"{'run':>13} {'GPUs':>4} {'tok/s':>9} {'x1gpu':>6} {'peak GiB':>8} {'experts MiB/GPU':>15} " \
            f"{'final loss':>10} {'max dloss':>9} {'wall s':>6}"
     print(head)
     for r in rows:
-        print(f"{r['bench'].split('.')[-1]:>6} {r['gpus']:>4} {_fmt(r['tokens_per_s'], ',.0f'):>9} "
+        print(f"{r['bench'].split('.')[-1]:>13} {r['gpus']:>4} {_fmt(r['tokens_per_s'], ',.0f'):>9} "
               f"{_fmt(r['speedup'], '.2f'):>6} {_fmt(r['peak_mem_gib'], '.1f'):>8} "
               f"{_fmt(r['routed_expert_mib_per_gpu'], '.0f'):>15} {_fmt(r['final_loss'], '.4f'):>10} "
               f"{_fmt(r['max_abs_loss_diff_vs_1gpu'], '.4f'):>9} {r['wall_s']:>6.0f}")
+
+
+def print_layer_check(check: dict) -> None:
+    """Step 1: per dispatcher the worst relative error (bf16 EP=2 vs fp32 one GPU), then layer times."""
+    if not check:
+        print("EP=2 layer check: FAILED (see its output above)")
+        return
+    for dispatch in EP_DISPATCHERS:
+        errors = check.get(dispatch, {}).get("rel_err", {})
+        worst = max(errors.values(), default=None)
+        print(f"EP=2 layer check, {dispatch} (bf16 vs fp32 one GPU): worst relative error {_fmt(worst, '.1e')} "
+              f"({'ok' if worst is not None and worst <= 1e-2 else 'FAIL'}): "
+              + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print(f"{'MoE layer fwd+bwd':>17} {'ms':>7} {'peak MiB':>9}  (same tokens per GPU; the slowest rank)")
+    for case in ("1gpu", *EP_DISPATCHERS):
+        values = check.get(case, {})
+        name = case if case == "1gpu" else f"ep2_{case}"
+        print(f"{name:>17} {_fmt(values.get('layer_ms'), '.2f'):>7} {_fmt(values.get('layer_peak_mib'), '.0f'):>9}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,11 +270,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default=PRESET, help=f"model preset (default {PRESET})")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="extra config key for every run, e.g. --set data.batch_size 16")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated training runs (default all: {','.join(CASES)}); 1gpu is the speedup base")
     p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on CPU (gloo), no GPU needed")
     p.add_argument("--ep-check", metavar="OUT", help=argparse.SUPPRESS)  # internal: the torchrun worker of step 1
     args = p.parse_args(argv)
     if args.ep_check:
         return ep_check(args.ep_check, args.preset)
+    cases = args.cases.split(",")
+    if any(name not in CASES for name in cases):
+        p.error(f"--cases {args.cases}: choose from {', '.join(CASES)}")
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="moespeed-bench-dist-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -217,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"data prepared in {time.time() - t0:.0f}s ({work / 'cache'})", flush=True)
 
     rows, base = [], None
-    for name, n_gpus, extra in (("1gpu", 1, ["--train.grad_accum", "2"]), ("ddp2", 2, []),
-                                ("ep2", 2, ["--train.ep_size", "2"])):
+    for name in cases:
+        n_gpus, extra = CASES[name]
         row = run_case(name, n_gpus, devices, train_args(args.preset, work / name, args.steps, args.log_every,
                                                           args.compile, overrides) + extra, args)
         if name == "1gpu":
@@ -231,17 +307,17 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({**environment(), "ep_check_rel_err": check, "results": rows}, fh, indent=1)
+            json.dump({**environment(), "ep_layer": check, "results": rows}, fh, indent=1)
     print_table(check, rows)
 
 
 def run_ep_check(work: Path, args) -> dict:
-    """Step 1 on GPUs 0 and 1; {} when it fails."""
+    """Step 1 on GPUs 0 and 1 (within twice --timeout); {} when it fails."""
     out = work / "ep_check.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "moespeed.bench.distributed", "--ep-check", str(out), "--preset", args.preset]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2 * args.timeout,
                               env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
         tail = (proc.stdout + proc.stderr)[-3000:]
     except subprocess.TimeoutExpired:

@@ -20,7 +20,8 @@ bf16 params and fp32 gradient reduction on GPU) and reduce-scatters every micro-
 memory sharded, at the cost of a reduce-scatter per micro-batch). EP-local experts are neither DDP's
 nor FSDP's: `finish_grads()` sums their gradients over the expert data-parallel group and divides
 by W, which equals DDP's world mean: the expert gradient on a rank already sums the contributions
-of all P ranks of its EP group (they came back through the all-to-all).
+of all P ranks of its EP group (the EP exchange of `train.ep_dispatch` brought them: all-to-all,
+or all-gather + reduce-scatter).
 
 Optimizer. Replicated and FSDP params keep Muon's default (`replicated=True`: the Newton-Schulz work
 is shared over the world); EP-local experts go to their own param groups, with `replicated=False`
@@ -45,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..model.moe_ep import ExpertParallel
+from ..model.moe_ep import ExpertParallel, choose_dispatch
 from ..optim.build import OptimizerSet, build_optimizer
 from .checkpoint import is_sharded, load_sharded, read_single_checkpoint
 
@@ -201,7 +202,8 @@ class Parallel:
         """Keep only this rank's slice of every routed expert stack; install the EP dispatcher."""
         group = self.mesh.get_group("ep")
         for _, moe in self.model.moe_layers():
-            moe.expert_parallel = ExpertParallel(group, moe.cfg.n_routed_experts)
+            dispatch = choose_dispatch(self.tc.ep_dispatch, moe.cfg.num_experts_per_tok, self.ep_size)
+            moe.expert_parallel = ExpertParallel(group, moe.cfg.n_routed_experts, dispatch)
             rows = moe.expert_parallel.expert_slice()
             for name in ("w1", "w2", "w3"):
                 full = getattr(moe, name)
@@ -246,8 +248,9 @@ class Parallel:
         text = f"{kind} over {self.env.world_size} ranks ({self.env.device.type})"
         if self.ep_size > 1:
             moe = self.model.moe_layers()[0][1]
-            text += (f", expert parallel over groups of {self.ep_size} ranks ({moe.expert_parallel.n_local} of "
-                     f"{moe.cfg.n_routed_experts} routed experts per rank), data parallel over "
+            text += (f", expert parallel ({moe.expert_parallel.dispatch}) over groups of {self.ep_size} ranks "
+                     f"({moe.expert_parallel.n_local} of {moe.cfg.n_routed_experts} routed experts per rank), "
+                     f"data parallel over "
                      f"{self.env.world_size // self.ep_size}")
         return text
 
@@ -389,6 +392,8 @@ def write_parallel_info(run_dir: Path, par: Parallel, optimizer: OptimizerSet) -
     """run_dir/parallel.json: the layout and this rank's routed-expert memory (rank 0 writes it)."""
     info = {"world_size": par.env.world_size, "parallel": "fsdp" if par.fsdp else ("ddp" if par.ddp else "none"),
             "ep_size": par.ep_size, **par.routed_expert_bytes(optimizer)}
+    if par.ep_size > 1:
+        info["ep_dispatch"] = par.model.moe_layers()[0][1].expert_parallel.dispatch
     if par.env.is_main:
         (Path(run_dir) / "parallel.json").write_text(json.dumps(info, indent=1) + "\n")
 
