@@ -11,7 +11,7 @@
    runs; a smaller tokenizer sample than the preset's, to stay fast; it does not change speed).
 3. Runs, N steps each, the same micro-batch per GPU (the preset's 32 x 1024 tokens): "1gpu" with
    grad_accum 2 (the same global batch and data as the 2-GPU runs, so the loss curves must match),
-   "ddp2" (`torchrun --nproc_per_node 2`, DDP), "ep2_alltoall" and "ep2_allgather" (the same with
+   "ddp2" (`torchrun --nproc_per_node 2`, DDP), "fsdp2" (FSDP2 instead of DDP), "ep2_alltoall" and "ep2_allgather" (DDP with
    `--train.ep_size 2` and that `--train.ep_dispatch`). `--cases` picks a subset.
    Reported: tokens/s (median over the logged intervals after the first; goal: >= 1.8x one GPU),
    peak GPU memory of rank 0, routed-expert bytes per GPU (params + grads + optimizer state; EP=2
@@ -61,6 +61,7 @@ EP_DISPATCHERS = ("alltoall", "allgather")
 CASES = {  # training run -> (GPUs, extra CLI args)
     "1gpu": (1, ["--train.grad_accum", "2"]),
     "ddp2": (2, []),
+    "fsdp2": (2, ["--train.parallel", "fsdp"]),
     **{f"ep2_{d}": (2, ["--train.ep_size", "2", "--train.ep_dispatch", d]) for d in EP_DISPATCHERS},
 }
 LAYER_ITERS = 20  # timed iterations of the EP layer: a fixed count, the same on every rank
