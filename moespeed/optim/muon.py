@@ -112,6 +112,9 @@ NS_GEMMS = ("torch", "triton", "auto")  # auto: triton for CUDA shape classes of
 AUTO_TRITON_BLOCKS = 64  # H100: 704 blocks of 768x256 NS in 3.4 ms (triton) vs 4.9 ms (baddbmm); 12 blocks: 0.8 vs 0.4 ms
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
 STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
+MERGE_NUMEL = 2**25  # a tall class of at most this many elements joins its transposed wide class
+DEFAULT_STREAMS = 3  # CUDA side streams that run shape classes concurrently (streams=None)
+CALL_FLOPS = 10**11  # scheduling cost of one NS call (~0.3 ms: small NS calls are latency-bound)
 _BLOCK = 1024  # elements per Triton program
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
@@ -364,10 +367,11 @@ def _launch_runs(*lists: list[Tensor]):
 
 def _momentum_reference(grads: list[Tensor], bufs: list[Tensor], slots: list[Tensor], momentum: float,
                         nesterov: bool) -> None:
-    """torch.optim.Muon's momentum ops with foreach: update bufs, write the NS inputs into slots."""
+    """torch.optim.Muon's momentum ops with foreach: update bufs, write the NS inputs into slots
+    (each of its tensor's numel, maybe another shape, e.g. (blocks, rows, cols) of a 2-D param)."""
     torch._foreach_lerp_(bufs, grads, 1 - momentum)
     us = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
-    torch._foreach_copy_(slots, us)  # casts to bf16
+    torch._foreach_copy_(slots, [u.reshape(s.shape) for u, s in zip(us, slots)])  # casts to bf16
 
 
 def _update_reference(params: list[Tensor], updates: list[Tensor], decay: float, alpha: float) -> None:
@@ -386,6 +390,7 @@ class _Job:
     group: dict
     start: int  # first block in the stack
     blocks: int  # matrices to orthogonalize: E * split (3-D) or split (2-D)
+    transposed: bool = False  # tall blocks stored transposed in a class of wide ones
 
 
 @dataclass(eq=False)
@@ -414,7 +419,11 @@ class Muon(torch.optim.Optimizer):
     `fused` picks the elementwise kernels: None = Triton on CUDA when it passes a one-time check
     against the foreach path (else a warning and foreach), True = Triton (CUDA, or CPU under
     TRITON_INTERPRET=1), False = torch foreach ops. `ns_gemm` computes NS's two "a D + L R"
-    products: "torch" (baddbmm, cuBLAS) or "triton" (`_addmm_kernel`, no copy of D; experimental).
+    products: "torch" (baddbmm, cuBLAS), "triton" (`_addmm_kernel`, no copy of D) or "auto".
+    `merge_numel`: a class of tall (rows, cols) blocks with at most this many elements is stored
+    transposed in the class of (cols, rows) blocks, one NS call for both (0: never).
+    `streams`: CUDA side streams that run shape classes concurrently (None = DEFAULT_STREAMS,
+    0 = all on the current stream; ignored on CPU, with DTensors and with more than one rank).
     See the module docstring for the algorithm.
     """
 
@@ -422,9 +431,12 @@ class Muon(torch.optim.Optimizer):
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  ns_steps: int = NS_STEPS, eps: float = EPS, adjust_lr_fn: str | None = "original",
                  split: int = 1, replicated: bool = True, *, process_group=None,
-                 batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch") -> None:
+                 batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
+                 merge_numel: int = MERGE_NUMEL, streams: int | None = None) -> None:
         if batch_numel < 1:
             raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
+        if merge_numel < 0 or (streams is not None and streams < 0):
+            raise ValueError(f"Muon merge_numel = {merge_numel}, streams = {streams}: must be >= 0")
         if ns_gemm not in NS_GEMMS:
             raise ValueError(f"Muon ns_gemm = {ns_gemm!r}: use one of {NS_GEMMS}")
         if triton is None and (fused or ns_gemm == "triton"):  # "auto" falls back to torch
@@ -433,7 +445,11 @@ class Muon(torch.optim.Optimizer):
         self.batch_numel = batch_numel
         self.fused = fused
         self.ns_gemm = ns_gemm
+        self.merge_numel = merge_numel
+        self.streams = DEFAULT_STREAMS if streams is None else streams
+        self._side_streams: dict[torch.device, list] = {}  # device -> CUDA streams, made on first use
         self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
+        self._plan_has_dtensor = False
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
                         adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
@@ -462,23 +478,66 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world, rank = self._world()
+        plan = self._block_classes(world > 1)
+        streams = self._streams_for(plan, world)
+        if streams:
+            self._step_on_streams(plan, streams)
+            return loss
         loads = [0] * world  # NS FLOPs assigned to each rank so far this step
-        for cls in self._block_classes(world > 1):
+        for cls in plan:
             with _on_device(cls.device):
                 self._step_class(cls, world, rank, loads)
         return loss
+
+    def _streams_for(self, plan: list[_BlockClass], world: int) -> list:
+        """This step's CUDA side streams; none off CUDA, for params on several devices, with DTensors
+        or with more than one rank (their collectives stay in one order on the current stream)."""
+        devices = {cls.device for cls in plan}
+        if self.streams == 0 or world > 1 or len(devices) != 1 or self._plan_has_dtensor:
+            return []
+        device = devices.pop()
+        if device.type != "cuda":
+            return []
+        if device not in self._side_streams:
+            self._side_streams[device] = [torch.cuda.Stream(device) for _ in range(self.streams)]
+        return self._side_streams[device]
+
+    def _step_on_streams(self, plan: list[_BlockClass], streams: list) -> None:
+        """One process: classes on side streams, largest first, each on the least loaded stream.
+
+        The side streams wait for the current stream, which waits for all of them at the end, so the
+        step is ordered like one on the current stream. Params, grads and momentum buffers belong to
+        the current stream and outlive the step; stacks and NS temporaries are allocated on the side
+        stream that uses them, so the caching allocator reuses their memory on that stream only.
+        """
+        device = plan[0].device
+        with _on_device(device):
+            self._fused_on(device)  # the one-time check of the fused kernels, on the current stream
+            for cls in plan:
+                for job in cls.jobs:
+                    if job.param.grad is not None:
+                        self._buffer(job.param)  # new momentum buffers: on the current stream
+            current = torch.cuda.current_stream(device)
+            for stream in streams:
+                stream.wait_stream(current)
+            costs = [_class_cost(cls, self.batch_numel) for cls in plan]
+            for i, lane in _assign_lanes(costs, len(streams)):
+                with torch.cuda.stream(streams[lane]):
+                    self._step_class(plan[i], 1, 0, [0])
+            for stream in streams:
+                current.wait_stream(stream)
 
     def _block_classes(self, distributed: bool) -> list[_BlockClass]:
         """This step's params, grouped by (block shape, NS settings, device, shared).
 
         Cached: rebuilt only when the params, their NS options or which grads exist change.
         """
-        key = (distributed, tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"],
+        key = (distributed, self.merge_numel, tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"],
                                    g["replicated"], tuple((id(p), p.grad is None) for p in g["params"]))
                                   for g in self.param_groups))
         if key == self._plan_key:
             return self._plan
-        classes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
+        shapes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
         for g, group in enumerate(self.param_groups):
             shared = distributed and group["replicated"]
             for p in group["params"]:
@@ -487,18 +546,25 @@ class Muon(torch.optim.Optimizer):
                 n = _split(p, group)
                 cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], group["ns_coefficients"],
                            group["eps"], _compute_device(p), shared)
-                members = classes.setdefault(cls_key, [])
+                members = shapes.setdefault(cls_key, [])
                 members.append((g, p.numel(), len(members), p, group))
+        classes: dict[tuple, list] = {}  # class key -> [(group index, transposed, numel, order, param, group)]
+        for (rows, cols, *rest), members in shapes.items():
+            flip = rows > cols and (cols, rows, *rest) in shapes \
+                and sum(m[1] for m in members) <= self.merge_numel  # stored transposed, NS as wide blocks
+            merged = classes.setdefault((cols, rows, *rest) if flip else (rows, cols, *rest), [])
+            merged.extend((g, flip, *m) for g, *m in members)
         self._plan = []
         for cls_key, members in classes.items():
             block_numel, cls = cls_key[0] * cls_key[1], None
-            for *_, p, group in sorted(members, key=lambda m: m[:3]):  # equal sizes side by side
+            for _, flip, _, _, p, group in sorted(members, key=lambda m: m[:4]):  # equal sizes side by side
                 blocks = (p.shape[0] if p.ndim == 3 else 1) * _split(p, group)
                 if cls is None or (cls.n_blocks + blocks) * block_numel > STACK_BATCHES * self.batch_numel:
                     cls = _BlockClass(*cls_key)  # a new stack: bounds the memory of one
                     self._plan.append(cls)
-                cls.jobs.append(_Job(p, group, cls.n_blocks, blocks))
+                cls.jobs.append(_Job(p, group, cls.n_blocks, blocks, flip))
                 cls.n_blocks += blocks
+        self._plan_has_dtensor = any(isinstance(job.param, DTensor) for cls in self._plan for job in cls.jobs)
         self._plan_key = key
         return self._plan
 
@@ -536,7 +602,7 @@ class Muon(torch.optim.Optimizer):
         triton_jobs = []  # indices into jobs
         for i, job in enumerate(jobs):
             p, group, grad = job.param, job.group, job.param.grad
-            slot = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
+            slot = _slot(stack, job)  # (blocks, block rows, block cols) of p, maybe a transposed view
             if grad is not None and (grad.is_sparse or torch.is_complex(grad)):
                 raise RuntimeError("Muon supports only dense real gradients")
             if isinstance(p, DTensor):
@@ -549,12 +615,15 @@ class Muon(torch.optim.Optimizer):
                 lists = reference.setdefault(id(group), (group, [], [], []))
                 lists[1].append(grad)
                 lists[2].append(self._buffer(p))
-                lists[3].append(slot.view(grad.shape))
+                lists[3].append(slot)
         for run in _job_runs(jobs, triton_jobs):
             group, params = run[0].group, [job.param for job in run]
-            _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params],
-                            stack[run[0].start:run[-1].start + run[-1].blocks], group["momentum"],
-                            group["nesterov"])
+            rows = stack[run[0].start:run[-1].start + run[-1].blocks]  # (run blocks, rows, cols)
+            out = torch.empty_like(rows.mT, memory_format=torch.contiguous_format) if run[0].transposed else rows
+            _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params], out,
+                            group["momentum"], group["nesterov"])
+            if run[0].transposed:
+                rows.mT.copy_(out)  # one transposing copy per run
         for group, grads, bufs, views in reference.values():
             _momentum_reference(grads, bufs, views, group["momentum"], group["nesterov"])
 
@@ -591,52 +660,77 @@ class Muon(torch.optim.Optimizer):
 
     def _update(self, cls: _BlockClass, stack: Tensor, fused: bool) -> None:
         """Decay and update every param that has a grad from its orthogonalized rows of stack."""
-        scalars: dict[int, tuple[float, float]] = {}  # id(group) -> (decay, alpha)
-        reference: dict[int, tuple[float, float, list, list]] = {}  # id(group) -> scalars, lists
+        scalars: dict[tuple, tuple[float, float]] = {}  # (id(group), transposed) -> (decay, alpha)
+        reference: dict[tuple, tuple[float, float, list, list]] = {}  # same key -> scalars, lists
         triton_jobs = []  # indices into cls.jobs
         for i, job in enumerate(cls.jobs):
-            p, group = job.param, job.group
+            p, group, key = job.param, job.group, (id(job.group), job.transposed)
             if p.grad is None:
                 continue  # zero update: no decay either
-            decay, alpha = scalars.get(id(group)) or scalars.setdefault(id(group), _scalars(group, cls))
-            update = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
+            decay, alpha = scalars.get(key) or scalars.setdefault(key, _scalars(group, cls, job.transposed))
+            update = _slot(stack, job).reshape(p.shape)  # a copy if transposed and not a view
             if isinstance(p, DTensor):
-                update = distribute_tensor(update.view(p.shape), p.device_mesh, p.placements,
-                                           src_data_rank=None)
+                update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
                 p.mul_(decay)
                 p.add_(update, alpha=alpha)
             elif fused and p.is_contiguous():
                 triton_jobs.append(i)
             else:
-                lists = reference.setdefault(id(group), (decay, alpha, [], []))
+                lists = reference.setdefault(key, (decay, alpha, [], []))
                 lists[2].append(p)
-                lists[3].append(update.view(p.shape))
+                lists[3].append(update)
         for run in _job_runs(cls.jobs, triton_jobs):
-            _update_fused([job.param for job in run], stack[run[0].start:run[-1].start + run[-1].blocks],
-                          *scalars[id(run[0].group)])
+            rows = stack[run[0].start:run[-1].start + run[-1].blocks]  # (run blocks, rows, cols)
+            updates = rows.mT.contiguous() if run[0].transposed else rows  # transposing copy per run
+            _update_fused([job.param for job in run], updates, *scalars[(id(run[0].group), run[0].transposed)])
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
 
 
 def _job_runs(jobs: list[_Job], indices: list[int]) -> list[list[_Job]]:
     """Split jobs[i] for sorted `indices` into runs of neighbours (adjacent rows of the stack) with
-    the same group and size: each run is one fused launch (or a few, see `_launch_runs`)."""
+    the same group, size and orientation: each run is one fused launch (or a few, see `_launch_runs`)."""
     runs: list[list[_Job]] = []
     for k, i in enumerate(indices):
         job = jobs[i]
         prev = jobs[indices[k - 1]] if k else None
         if prev is not None and indices[k - 1] == i - 1 and prev.group is job.group \
-                and prev.param.numel() == job.param.numel():
+                and prev.param.numel() == job.param.numel() and prev.transposed == job.transposed:
             runs[-1].append(job)
         else:
             runs.append([job])
     return runs
 
 
-def _scalars(group: dict, cls: _BlockClass) -> tuple[float, float]:
-    """(decay, alpha) of a group's params in a class: p <- decay * p + alpha * update."""
+def _scalars(group: dict, cls: _BlockClass, transposed: bool) -> tuple[float, float]:
+    """(decay, alpha) of a group's params in a class: p <- decay * p + alpha * update; the scale
+    uses the param's own block shape (cols, rows of the class if stored transposed)."""
     lr = float(group["lr"])
-    return 1 - lr * group["weight_decay"], -lr * lr_scale(group["adjust_lr_fn"], cls.rows, cls.cols)
+    rows, cols = (cls.cols, cls.rows) if transposed else (cls.rows, cls.cols)
+    return 1 - lr * group["weight_decay"], -lr * lr_scale(group["adjust_lr_fn"], rows, cols)
+
+
+def _slot(stack: Tensor, job: _Job) -> Tensor:
+    """A job's blocks in the stack, oriented like the param: (blocks, block rows, block cols)."""
+    rows = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols) of the class
+    return rows.mT if job.transposed else rows
+
+
+def _class_cost(cls: _BlockClass, batch_numel: int) -> int:
+    """Scheduling cost of a class's NS: its FLOPs plus a latency per batched call."""
+    calls = len(_round_sizes(cls.n_blocks, max(1, batch_numel // (cls.rows * cls.cols))))
+    return ns_flops(cls.rows, cls.cols, cls.steps) * cls.n_blocks + CALL_FLOPS * calls
+
+
+def _assign_lanes(costs: list[int], lanes: int) -> list[tuple[int, int]]:
+    """(task, lane) pairs, largest cost first, each task on the lane with the least load so far."""
+    load = [0] * lanes
+    out = []
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        lane = min(range(lanes), key=lambda k: (load[k], k))
+        load[lane] += costs[i]
+        out.append((i, lane))
+    return out
 
 
 _FUSED_WORKS: dict[torch.device, bool] = {}
