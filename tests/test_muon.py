@@ -1,4 +1,6 @@
-"""Muon: Newton–Schulz quality, parity with torch.optim.Muon, batching, splits, fused kernels, 2-rank gloo."""
+"""Muon: Newton–Schulz quality, parity with torch.optim.Muon, batching, merged classes, streams, splits,
+fused kernels, 2-rank gloo."""
+import contextlib
 import importlib.util
 import os
 import socket
@@ -161,6 +163,99 @@ def test_shape_grouped_equals_ungrouped(monkeypatch):
         _assert_update_close(a - p0, b - p0)
 
 
+MODEL_SHAPES = [(32, 48), (48, 32), (3, 48, 32), (3, 32, 48), (96, 32), (24, 24), (40, 8)]
+MODEL_SPLIT = 4  # index of a (96, 32) param cut into 2 tall (48, 32) row-blocks
+
+
+def _model_params(seed=0):
+    """Both orientations of one block shape, 3-D experts, a split tall param, a tall one alone."""
+    params = _params(MODEL_SHAPES, seed)
+    params[MODEL_SPLIT]._muon_split = 2
+    return params
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_merged_transposed_class_equals_unmerged(monkeypatch, adjust_lr_fn):
+    start, merged, unmerged = _model_params(), _model_params(), _model_params()
+    hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
+    opt, ref_opt = Muon(merged, **hp), Muon(unmerged, merge_numel=0, **hp)
+    calls = _count_ns(monkeypatch)
+    out = _run(merged, opt, steps=2)
+    assert sorted(calls) == [1, 1, 1, 1, 10, 10]  # 2 steps; (32, 48) class: 1 + 1 + 3 + 3 + 2 blocks
+    tall = [job.transposed for cls in opt._block_classes(False) for job in cls.jobs]
+    assert sorted(tall) == [False] * 4 + [True] * 3  # (40, 8) has no wide partner: not transposed
+    calls.clear()
+    ref = _run(unmerged, ref_opt, steps=2)
+    assert sorted(calls) == [1, 1, 1, 1, 4, 4, 6, 6]
+    for p0, a, b in zip(start, out, ref):
+        _assert_update_close(a - p0, b - p0)
+    for p, q in zip(merged, unmerged):  # the elementwise ops are the same
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"])
+
+
+def test_merge_numel_bounds_the_transposed_class():
+    params = _params([(16, 8), (8, 16), (2, 16, 8)])
+    _set_grads(params, 3)
+    shapes = lambda opt: sorted((c.rows, c.cols, c.n_blocks) for c in opt._block_classes(False))  # noqa: E731
+    assert shapes(Muon(params)) == [(8, 16, 4)]
+    assert shapes(Muon(params, merge_numel=3 * 128)) == [(8, 16, 4)]  # the tall class: 3 * 128 elements
+    assert shapes(Muon(params, merge_numel=3 * 128 - 1)) == [(8, 16, 1), (16, 8, 3)]
+
+
+def test_assign_lanes_largest_first_to_least_loaded():
+    assert muon_mod._assign_lanes([1, 10, 3, 3], 2) == [(1, 0), (2, 1), (3, 1), (0, 1)]
+    assert muon_mod._assign_lanes([5, 5], 4) == [(0, 0), (1, 1)]
+
+
+class _FakeStream:
+    """Stands in for torch.cuda.Stream on CPU: records waits in a shared log."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait", self.name, other.name))
+
+
+def test_streams_on_cpu_are_a_no_op_and_the_stream_path_matches(monkeypatch):
+    start = _model_params()
+    plain, on_streams, faked = _model_params(), _model_params(), _model_params()
+    ref = _run(plain, Muon(plain, lr=0.02, streams=0), steps=2)
+    opt = Muon(on_streams, lr=0.02, streams=2)
+    assert opt._streams_for(opt._block_classes(False), 1) == []  # CPU: no side streams
+    out = _run(on_streams, opt, steps=2)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    # the side-stream schedule itself, with fake streams standing in for CUDA ones
+    log = []
+    streams = [_FakeStream(k, log) for k in range(2)]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream("current", log))
+
+    @contextlib.contextmanager
+    def enter(stream):
+        log.append(("enter", stream.name))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "stream", enter)
+    fake_opt = Muon(faked, lr=0.02, streams=2)
+    monkeypatch.setattr(fake_opt, "_streams_for", lambda plan, world: streams)
+    classes = []
+    real_step_class = fake_opt._step_class
+    monkeypatch.setattr(fake_opt, "_step_class", lambda cls, *a: (classes.append(cls), real_step_class(cls, *a)))
+    for step in range(2):
+        log.clear()
+        classes.clear()
+        _set_grads(faked, 100 + step)
+        fake_opt.step()
+        plan = fake_opt._block_classes(False)
+        lanes = muon_mod._assign_lanes([muon_mod._class_cost(c, fake_opt.batch_numel) for c in plan], 2)
+        assert classes == [plan[i] for i, _ in lanes]  # every class once, largest first
+        assert log == [("wait", 0, "current"), ("wait", 1, "current")] \
+            + [("enter", lane) for _, lane in lanes] + [("wait", "current", 0), ("wait", "current", 1)]
+    for p0, a, b in zip(start, faked, ref):
+        _assert_update_close(a.detach() - p0, b - p0)
+
+
 def test_batch_numel_chunks_a_stack_evenly(monkeypatch):
     calls = _count_ns(monkeypatch)
     (p,) = _params([(10, 8, 8)])
@@ -289,12 +384,15 @@ _FUSED_SCRIPT = textwrap.dedent('''
 
     def params():
         g = torch.Generator().manual_seed(1)
-        shapes = [(16, 24), (16, 24), (24, 16), (3, 16, 24), (16, 24)]  # 0, 1: one fused launch
+        shapes = [(16, 24), (16, 24), (24, 16), (3, 16, 24), (16, 24), (24, 16), (24, 16), (2, 24, 16),
+                  (48, 16)]  # 0, 1: one fused launch; 5, 6: one transposed launch
         ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
         ps[2]._muon_split = 2  # (12, 16) blocks: its own class
+        ps[8]._muon_split = 2  # two tall (24, 16) blocks, transposed into the (16, 24) class
         return ps
 
-    variants = [dict(fused=False), dict(fused=True), dict(fused=True, ns_gemm="triton")]  # reference first
+    variants = [dict(fused=False, merge_numel=0), dict(fused=False), dict(fused=True),
+                dict(fused=True, ns_gemm="triton"), dict(fused=True, merge_numel=0)]  # reference first
     runs = [params() for _ in variants]
     start = [p.detach().clone() for p in runs[0]]
     opts = [M.Muon(ps, lr=0.02, ns_steps=2, **kw) for ps, kw in zip(runs, variants)]  # 2: fast, in place
