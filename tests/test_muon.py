@@ -428,7 +428,8 @@ def test_fused_triton_kernels_match_reference():
 
 # ---------------------------------------------------------------- distributed (2 ranks, gloo)
 
-DIST_SHAPES = [(16, 32), (32, 16), (16, 32), (5, 16, 32), (24, 8), (7, 8, 8)]  # odd block counts
+DIST_SHAPES = [(16, 32), (32, 16), (16, 32), (5, 16, 32), (24, 8), (7, 8, 8), (32, 16)]  # odd block counts;
+# the last one is tall: stored transposed in the (16, 32) class
 DIST_NONE_GRAD = 4  # index of a param with no grad on any rank
 DIST_SPLIT = 1  # index of a param orthogonalized as 2 row-blocks
 
@@ -477,7 +478,7 @@ def _dtensor_case(world, hp):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    plain = _params([(9, 12), (3, 9, 12)], seed=5)
+    plain = _params([(9, 12), (3, 9, 12), (12, 9)], seed=5)
     sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
                for p in plain]
     opt, ref_opt = Muon(sharded, **hp), Muon(plain, replicated=False, **hp)
@@ -513,7 +514,7 @@ def test_two_ranks_share_work_and_match_one_process(tmp_path):
                 assert torch.equal(a, p0.detach()) and torch.equal(b, p0.detach())
             else:
                 _assert_update_close(a - p0.detach(), b - p0.detach())
-        for p0, a, b in zip(_params([(9, 12), (3, 9, 12)], seed=5), r["dtensor"]["sharded"],
+        for p0, a, b in zip(_params([(9, 12), (3, 9, 12), (12, 9)], seed=5), r["dtensor"]["sharded"],
                             r["dtensor"]["plain"]):
             _assert_update_close(a - p0.detach(), b - p0.detach())
     for a, b in zip(results[0]["shared"], results[1]["shared"]):

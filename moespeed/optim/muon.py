@@ -26,13 +26,23 @@ Shapes. Muon orthogonalizes *blocks*, the last two dims of a param, which are (r
     `[n_heads * head_dim, d_model]` orthogonalized per head. Only row-blocks are supported.
 `scale` uses the block shape. All blocks of equal shape (and equal NS settings) across all params and
 groups form a *class* (the grouping is cached until params or their grads' presence change; a class
-bigger than 4 * `batch_numel` elements is cut between params); a step handles one class after
-another:
+bigger than 4 * `batch_numel` elements is cut between params). Merging: NS of a tall block is NS of
+its transpose, transposed back, so a class of tall (r, c) blocks with at most `merge_numel`
+elements joins the class of wide (c, r) blocks, if there is one, stored transposed: one batched NS
+call instead of two (small classes are latency-bound: ~0.4 ms each on an H100 whatever their size).
+Its params keep their own `scale` (of (r, c)); the fused kernels write and read them through one
+transposing copy per run of params (4 extra bytes per element, hence the bound). A step handles
+one class after another:
   1. momentum: every param writes its NS input `u` (bf16) straight into its slot of one
      `(blocks, rows, cols)` stack (no torch.cat, no per-param copies);
   2. NS runs in place on slices of the stack, batched, at most `batch_numel` elements per rank and
      call to bound memory; the last iteration writes into the stack (`out=`);
   3. every param reads its update from its slot: decay and update in one pass.
+Streams: with one process on CUDA, the classes run concurrently on `streams` side streams (largest
+first, each on the least loaded stream; a small class overlaps a big one instead of waiting for
+it). The side streams wait for the current stream first, and the current stream waits for them at
+the end, so to the caller the step is ordered like any op on the current stream. Memory: up to
+`streams` classes' stacks and NS temporaries live at once.
 On CUDA, steps 1 and 3 are Triton kernels (`fused`; checked once against the foreach path), one
 launch per run of equal-size params (a table of their addresses): 14 + 10 bytes per element;
 elsewhere (and for DTensors or non-contiguous tensors) they are torch foreach ops with exactly
@@ -45,6 +55,8 @@ Triton kernels compute the same formulas in fp32 (torch's lerp branches, the fus
 makes of them, round-to-nearest-even to bf16), so they agree to fp32 rounding at most. The tall-block
 iteration multiplies the same numbers as torch's transposed one; cuBLAS (or the Triton GEMM) may sum
 them in another order. Both stay within one bf16 rounding of the update (what the tests allow).
+A merged (transposed) tall block runs torch's own transposed iteration: bitwise equal to the tall
+iteration on CPU (observed), within the same bf16 rounding on CUDA. Streams change no arithmetic.
 
 Performance: floors on one H100 (computed; `python -m moespeed.bench.muon` measures them).
   * NS matmul FLOPs (5 steps; per block 5 (4 m^2 n + 2 m^3), m <= n its sides): preset `small`
@@ -80,6 +92,9 @@ DTensor params (FSDP2, sharded on any dim): each rank updates its local momentum
 all-gather in bf16), the owner of each block orthogonalizes it, and every rank adds the local shard of
 the full update. Use `replicated=False` for params that differ between ranks (e.g. expert-parallel
 local experts, pipeline stages): each rank then orthogonalizes all of them itself, with no collective.
+Side streams are used only with one rank and no DTensors: with collectives, the step stays on the
+current stream, one class after another, so every rank issues them in the same order. Merging is
+the same on every rank (it depends only on the param list), so it applies there too.
 """
 from __future__ import annotations
 
