@@ -683,13 +683,14 @@ class Muon(torch.optim.Optimizer):
             if p.grad is None:
                 continue  # zero update: no decay either
             decay, alpha = scalars.get(key) or scalars.setdefault(key, _scalars(group, cls, job.transposed))
+            if fused and p.is_contiguous() and not isinstance(p, DTensor):
+                triton_jobs.append(i)
+                continue
             update = _slot(stack, job).reshape(p.shape)  # a copy if transposed and not a view
             if isinstance(p, DTensor):
                 update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
                 p.mul_(decay)
                 p.add_(update, alpha=alpha)
-            elif fused and p.is_contiguous():
-                triton_jobs.append(i)
             else:
                 lists = reference.setdefault(key, (decay, alpha, [], []))
                 lists[2].append(p)
