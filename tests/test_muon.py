@@ -202,6 +202,41 @@ def test_merge_numel_bounds_the_transposed_class():
     assert shapes(Muon(params, merge_numel=3 * 128 - 1)) == [(8, 16, 1), (16, 8, 3)]
 
 
+def test_zero_padding_leaves_newton_schulz_unchanged():
+    G = torch.randn(3, 10, 48)  # (3, 10, 48)
+    padded = torch.zeros(3, 32, 48)
+    padded[:, :10] = G
+    O, P = newton_schulz(G).float(), newton_schulz(padded).float()
+    assert (P[:, 10:] == 0).all()  # zero rows stay zero
+    _assert_update_close(P[:, :10], O)
+
+
+def test_pad_classes_rule():
+    blocks = {(8, 32, 5): 2, (16, 32, 5): 1, (64, 32, 5): 4, (4, 16, 5): 1}  # (rows, cols, ns_steps)
+    extra = 2 * (muon_mod.ns_flops(16, 32) - muon_mod.ns_flops(8, 32))  # padding the 2 blocks of 8 rows
+    assert muon_mod._pad_classes(blocks, extra) == {(8, 32, 5): (16, 32, 5), (16, 32, 5): (16, 32, 5),
+                                                    (4, 16, 5): (4, 16, 5)}  # tall (64, 32): never padded
+    assert all(k == v for k, v in muon_mod._pad_classes(blocks, extra - 1).items())
+
+
+def test_padded_class_equals_unpadded(monkeypatch):
+    shapes = [(8, 32), (16, 32), (3, 12, 32), (32, 16), (32, 12), (2, 8, 32)]  # (32, 12): transposed, padded
+    start, padded, plain = _params(shapes), _params(shapes), _params(shapes)
+    hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
+    opt, ref_opt = Muon(padded, pad_flops=10**9, **hp), Muon(plain, pad_flops=0, **hp)
+    calls = _count_ns(monkeypatch)
+    out = _run(padded, opt, steps=2)
+    assert calls == [1 + 1 + 3 + 1 + 1 + 2] * 2  # one class of (16, 32) blocks
+    calls.clear()
+    ref = _run(plain, ref_opt, steps=2)
+    assert sorted(calls) == [2, 2, 3, 3, 4, 4]  # (8, 32), (12, 32), (16, 32) classes
+    for p0, a, b in zip(start, out, ref):
+        _assert_update_close(a - p0, b - p0)
+    for p, q in zip(padded, plain):
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"])
+    assert not any(c.padded for c in Muon(plain)._block_classes(False))  # default: no padding on CPU
+
+
 def test_assign_lanes_largest_first_to_least_loaded():
     assert muon_mod._assign_lanes([1, 10, 3, 3], 2) == [(1, 0), (2, 1), (3, 1), (0, 1)]
     assert muon_mod._assign_lanes([5, 5], 4) == [(0, 0), (1, 1)]
@@ -385,14 +420,16 @@ _FUSED_SCRIPT = textwrap.dedent('''
     def params():
         g = torch.Generator().manual_seed(1)
         shapes = [(16, 24), (16, 24), (24, 16), (3, 16, 24), (16, 24), (24, 16), (24, 16), (2, 24, 16),
-                  (48, 16)]  # 0, 1: one fused launch; 5, 6: one transposed launch
+                  (48, 16), (8, 24), (2, 8, 24)]  # 0, 1: one fused launch; 5, 6: one transposed launch;
+        # 9, 10: zero-padded into the (16, 24) class
         ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
         ps[2]._muon_split = 2  # (12, 16) blocks: its own class
         ps[8]._muon_split = 2  # two tall (24, 16) blocks, transposed into the (16, 24) class
         return ps
 
-    variants = [dict(fused=False, merge_numel=0), dict(fused=False), dict(fused=True),
-                dict(fused=True, ns_gemm="triton"), dict(fused=True, merge_numel=0)]  # reference first
+    pad = dict(pad_flops=10**9)  # CPU: no padding unless asked for
+    variants = [dict(fused=False, merge_numel=0, pad_flops=0), dict(fused=False, **pad), dict(fused=True, **pad),
+                dict(fused=True, ns_gemm="triton", **pad), dict(fused=True, merge_numel=0)]  # reference first
     runs = [params() for _ in variants]
     start = [p.detach().clone() for p in runs[0]]
     opts = [M.Muon(ps, lr=0.02, ns_steps=2, **kw) for ps, kw in zip(runs, variants)]  # 2: fast, in place
@@ -428,8 +465,8 @@ def test_fused_triton_kernels_match_reference():
 
 # ---------------------------------------------------------------- distributed (2 ranks, gloo)
 
-DIST_SHAPES = [(16, 32), (32, 16), (16, 32), (5, 16, 32), (24, 8), (7, 8, 8), (32, 16)]  # odd block counts;
-# the last one is tall: stored transposed in the (16, 32) class
+DIST_SHAPES = [(16, 32), (32, 16), (16, 32), (5, 16, 32), (24, 8), (7, 8, 8), (32, 16), (8, 32)]  # odd
+# block counts; (32, 16) is stored transposed and (8, 32) zero-padded in the (16, 32) class
 DIST_NONE_GRAD = 4  # index of a param with no grad on any rank
 DIST_SPLIT = 1  # index of a param orthogonalized as 2 row-blocks
 
@@ -453,7 +490,8 @@ def _dist_worker(rank, world, port, out_dir):
         blocks = []  # NS blocks this rank orthogonalized
         real = muon_mod._orthogonalize_
         muon_mod._orthogonalize_ = lambda X, *a: (blocks.append(X.shape[0]), real(X, *a))[1]
-        hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", batch_numel=3 * 512)
+        hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", batch_numel=3 * 512,
+                  pad_flops=10**9)  # CPU: no padding unless asked for
         shared, local = _dist_params(0), _dist_params(0)
         opt = Muon(shared, **hp)
         ref_opt = Muon(local, replicated=False, **hp)  # every rank does all the work itself
@@ -478,7 +516,7 @@ def _dtensor_case(world, hp):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    plain = _params([(9, 12), (3, 9, 12), (12, 9)], seed=5)
+    plain = _params([(9, 12), (3, 9, 12), (12, 9), (4, 12)], seed=5)
     sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
                for p in plain]
     opt, ref_opt = Muon(sharded, **hp), Muon(plain, replicated=False, **hp)
@@ -514,7 +552,7 @@ def test_two_ranks_share_work_and_match_one_process(tmp_path):
                 assert torch.equal(a, p0.detach()) and torch.equal(b, p0.detach())
             else:
                 _assert_update_close(a - p0.detach(), b - p0.detach())
-        for p0, a, b in zip(_params([(9, 12), (3, 9, 12), (12, 9)], seed=5), r["dtensor"]["sharded"],
+        for p0, a, b in zip(_params([(9, 12), (3, 9, 12), (12, 9), (4, 12)], seed=5), r["dtensor"]["sharded"],
                             r["dtensor"]["plain"]):
             _assert_update_close(a - p0.detach(), b - p0.detach())
     for a, b in zip(results[0]["shared"], results[1]["shared"]):

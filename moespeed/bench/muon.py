@@ -11,12 +11,12 @@ d_model 768); "moe" = expert stacks of a DeepSeek-V2-Lite-like MoE (L layers x 6
 {gate, up: [1408, 2048], down: [2048, 1408]}). Params, grads and momentum are fp32; NS runs in bf16.
 
 "ours" is Muon as moespeed.optim.build makes it (`OURS`: the defaults, i.e. merged transposed
-classes and side CUDA streams, with ns_gemm="auto"). Correct first: ours and every variant in
+classes, zero-padded classes and side CUDA streams, with ns_gemm="auto"). Correct first: ours and every variant in
 `VARIANTS` make one step on the same fresh random matrices as `REFERENCE` (the CPU path: foreach
-ops, cuBLAS GEMM, no merging, no streams): `rel_err_vs_reference` / `<variant>_rel_err` is the
+ops, cuBLAS GEMM, no merging or padding, no streams): `rel_err_vs_reference` / `<variant>_rel_err` is the
 relative error of the update, `diff_elems` / `<variant>_diff_elems` counts the entries that differ
 (0: bitwise equal), and `paths` / `<variant>_paths` counts the distinct code paths one step took (NS
-calls, Triton NS GEMMs, fused or foreach elementwise ops, transposing runs, side streams): a rel_err
+calls, Triton NS GEMMs, fused or foreach elementwise ops, transposed and padded params, side streams): a rel_err
 of 0 must come with different paths, else the comparison compares nothing. A variant above 1e-2 (or
 NaN) is marked failed and not timed. `rel_err` = ours vs torch.optim.Muon (on fewer matrices).
 Times of a full step: `ours_ms` (triton do_bench median, CPU launch time included), `gpu_ms` (the
@@ -178,8 +178,8 @@ PATHS = ("_orthogonalize_", "_addmm_triton", "_momentum_fused", "_momentum_refer
 
 
 def _counted_step(opt: Muon) -> dict:
-    """opt.step() once; how often it called each of PATHS, its NS classes, transposed params and
-    side streams (the evidence that two configurations ran different code)."""
+    """opt.step() once; how often it called each of PATHS, its NS classes, transposed and padded
+    params and side streams (the evidence that two configurations ran different code)."""
     counts = dict.fromkeys(PATHS, 0)
     real = {name: getattr(muon_mod, name) for name in PATHS}
 
@@ -197,7 +197,9 @@ def _counted_step(opt: Muon) -> dict:
         for name, fn in real.items():
             setattr(muon_mod, name, fn)
     plan = opt._block_classes(False)
-    counts.update(classes=len(plan), transposed_params=sum(job.transposed for c in plan for job in c.jobs),
+    jobs = [(c, job) for c in plan for job in c.jobs]
+    counts.update(classes=len(plan), transposed_params=sum(job.transposed for _, job in jobs),
+                  padded_params=sum((job.cols if job.transposed else job.rows) != c.rows for c, job in jobs),
                   side_streams=len(opt._streams_for(plan, 1)))
     return counts
 
@@ -318,11 +320,13 @@ def compiled_ns_ms(rows: int, cols: int, n: int, device) -> dict:
 # -- cases -----------------------------------------------------------------------------------------
 
 OURS = dict(ns_gemm="auto")  # as moespeed.optim.build makes it: defaults (merging, streams) + auto
-REFERENCE = dict(fused=False, ns_gemm="torch", merge_numel=0, streams=0)  # the CPU path
+REFERENCE = dict(fused=False, ns_gemm="torch", merge_numel=0, pad_flops=0, streams=0)  # the CPU path
 VARIANTS = {  # name -> Muon options: ours with one thing changed
-    "before": dict(OURS, merge_numel=0, streams=0),  # the default before merging and streams
+    "before": dict(OURS, merge_numel=0, pad_flops=0, streams=0),  # before merging, padding, streams
     "unmerged": dict(OURS, merge_numel=0),
     "merge_all": dict(OURS, merge_numel=2**62),  # merge big expert classes too
+    "unpadded": dict(OURS, pad_flops=0),
+    "pad_more": dict(OURS, pad_flops=10**12),
     "streams0": dict(OURS, streams=0),
     "streams2": dict(OURS, streams=2),
     "streams4": dict(OURS, streams=4),
