@@ -561,9 +561,9 @@ class Muon(torch.optim.Optimizer):
 
         Cached: rebuilt only when the params, their NS options or which grads exist change.
         """
-        key = (distributed, self.merge_numel, self.pad_flops, tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"],
-                                   g["replicated"], tuple((id(p), p.grad is None) for p in g["params"]))
-                                  for g in self.param_groups))
+        key = (distributed, self.merge_numel, self.pad_flops,
+               tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"], g["replicated"],
+                      tuple((id(p), p.grad is None) for p in g["params"])) for g in self.param_groups))
         if key == self._plan_key:
             return self._plan
         shapes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
@@ -668,7 +668,8 @@ class Muon(torch.optim.Optimizer):
         for run in _job_runs(jobs, triton_jobs):
             group, params = run[0].group, [job.param for job in run]
             slots = _slot(stack, run[0], run[-1])  # (run blocks, block rows, block cols)
-            out = slots if slots.is_contiguous() else torch.empty(slots.shape, dtype=slots.dtype, device=slots.device)
+            out = slots if slots.is_contiguous() else torch.empty(slots.shape, dtype=torch.bfloat16,
+                                                                  device=slots.device)
             _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params], out,
                             group["momentum"], group["nesterov"])
             if out is not slots:
@@ -731,7 +732,8 @@ class Muon(torch.optim.Optimizer):
                 lists[3].append(update)
         for run in _job_runs(cls.jobs, triton_jobs):
             updates = _slot(stack, run[0], run[-1]).contiguous()  # a copy if transposed or padded
-            _update_fused([job.param for job in run], updates, *scalars[(id(run[0].group), run[0].rows, run[0].cols)])
+            _update_fused([job.param for job in run], updates,
+                          *scalars[(id(run[0].group), run[0].rows, run[0].cols)])
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
 
