@@ -324,7 +324,8 @@ REFERENCE = dict(fused=False, ns_gemm="torch", merge_numel=0, pad_flops=0, strea
 VARIANTS = {  # name -> Muon options: ours with one thing changed
     "before": dict(OURS, merge_numel=0, pad_flops=0, streams=0),  # before merging, padding, streams
     "unmerged": dict(OURS, merge_numel=0),
-    "merge_all": dict(OURS, merge_numel=2**62),  # merge big expert classes too
+    "merge_32m": dict(OURS, merge_numel=2**25),  # also (3072, 768) x12 of preset small
+    "merge_all": dict(OURS, merge_numel=2**62),  # also the expert classes of small-moe
     "unpadded": dict(OURS, pad_flops=0),
     "pad_more": dict(OURS, pad_flops=10**12),
     "streams0": dict(OURS, streams=0),

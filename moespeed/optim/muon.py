@@ -133,7 +133,8 @@ NS_GEMMS = ("torch", "triton", "auto")  # auto: triton for CUDA shape classes of
 AUTO_TRITON_BLOCKS = 64  # H100: 704 blocks of 768x256 NS in 3.4 ms (triton) vs 4.9 ms (baddbmm); 12 blocks: 0.8 vs 0.4 ms
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
 STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
-MERGE_NUMEL = 2**25  # a tall class of at most this many elements joins its transposed wide class
+MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its transposed wide class:
+# latency-bound ones (H100: (768, 384) x12, (768, 512) x11, (3072, 768) x1), not (3072, 768) x12 (28M)
 PAD_FLOPS = 10**11  # zero-padding that adds at most this many NS FLOPs may merge two classes
 DEFAULT_STREAMS = 3  # CUDA side streams that run shape classes concurrently (streams=None)
 CALL_FLOPS = 10**11  # scheduling cost of one NS call (~0.3 ms: small NS calls are latency-bound)
