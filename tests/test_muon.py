@@ -1,4 +1,6 @@
-"""Muon: Newton–Schulz quality, parity with torch.optim.Muon, batching, splits, fused kernels, 2-rank gloo."""
+"""Muon: Newton–Schulz quality, parity with torch.optim.Muon, batching, merged classes, streams, splits,
+fused kernels, 2-rank gloo."""
+import contextlib
 import importlib.util
 import os
 import socket
@@ -152,13 +154,141 @@ def test_shape_grouped_equals_ungrouped(monkeypatch):
     start = _params(shapes)
     grouped, single = _params(shapes), _params(shapes)
     calls = _count_ns(monkeypatch)
-    out = _run(grouped, Muon(grouped, lr=0.03), steps=1)
+    out = _run(grouped, Muon(grouped, lr=0.03, merge_numel=0), steps=1)
     assert sorted(calls) == [3, 4]  # one call per block shape: 3x(16,32) and 1+3 x (32,16)
     calls.clear()
     ref = _run(single, Muon(single, lr=0.03, batch_numel=1), steps=1)  # one block per call
     assert calls == [1] * 7
     for p0, a, b in zip(start, out, ref):
         _assert_update_close(a - p0, b - p0)
+
+
+MODEL_SHAPES = [(32, 48), (48, 32), (3, 48, 32), (3, 32, 48), (96, 32), (24, 24), (40, 8)]
+MODEL_SPLIT = 4  # index of a (96, 32) param cut into 2 tall (48, 32) row-blocks
+
+
+def _model_params(seed=0):
+    """Both orientations of one block shape, 3-D experts, a split tall param, a tall one alone."""
+    params = _params(MODEL_SHAPES, seed)
+    params[MODEL_SPLIT]._muon_split = 2
+    return params
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_merged_transposed_class_equals_unmerged(monkeypatch, adjust_lr_fn):
+    start, merged, unmerged = _model_params(), _model_params(), _model_params()
+    hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
+    opt, ref_opt = Muon(merged, **hp), Muon(unmerged, merge_numel=0, **hp)
+    calls = _count_ns(monkeypatch)
+    out = _run(merged, opt, steps=2)
+    assert sorted(calls) == [1, 1, 1, 1, 10, 10]  # 2 steps; (32, 48) class: 1 + 1 + 3 + 3 + 2 blocks
+    tall = [job.transposed for cls in opt._block_classes(False) for job in cls.jobs]
+    assert sorted(tall) == [False] * 4 + [True] * 3  # (40, 8) has no wide partner: not transposed
+    calls.clear()
+    ref = _run(unmerged, ref_opt, steps=2)
+    assert sorted(calls) == [1, 1, 1, 1, 4, 4, 6, 6]
+    for p0, a, b in zip(start, out, ref):
+        _assert_update_close(a - p0, b - p0)
+    for p, q in zip(merged, unmerged):  # the elementwise ops are the same
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"])
+
+
+def test_merge_numel_bounds_the_transposed_class():
+    params = _params([(16, 8), (8, 16), (2, 16, 8)])
+    _set_grads(params, 3)
+    shapes = lambda opt: sorted((c.rows, c.cols, c.n_blocks) for c in opt._block_classes(False))  # noqa: E731
+    assert shapes(Muon(params)) == [(8, 16, 4)]
+    assert shapes(Muon(params, merge_numel=3 * 128)) == [(8, 16, 4)]  # the tall class: 3 * 128 elements
+    assert shapes(Muon(params, merge_numel=3 * 128 - 1)) == [(8, 16, 1), (16, 8, 3)]
+
+
+def test_zero_padding_leaves_newton_schulz_unchanged():
+    G = torch.randn(3, 10, 48)  # (3, 10, 48)
+    padded = torch.zeros(3, 32, 48)
+    padded[:, :10] = G
+    O, P = newton_schulz(G).float(), newton_schulz(padded).float()
+    assert (P[:, 10:] == 0).all()  # zero rows stay zero
+    _assert_update_close(P[:, :10], O)
+
+
+def test_pad_classes_rule():
+    blocks = {(8, 32, 5): 2, (16, 32, 5): 1, (64, 32, 5): 4, (4, 16, 5): 1}  # (rows, cols, ns_steps)
+    extra = 2 * (muon_mod.ns_flops(16, 32) - muon_mod.ns_flops(8, 32))  # padding the 2 blocks of 8 rows
+    assert muon_mod._pad_classes(blocks, extra) == {(8, 32, 5): (16, 32, 5), (16, 32, 5): (16, 32, 5),
+                                                    (4, 16, 5): (4, 16, 5)}  # tall (64, 32): never padded
+    assert all(k == v for k, v in muon_mod._pad_classes(blocks, extra - 1).items())
+
+
+def test_padded_class_equals_unpadded(monkeypatch):
+    shapes = [(8, 32), (16, 32), (3, 12, 32), (32, 16), (32, 12), (2, 8, 32)]  # (32, 12): transposed, padded
+    start, padded, plain = _params(shapes), _params(shapes), _params(shapes)
+    hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
+    opt, ref_opt = Muon(padded, pad_flops=10**9, **hp), Muon(plain, pad_flops=0, **hp)
+    calls = _count_ns(monkeypatch)
+    out = _run(padded, opt, steps=2)
+    assert calls == [1 + 1 + 3 + 1 + 1 + 2] * 2  # one class of (16, 32) blocks
+    calls.clear()
+    ref = _run(plain, ref_opt, steps=2)
+    assert sorted(calls) == [2, 2, 3, 3, 4, 4]  # (8, 32), (12, 32), (16, 32) classes
+    for p0, a, b in zip(start, out, ref):
+        _assert_update_close(a - p0, b - p0)
+    for p, q in zip(padded, plain):
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"])
+    assert not any(c.padded for c in Muon(plain)._block_classes(False))  # default: no padding on CPU
+
+
+def test_assign_lanes_largest_first_to_least_loaded():
+    assert muon_mod._assign_lanes([1, 10, 3, 3], 2) == [(1, 0), (2, 1), (3, 1), (0, 1)]
+    assert muon_mod._assign_lanes([5, 5], 4) == [(0, 0), (1, 1)]
+
+
+class _FakeStream:
+    """Stands in for torch.cuda.Stream on CPU: records waits in a shared log."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait", self.name, other.name))
+
+
+def test_streams_on_cpu_are_a_no_op_and_the_stream_path_matches(monkeypatch):
+    start = _model_params()
+    plain, on_streams, faked = _model_params(), _model_params(), _model_params()
+    ref = _run(plain, Muon(plain, lr=0.02, streams=0), steps=2)
+    opt = Muon(on_streams, lr=0.02, streams=2)
+    assert opt._streams_for(opt._block_classes(False), 1) == []  # CPU: no side streams
+    out = _run(on_streams, opt, steps=2)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    # the side-stream schedule itself, with fake streams standing in for CUDA ones
+    log = []
+    streams = [_FakeStream(k, log) for k in range(2)]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream("current", log))
+
+    @contextlib.contextmanager
+    def enter(stream):
+        log.append(("enter", stream.name))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "stream", enter)
+    fake_opt = Muon(faked, lr=0.02, streams=2)
+    monkeypatch.setattr(fake_opt, "_streams_for", lambda plan, world: streams)
+    classes = []
+    real_step_class = fake_opt._step_class
+    monkeypatch.setattr(fake_opt, "_step_class", lambda cls, *a: (classes.append(cls), real_step_class(cls, *a)))
+    for step in range(2):
+        log.clear()
+        classes.clear()
+        _set_grads(faked, 100 + step)
+        fake_opt.step()
+        plan = fake_opt._block_classes(False)
+        lanes = muon_mod._assign_lanes([muon_mod._class_cost(c, fake_opt.batch_numel) for c in plan], 2)
+        assert classes == [plan[i] for i, _ in lanes]  # every class once, largest first
+        assert log == [("wait", 0, "current"), ("wait", 1, "current")] \
+            + [("enter", lane) for _, lane in lanes] + [("wait", "current", 0), ("wait", "current", 1)]
+    for p0, a, b in zip(start, faked, ref):
+        _assert_update_close(a.detach() - p0, b - p0)
 
 
 def test_batch_numel_chunks_a_stack_evenly(monkeypatch):
@@ -289,12 +419,17 @@ _FUSED_SCRIPT = textwrap.dedent('''
 
     def params():
         g = torch.Generator().manual_seed(1)
-        shapes = [(16, 24), (16, 24), (24, 16), (3, 16, 24), (16, 24)]  # 0, 1: one fused launch
+        shapes = [(16, 24), (16, 24), (24, 16), (3, 16, 24), (16, 24), (24, 16), (24, 16), (2, 24, 16),
+                  (48, 16), (8, 24), (2, 8, 24)]  # 0, 1: one fused launch; 5, 6: one transposed launch;
+        # 9, 10: zero-padded into the (16, 24) class
         ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
         ps[2]._muon_split = 2  # (12, 16) blocks: its own class
+        ps[8]._muon_split = 2  # two tall (24, 16) blocks, transposed into the (16, 24) class
         return ps
 
-    variants = [dict(fused=False), dict(fused=True), dict(fused=True, ns_gemm="triton")]  # reference first
+    pad = dict(pad_flops=10**9)  # CPU: no padding unless asked for
+    variants = [dict(fused=False, merge_numel=0, pad_flops=0), dict(fused=False, **pad), dict(fused=True, **pad),
+                dict(fused=True, ns_gemm="triton", **pad), dict(fused=True, merge_numel=0)]  # reference first
     runs = [params() for _ in variants]
     start = [p.detach().clone() for p in runs[0]]
     opts = [M.Muon(ps, lr=0.02, ns_steps=2, **kw) for ps, kw in zip(runs, variants)]  # 2: fast, in place
@@ -330,7 +465,8 @@ def test_fused_triton_kernels_match_reference():
 
 # ---------------------------------------------------------------- distributed (2 ranks, gloo)
 
-DIST_SHAPES = [(16, 32), (32, 16), (16, 32), (5, 16, 32), (24, 8), (7, 8, 8)]  # odd block counts
+DIST_SHAPES = [(16, 32), (32, 16), (16, 32), (5, 16, 32), (24, 8), (7, 8, 8), (32, 16), (8, 32)]  # odd
+# block counts; (32, 16) is stored transposed and (8, 32) zero-padded in the (16, 32) class
 DIST_NONE_GRAD = 4  # index of a param with no grad on any rank
 DIST_SPLIT = 1  # index of a param orthogonalized as 2 row-blocks
 
@@ -354,7 +490,8 @@ def _dist_worker(rank, world, port, out_dir):
         blocks = []  # NS blocks this rank orthogonalized
         real = muon_mod._orthogonalize_
         muon_mod._orthogonalize_ = lambda X, *a: (blocks.append(X.shape[0]), real(X, *a))[1]
-        hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", batch_numel=3 * 512)
+        hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", batch_numel=3 * 512,
+                  pad_flops=10**9)  # CPU: no padding unless asked for
         shared, local = _dist_params(0), _dist_params(0)
         opt = Muon(shared, **hp)
         ref_opt = Muon(local, replicated=False, **hp)  # every rank does all the work itself
@@ -379,7 +516,7 @@ def _dtensor_case(world, hp):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    plain = _params([(9, 12), (3, 9, 12)], seed=5)
+    plain = _params([(9, 12), (3, 9, 12), (12, 9), (4, 12)], seed=5)
     sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
                for p in plain]
     opt, ref_opt = Muon(sharded, **hp), Muon(plain, replicated=False, **hp)
@@ -415,7 +552,7 @@ def test_two_ranks_share_work_and_match_one_process(tmp_path):
                 assert torch.equal(a, p0.detach()) and torch.equal(b, p0.detach())
             else:
                 _assert_update_close(a - p0.detach(), b - p0.detach())
-        for p0, a, b in zip(_params([(9, 12), (3, 9, 12)], seed=5), r["dtensor"]["sharded"],
+        for p0, a, b in zip(_params([(9, 12), (3, 9, 12), (12, 9), (4, 12)], seed=5), r["dtensor"]["sharded"],
                             r["dtensor"]["plain"]):
             _assert_update_close(a - p0.detach(), b - p0.detach())
     for a, b in zip(results[0]["shared"], results[1]["shared"]):

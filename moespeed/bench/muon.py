@@ -1,6 +1,7 @@
 """Benchmark the Muon optimizer step: ours (stacked, batched NS, fused kernels) vs torch.optim.Muon.
 
     python -m moespeed.bench.muon --json benchmarks/results/muon.json
+    python -m moespeed.bench.muon --cases small,small-moe --no-peer --json X   # the variants, quick
     python -m moespeed.bench.muon --cases small,small-moe --try-compile   # + a compiled-NS experiment
     python -m moespeed.bench.muon --smoke            # tiny shapes, runs on CPU
 
@@ -9,18 +10,25 @@ follow the model code); "dense" = the hidden matrices of a generic ~100M transfo
 d_model 768); "moe" = expert stacks of a DeepSeek-V2-Lite-like MoE (L layers x 64 experts x
 {gate, up: [1408, 2048], down: [2048, 1408]}). Params, grads and momentum are fp32; NS runs in bf16.
 
-Per case: the relative error of one step's update vs torch.optim.Muon (`rel_err`, on fewer
-matrices) and vs our variants (`rel_err_vs_<variant>`, same matrices); times of a full step:
-`ours_ms` (triton do_bench median, CPU launch time included), `gpu_ms` (the GPU's own time: the step
-is queued behind a 30 ms GPU sleep so launches never starve it, as in training where backward keeps
-the GPU busy), `cpu_ms` (time to launch one step), the same for the variants `unfused` (fused=False:
-foreach elementwise ops) and `triton_gemm` (ns_gemm="triton"); `ns_ms` / `ns_triton_ms` (the batched
-NS alone with either GEMM, per block class in `classes`); peak memory net of params, grads and
-state; CUDA kernels per step; and the floor: NS FLOPs at the measured bf16 matmul ceiling +
-20 B/element (read grad, read/write momentum and param, fp32) at the measured copy bandwidth.
-`ns_parts` splits one NS step of the largest class into its GEMMs, with `update_bmm_ms` = the same
-product without the `a X` term (`baddbmm` first copies X into its output: memory traffic).
-The table shows GPU ms for the variants. Prints a table last.
+"ours" is Muon as moespeed.optim.build makes it (`OURS`: the defaults, i.e. merged transposed
+classes, zero-padded classes and side CUDA streams, with ns_gemm="auto"). Correct first: ours and every variant in
+`VARIANTS` make one step on the same fresh random matrices as `REFERENCE` (the CPU path: foreach
+ops, cuBLAS GEMM, no merging or padding, no streams): `rel_err_vs_reference` / `<variant>_rel_err` is the
+relative error of the update, `diff_elems` / `<variant>_diff_elems` counts the entries that differ
+(0: bitwise equal), and `paths` / `<variant>_paths` counts the distinct code paths one step took (NS
+calls, Triton NS GEMMs, fused or foreach elementwise ops, transposed and padded params, side streams): a rel_err
+of 0 must come with different paths, else the comparison compares nothing. A variant above 1e-2 (or
+NaN) is marked failed and not timed. `rel_err` = ours vs torch.optim.Muon (on fewer matrices).
+Times of a full step: `ours_ms` (triton do_bench median, CPU launch time included), `gpu_ms` (the
+GPU's own time: the step is queued behind a 30 ms GPU sleep so launches never starve it, as in
+training where backward keeps the GPU busy), `cpu_ms` (time to launch one step), `kernels_per_step`,
+`n_classes` (NS classes after merging), the same per variant (`<variant>_ms`, `_gpu_ms`, ...);
+`ns_ms` / `ns_triton_ms` (the batched NS alone with either GEMM, per class of ours in `classes`, with
+`triton_rel_err`: the two GEMMs' NS outputs on one input); peak memory net of params, grads and
+state; and the floor: NS FLOPs at the matmul ceiling + 20 B/element (read grad, read/write momentum
+and param, fp32) at the measured copy bandwidth. `ns_parts` splits one NS step of the largest class
+into its GEMMs, with `update_bmm_ms` = the same product without the `a X` term (`baddbmm` first
+copies X into its output: memory traffic). The table shows GPU ms of some variants; prints it last.
 """
 from __future__ import annotations
 
@@ -165,21 +173,57 @@ def _expert_views(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return views
 
 
-def _update_err(shapes, device, make_ref) -> float:
-    """Relative error of our one-step update vs the optimizer make_ref(params) builds (on copies)."""
+PATHS = ("_orthogonalize_", "_addmm_triton", "_momentum_fused", "_momentum_reference", "_update_fused",
+         "_update_reference")  # muon module functions whose calls `_counted_step` counts
+
+
+def _counted_step(opt: Muon) -> dict:
+    """opt.step() once; how often it called each of PATHS, its NS classes, transposed and padded
+    params and side streams (the evidence that two configurations ran different code)."""
+    counts = dict.fromkeys(PATHS, 0)
+    real = {name: getattr(muon_mod, name) for name in PATHS}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return real[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in PATHS:
+            setattr(muon_mod, name, counting(name))
+        opt.step()
+    finally:
+        for name, fn in real.items():
+            setattr(muon_mod, name, fn)
+    plan = opt._block_classes(False)
+    jobs = [(c, job) for c in plan for job in c.jobs]
+    counts.update(classes=len(plan), transposed_params=sum(job.transposed for _, job in jobs),
+                  padded_params=sum((job.cols if job.transposed else job.rows) != c.rows for c, job in jobs),
+                  side_streams=len(opt._streams_for(plan, 1)))
+    return counts
+
+
+def _update_err(shapes, device, make_ours, make_ref) -> tuple[float, int, dict | None]:
+    """One step of make_ours(params) vs make_ref(copies): (relative error of the update, entries that
+    differ, ours' code paths if ours is a moespeed Muon). Raises on NaN or a zero update."""
     ours = _make(shapes, device)
     ref = [p.clone() for p in ours]
     for p, q in zip(ref, ours):
         p.grad = q.grad.clone()
     start = [p.clone() for p in ours]
-    Muon(ours, **HP).step()
+    opt = make_ours(ours)
+    paths = _counted_step(opt) if isinstance(opt, Muon) else opt.step()
     make_ref(ref).step()
     num = sum(((a - s) - (b - s)).float().pow(2).sum() for a, b, s in zip(ours, ref, start))
     den = sum((b - s).float().pow(2).sum() for b, s in zip(ref, start))
+    if not den > 0:
+        raise FloatingPointError("the reference update is zero: nothing compared")
     err = (num / den).sqrt().item()
     if err != err:  # NaN
         raise FloatingPointError("NaN in the Muon update")
-    return err
+    diff = sum(int((a != b).sum()) for a, b in zip(ours, ref))
+    return err, diff, paths
 
 
 def _block_classes(shapes) -> dict[tuple[int, int], int]:
@@ -190,24 +234,43 @@ def _block_classes(shapes) -> dict[tuple[int, int], int]:
     return classes
 
 
-def ns_by_class(shapes, device, batch_numel: int, notes: list[str]) -> list[dict]:
-    """Time of the in-place batched NS per block class, in the optimizer's chunks (both GEMMs)."""
+def _ns_classes(params, kwargs: dict) -> dict[tuple[int, int], list]:
+    """(rows, cols) -> [blocks, NS GEMM] of the classes Muon(params, **kwargs) makes (merged)."""
+    opt = Muon(params, **HP, **kwargs)
+    out: dict[tuple[int, int], list] = {}
+    for cls in opt._block_classes(False):
+        entry = out.setdefault((cls.rows, cls.cols), [0, opt._gemm_for(cls)])
+        entry[0] += cls.n_blocks
+    return out
+
+
+def ns_by_class(classes: dict, device, batch_numel: int, notes: list[str]) -> list[dict]:
+    """Time of the in-place batched NS per class, in the optimizer's chunks (both GEMMs), and the
+    difference between the two GEMMs' NS of one input."""
     out = []
-    for (rows, cols), n in _block_classes(shapes).items():
+    NS = muon_mod.NS_STEPS, muon_mod.NS_COEFFICIENTS, muon_mod.EPS
+    for (rows, cols), (n, gemm_used) in classes.items():
         per_call = muon_mod._round_sizes(n, max(1, batch_numel // (rows * cols)))[0]
-        X = torch.randn(per_call, rows, cols, device=device).bfloat16()  # (per_call, rows, cols)
-        ns = {}
+        X0 = torch.randn(per_call, rows, cols, device=device).bfloat16()  # (per_call, rows, cols)
+        ns, results = {}, {}
         for gemm in ("torch", "triton") if device.type == "cuda" else ("torch",):
             try:
-                fn = lambda: muon_mod._orthogonalize_(X, muon_mod.NS_STEPS, muon_mod.NS_COEFFICIENTS,  # noqa: E731
-                                                      muon_mod.EPS, gemm)
-                fn()  # Triton autotuning
-                ns[gemm] = _time_ms(fn, device) * n / per_call
+                X = X0.clone()
+                muon_mod._orthogonalize_(X, *NS, gemm)  # Triton autotuning (each kernel call idempotent)
+                X.copy_(X0)
+                muon_mod._orthogonalize_(X, *NS, gemm)
+                results[gemm] = X.clone()
+                ns[gemm] = _time_ms(lambda: muon_mod._orthogonalize_(X, *NS, gemm), device) * n / per_call
             except Exception as exc:  # noqa: BLE001 - the Triton GEMM is an experiment
                 notes.append(f"NS {gemm} {rows}x{cols} failed: {exc!r}"[:200])
         flops = ns_flops(rows, cols) * n
-        out.append({"shape": [rows, cols], "blocks": n, "ns_ms": ns["torch"],
-                    "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton")})
+        row = {"shape": [rows, cols], "blocks": n, "ours_gemm": gemm_used, "ns_ms": ns["torch"],
+               "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton")}
+        if "triton" in results:
+            ref = results["torch"].float()
+            row["triton_rel_err"] = ((results["triton"].float() - ref).norm() / ref.norm()).item()
+            row["triton_diff_elems"] = int((results["triton"] != results["torch"]).sum())
+        out.append(row)
     return out
 
 
@@ -256,11 +319,27 @@ def compiled_ns_ms(rows: int, cols: int, n: int, device) -> dict:
 
 # -- cases -----------------------------------------------------------------------------------------
 
-VARIANTS = {"unfused": dict(fused=False), "triton_gemm": dict(ns_gemm="triton")}  # vs the default
+OURS = dict(ns_gemm="auto")  # as moespeed.optim.build makes it: defaults (merging, streams) + auto
+REFERENCE = dict(fused=False, ns_gemm="torch", merge_numel=0, pad_flops=0, streams=0)  # the CPU path
+VARIANTS = {  # name -> Muon options: ours with one thing changed
+    "before": dict(OURS, merge_numel=0, pad_flops=0, streams=0),  # before merging, padding, streams
+    "unmerged": dict(OURS, merge_numel=0),
+    "merge_32m": dict(OURS, merge_numel=2**25),  # also (3072, 768) x12 of preset small
+    "merge_all": dict(OURS, merge_numel=2**62),  # also the expert classes of small-moe
+    "unpadded": dict(OURS, pad_flops=0),
+    "pad_more": dict(OURS, pad_flops=10**12),
+    "streams0": dict(OURS, streams=0),
+    "streams2": dict(OURS, streams=2),
+    "streams4": dict(OURS, streams=4),
+    "unfused": dict(OURS, fused=False),
+    "cublas": dict(OURS, ns_gemm="torch"),
+    "triton_gemm": dict(OURS, ns_gemm="triton"),
+}
+MAX_REL_ERR = 1e-2  # BENCHMARKING.md: bf16 operands
 
 
 def _time_step(params, device, **kwargs) -> dict:
-    """ms (do_bench), gpu_ms, cpu_ms, peak MiB and kernels of Muon(params, **kwargs).step()."""
+    """ms (do_bench), gpu_ms, cpu_ms, peak MiB and kernels of Muon(params, **HP, **kwargs).step()."""
     opt = Muon(params, **HP, **kwargs)
     opt.step()  # momentum buffers, Triton compilation and autotuning
     out = {"ms": _time_ms(opt.step, device)}
@@ -281,25 +360,35 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
            "dtype": "fp32 (NS bf16)"}, "peer": f"torch.optim.Muon {torch.__version__}",
            "ns_gflop": flops / 1e9, "min_bytes": MIN_BYTES_PER_ELEMENT * numel}
     notes = []
-    row["rel_err"] = _update_err(check_shapes, device, lambda ps: torch.optim.Muon(_expert_views(ps), **HP))
-    params = _make(shapes, device)
-    ours = _time_step(params, device)
-    row.update(ours_ms=ours["ms"], gpu_ms=ours["gpu_ms"], cpu_ms=ours["cpu_ms"],
-               ours_peak_mib=ours["peak_mib"], kernels_per_step=ours["kernels"])
+    ours_opt = lambda ps: Muon(ps, **HP, **OURS)  # noqa: E731
+    reference = lambda ps: Muon(ps, **HP, **REFERENCE)  # noqa: E731
+    row["rel_err"] = _update_err(check_shapes, device, ours_opt,
+                                 lambda ps: torch.optim.Muon(_expert_views(ps), **HP))[0]
     err_shapes = shapes if numel <= 4e8 else check_shapes  # copies of params, grads, state must fit
-    for variant, kwargs in VARIANTS.items():
-        if "ns_gemm" in kwargs and device.type != "cuda":
+    row["rel_err_vs_reference"], row["diff_elems"], row["paths"] = _update_err(err_shapes, device, ours_opt,
+                                                                               reference)
+    _free(device)
+    params = _make(shapes, device)
+    ours = _time_step(params, device, **OURS)
+    row.update(ours_ms=ours["ms"], gpu_ms=ours["gpu_ms"], cpu_ms=ours["cpu_ms"],
+               ours_peak_mib=ours["peak_mib"], kernels_per_step=ours["kernels"], n_classes=row["paths"]["classes"])
+    for variant in args.variants.split(",") if args.variants else VARIANTS:
+        kwargs = VARIANTS[variant]
+        if kwargs["ns_gemm"] == "triton" and device.type != "cuda":
             continue  # Triton GEMM: CUDA only (or the interpreter)
         try:
-            row[f"rel_err_vs_{variant}"] = _update_err(err_shapes, device, lambda ps: Muon(ps, **HP, **kwargs))
+            err, diff, paths = _update_err(err_shapes, device, lambda ps: Muon(ps, **HP, **kwargs), reference)
+            row.update({f"{variant}_rel_err": err, f"{variant}_diff_elems": diff, f"{variant}_paths": paths})
             _free(device)
+            if not err <= MAX_REL_ERR:
+                notes.append(f"{variant} FAILED the check vs the reference: rel_err {err:.2e}; not timed")
+                continue
             timed = _time_step(params, device, **kwargs)
-            row.update({f"{variant}_ms": timed["ms"], f"{variant}_gpu_ms": timed["gpu_ms"],
-                        f"{variant}_cpu_ms": timed["cpu_ms"], f"{variant}_peak_mib": timed["peak_mib"]})
+            row.update({f"{variant}_{k}": v for k, v in timed.items()})
         except Exception as exc:  # noqa: BLE001 - a variant's failure must not hide the rest
             notes.append(f"{variant} failed: {exc!r}"[:300])
             _free(device)
-    row["classes"] = ns_by_class(shapes, device, muon_mod.BATCH_NUMEL, notes)
+    row["classes"] = ns_by_class(_ns_classes(params, OURS), device, muon_mod.BATCH_NUMEL, notes)
     row["ns_ms"] = sum(c["ns_ms"] for c in row["classes"])
     if all(c.get("ns_triton_ms") for c in row["classes"]):
         row["ns_triton_ms"] = sum(c["ns_triton_ms"] for c in row["classes"])
@@ -393,7 +482,9 @@ def _print_table(results: list[dict]) -> None:
         width = int(spec.split(".")[0])
         return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(width)
     cols = [("ours_ms", "ours ms", "9.2f"), ("gpu_ms", "GPU ms", "8.2f"), ("cpu_ms", "CPU ms", "8.2f"),
-            ("unfused_gpu_ms", "unfused", "9.2f"), ("triton_gemm_gpu_ms", "tri-GEMM", "9.2f"),
+            ("before_ms", "before", "8.2f"), ("before_gpu_ms", "bef GPU", "8.2f"),
+            ("unmerged_gpu_ms", "unmerged", "9.2f"), ("streams0_gpu_ms", "1 stream", "9.2f"),
+            ("n_classes", "cls", "4.0f"), ("rel_err_vs_reference", "err ref", "9.1e"),
             ("ns_ms", "NS ms", "8.2f"), ("ns_triton_ms", "NS tri", "8.2f"), ("floor_ms", "floor", "8.2f"),
             ("peer_ms", "torch ms", "9.2f"), ("speedup", "speedup", "8.2f"), ("tflops", "TFLOP/s", "8.1f"),
             ("gbps", "GB/s", "7.0f"), ("ours_peak_mib", "peak MiB", "9.0f"), ("rel_err", "rel err", "9.1e")]
@@ -405,7 +496,8 @@ def _print_table(results: list[dict]) -> None:
         print(f"{r['bench']:<22}" + "".join(fmt(r.get(k), s) for k, _, s in cols))
     for r in results:
         for c in r.get("classes", []):
-            tri = f", Triton GEMM {c['ns_triton_ms']:8.3f} ms" if c.get("ns_triton_ms") else ""
+            tri = (f", Triton GEMM {c['ns_triton_ms']:8.3f} ms (rel err {c['triton_rel_err']:.1e}, "
+                   f"{c['triton_diff_elems']} entries differ)") if c.get("ns_triton_ms") else ""
             print(f"  {r['bench']:<20} NS {str(tuple(c['shape'])):>12} x{c['blocks']:<5} "
                   f"{c['ns_ms']:8.3f} ms {c['tflops']:7.1f} TFLOP/s{tri}")
         if "ns_parts" in r:
@@ -427,10 +519,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: small, small-moe, dense, moe")
     ap.add_argument("--moe-layers", type=int, default=8, help="MoE layers in the 'moe' case")
     ap.add_argument("--no-peer", action="store_true", help="skip torch.optim.Muon timings")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     ap.add_argument("--try-compile", action="store_true",
                     help="also time the largest class's NS under torch.compile(max-autotune)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
     args = ap.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS) if args.variants else set()
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}: use some of {','.join(VARIANTS)}")
     if not hasattr(torch.optim, "Muon"):
         print("torch.optim.Muon is missing (needs torch >= 2.9)", file=sys.stderr)
         return 2

@@ -26,13 +26,27 @@ Shapes. Muon orthogonalizes *blocks*, the last two dims of a param, which are (r
     `[n_heads * head_dim, d_model]` orthogonalized per head. Only row-blocks are supported.
 `scale` uses the block shape. All blocks of equal shape (and equal NS settings) across all params and
 groups form a *class* (the grouping is cached until params or their grads' presence change; a class
-bigger than 4 * `batch_numel` elements is cut between params); a step handles one class after
-another:
+bigger than 4 * `batch_numel` elements is cut between params). Merging: NS of a tall block is NS of
+its transpose, transposed back, so a class of tall (r, c) blocks with at most `merge_numel`
+elements joins the class of wide (c, r) blocks, if there is one, stored transposed: one batched NS
+call instead of two (small classes are latency-bound: ~0.4 ms each on an H100 whatever their size).
+Its params keep their own `scale` (of (r, c)); the fused kernels write and read them through one
+transposing copy per run of params (4 extra bytes per element, hence the bound). Padding: zero rows
+change nothing in NS of the other rows (A = X X^T, b A + c A^2 and its product with X get zero rows
+and columns; the norm is the same), so wide classes with equal cols are zero-padded to one shape
+while that costs at most `pad_flops` extra NS FLOPs (`_pad_classes`), e.g. (144, 768) blocks join
+(256, 768) ones: again one call fewer, at a copy per run like a transposed one. A step handles one
+class after another:
   1. momentum: every param writes its NS input `u` (bf16) straight into its slot of one
      `(blocks, rows, cols)` stack (no torch.cat, no per-param copies);
   2. NS runs in place on slices of the stack, batched, at most `batch_numel` elements per rank and
      call to bound memory; the last iteration writes into the stack (`out=`);
   3. every param reads its update from its slot: decay and update in one pass.
+Streams: with one process on CUDA, the classes run concurrently on `streams` side streams (largest
+first, each on the least loaded stream; a small class overlaps a big one instead of waiting for
+it). The side streams wait for the current stream first, and the current stream waits for them at
+the end, so to the caller the step is ordered like any op on the current stream. Memory: up to
+`streams` classes' stacks and NS temporaries live at once.
 On CUDA, steps 1 and 3 are Triton kernels (`fused`; checked once against the foreach path), one
 launch per run of equal-size params (a table of their addresses): 14 + 10 bytes per element;
 elsewhere (and for DTensors or non-contiguous tensors) they are torch foreach ops with exactly
@@ -45,6 +59,10 @@ Triton kernels compute the same formulas in fp32 (torch's lerp branches, the fus
 makes of them, round-to-nearest-even to bf16), so they agree to fp32 rounding at most. The tall-block
 iteration multiplies the same numbers as torch's transposed one; cuBLAS (or the Triton GEMM) may sum
 them in another order. Both stay within one bf16 rounding of the update (what the tests allow).
+A merged (transposed) tall block runs torch's own transposed iteration: bitwise equal to the tall
+iteration on CPU (observed), within the same bf16 rounding on CUDA; a padded block's NS sums the same
+products plus exact zeros (GEMM kernels of another shape may sum in another order: within the same
+rounding). Streams change no arithmetic.
 
 Performance: floors on one H100 (computed; `python -m moespeed.bench.muon` measures them).
   * NS matmul FLOPs (5 steps; per block 5 (4 m^2 n + 2 m^3), m <= n its sides): preset `small`
@@ -80,6 +98,9 @@ DTensor params (FSDP2, sharded on any dim): each rank updates its local momentum
 all-gather in bf16), the owner of each block orthogonalizes it, and every rank adds the local shard of
 the full update. Use `replicated=False` for params that differ between ranks (e.g. expert-parallel
 local experts, pipeline stages): each rank then orthogonalizes all of them itself, with no collective.
+Side streams are used only with one rank and no DTensors: with collectives, the step stays on the
+current stream, one class after another, so every rank issues them in the same order. Merging is
+the same on every rank (it depends only on the param list), so it applies there too.
 """
 from __future__ import annotations
 
@@ -112,6 +133,11 @@ NS_GEMMS = ("torch", "triton", "auto")  # auto: triton for CUDA shape classes of
 AUTO_TRITON_BLOCKS = 64  # H100: 704 blocks of 768x256 NS in 3.4 ms (triton) vs 4.9 ms (baddbmm); 12 blocks: 0.8 vs 0.4 ms
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
 STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
+MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its transposed wide class:
+# latency-bound ones (H100: (768, 384) x12, (768, 512) x11, (3072, 768) x1), not (3072, 768) x12 (28M)
+PAD_FLOPS = 10**11  # zero-padding that adds at most this many NS FLOPs may merge two classes
+DEFAULT_STREAMS = 3  # CUDA side streams that run shape classes concurrently (streams=None)
+CALL_FLOPS = 10**11  # scheduling cost of one NS call (~0.3 ms: small NS calls are latency-bound)
 _BLOCK = 1024  # elements per Triton program
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
@@ -364,10 +390,11 @@ def _launch_runs(*lists: list[Tensor]):
 
 def _momentum_reference(grads: list[Tensor], bufs: list[Tensor], slots: list[Tensor], momentum: float,
                         nesterov: bool) -> None:
-    """torch.optim.Muon's momentum ops with foreach: update bufs, write the NS inputs into slots."""
+    """torch.optim.Muon's momentum ops with foreach: update bufs, write the NS inputs into slots
+    (each of its tensor's numel, maybe another shape, e.g. (blocks, rows, cols) of a 2-D param)."""
     torch._foreach_lerp_(bufs, grads, 1 - momentum)
     us = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
-    torch._foreach_copy_(slots, us)  # casts to bf16
+    torch._foreach_copy_(slots, [u.reshape(s.shape) for u, s in zip(us, slots)])  # casts to bf16
 
 
 def _update_reference(params: list[Tensor], updates: list[Tensor], decay: float, alpha: float) -> None:
@@ -386,6 +413,9 @@ class _Job:
     group: dict
     start: int  # first block in the stack
     blocks: int  # matrices to orthogonalize: E * split (3-D) or split (2-D)
+    rows: int  # the param's block shape (its class may store it transposed or zero-padded)
+    cols: int
+    transposed: bool = False  # tall blocks stored transposed in a class of wide ones
 
 
 @dataclass(eq=False)
@@ -401,6 +431,7 @@ class _BlockClass:
     shared: bool  # work split across the ranks of the process group
     jobs: list[_Job] = field(default_factory=list)
     n_blocks: int = 0
+    padded: bool = False  # some jobs' blocks are smaller: the rest of their slots is zeros
 
 
 class Muon(torch.optim.Optimizer):
@@ -414,7 +445,13 @@ class Muon(torch.optim.Optimizer):
     `fused` picks the elementwise kernels: None = Triton on CUDA when it passes a one-time check
     against the foreach path (else a warning and foreach), True = Triton (CUDA, or CPU under
     TRITON_INTERPRET=1), False = torch foreach ops. `ns_gemm` computes NS's two "a D + L R"
-    products: "torch" (baddbmm, cuBLAS) or "triton" (`_addmm_kernel`, no copy of D; experimental).
+    products: "torch" (baddbmm, cuBLAS), "triton" (`_addmm_kernel`, no copy of D) or "auto".
+    `merge_numel`: a class of tall (rows, cols) blocks with at most this many elements is stored
+    transposed in the class of (cols, rows) blocks, one NS call for both (0: never). `pad_flops`:
+    wide classes with equal cols are zero-padded into one while that adds at most this many NS
+    FLOPs (see `_pad_classes`; None = PAD_FLOPS on CUDA and no padding elsewhere, 0: never).
+    `streams`: CUDA side streams that run shape classes concurrently (None = DEFAULT_STREAMS,
+    0 = all on the current stream; ignored on CPU, with DTensors and with more than one rank).
     See the module docstring for the algorithm.
     """
 
@@ -422,9 +459,13 @@ class Muon(torch.optim.Optimizer):
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  ns_steps: int = NS_STEPS, eps: float = EPS, adjust_lr_fn: str | None = "original",
                  split: int = 1, replicated: bool = True, *, process_group=None,
-                 batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch") -> None:
+                 batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
+                 merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None) -> None:
         if batch_numel < 1:
             raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
+        if min(merge_numel, pad_flops or 0, streams or 0) < 0:
+            raise ValueError(f"Muon merge_numel = {merge_numel}, pad_flops = {pad_flops}, streams = {streams}: "
+                             "must be >= 0")
         if ns_gemm not in NS_GEMMS:
             raise ValueError(f"Muon ns_gemm = {ns_gemm!r}: use one of {NS_GEMMS}")
         if triton is None and (fused or ns_gemm == "triton"):  # "auto" falls back to torch
@@ -433,7 +474,12 @@ class Muon(torch.optim.Optimizer):
         self.batch_numel = batch_numel
         self.fused = fused
         self.ns_gemm = ns_gemm
+        self.merge_numel = merge_numel
+        self.pad_flops = pad_flops
+        self.streams = DEFAULT_STREAMS if streams is None else streams
+        self._side_streams: dict[torch.device, list] = {}  # device -> CUDA streams, made on first use
         self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
+        self._plan_has_dtensor = False
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
                         adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
@@ -462,23 +508,66 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world, rank = self._world()
+        plan = self._block_classes(world > 1)
+        streams = self._streams_for(plan, world)
+        if streams:
+            self._step_on_streams(plan, streams)
+            return loss
         loads = [0] * world  # NS FLOPs assigned to each rank so far this step
-        for cls in self._block_classes(world > 1):
+        for cls in plan:
             with _on_device(cls.device):
                 self._step_class(cls, world, rank, loads)
         return loss
+
+    def _streams_for(self, plan: list[_BlockClass], world: int) -> list:
+        """This step's CUDA side streams; none off CUDA, for params on several devices, with DTensors
+        or with more than one rank (their collectives stay in one order on the current stream)."""
+        devices = {cls.device for cls in plan}
+        if self.streams == 0 or world > 1 or len(devices) != 1 or self._plan_has_dtensor:
+            return []
+        device = devices.pop()
+        if device.type != "cuda":
+            return []
+        if device not in self._side_streams:
+            self._side_streams[device] = [torch.cuda.Stream(device) for _ in range(self.streams)]
+        return self._side_streams[device]
+
+    def _step_on_streams(self, plan: list[_BlockClass], streams: list) -> None:
+        """One process: classes on side streams, largest first, each on the least loaded stream.
+
+        The side streams wait for the current stream, which waits for all of them at the end, so the
+        step is ordered like one on the current stream. Params, grads and momentum buffers belong to
+        the current stream and outlive the step; stacks and NS temporaries are allocated on the side
+        stream that uses them, so the caching allocator reuses their memory on that stream only.
+        """
+        device = plan[0].device
+        with _on_device(device):
+            self._fused_on(device)  # the one-time check of the fused kernels, on the current stream
+            for cls in plan:
+                for job in cls.jobs:
+                    if job.param.grad is not None:
+                        self._buffer(job.param)  # new momentum buffers: on the current stream
+            current = torch.cuda.current_stream(device)
+            for stream in streams:
+                stream.wait_stream(current)
+            costs = [_class_cost(cls, self.batch_numel) for cls in plan]
+            for i, lane in _assign_lanes(costs, len(streams)):
+                with torch.cuda.stream(streams[lane]):
+                    self._step_class(plan[i], 1, 0, [0])
+            for stream in streams:
+                current.wait_stream(stream)
 
     def _block_classes(self, distributed: bool) -> list[_BlockClass]:
         """This step's params, grouped by (block shape, NS settings, device, shared).
 
         Cached: rebuilt only when the params, their NS options or which grads exist change.
         """
-        key = (distributed, tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"],
-                                   g["replicated"], tuple((id(p), p.grad is None) for p in g["params"]))
-                                  for g in self.param_groups))
+        key = (distributed, self.merge_numel, self.pad_flops,
+               tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"], g["replicated"],
+                      tuple((id(p), p.grad is None) for p in g["params"])) for g in self.param_groups))
         if key == self._plan_key:
             return self._plan
-        classes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
+        shapes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
         for g, group in enumerate(self.param_groups):
             shared = distributed and group["replicated"]
             for p in group["params"]:
@@ -487,25 +576,52 @@ class Muon(torch.optim.Optimizer):
                 n = _split(p, group)
                 cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], group["ns_coefficients"],
                            group["eps"], _compute_device(p), shared)
-                members = classes.setdefault(cls_key, [])
+                members = shapes.setdefault(cls_key, [])
                 members.append((g, p.numel(), len(members), p, group))
+        target = self._class_targets(shapes)
+        classes: dict[tuple, list] = {}  # class key -> [(group, transposed, rows, cols, numel, order, param, group)]
+        for (rows, cols, *rest), members in shapes.items():
+            cls_key, flip = target[(rows, cols, *rest)]
+            classes.setdefault(cls_key, []).extend((g, flip, rows, cols, *m) for g, *m in members)
         self._plan = []
         for cls_key, members in classes.items():
             block_numel, cls = cls_key[0] * cls_key[1], None
-            for *_, p, group in sorted(members, key=lambda m: m[:3]):  # equal sizes side by side
-                blocks = (p.shape[0] if p.ndim == 3 else 1) * _split(p, group)
+            for _, flip, rows, cols, _, _, p, group in sorted(members, key=lambda m: m[:6]):  # equal shapes
+                blocks = _blocks(p, group)                                                     # side by side
                 if cls is None or (cls.n_blocks + blocks) * block_numel > STACK_BATCHES * self.batch_numel:
                     cls = _BlockClass(*cls_key)  # a new stack: bounds the memory of one
                     self._plan.append(cls)
-                cls.jobs.append(_Job(p, group, cls.n_blocks, blocks))
+                cls.jobs.append(_Job(p, group, cls.n_blocks, blocks, rows, cols, flip))
                 cls.n_blocks += blocks
+                cls.padded |= ((cols, rows) if flip else (rows, cols)) != cls_key[:2]
+        self._plan_has_dtensor = any(isinstance(job.param, DTensor) for cls in self._plan for job in cls.jobs)
         self._plan_key = key
         return self._plan
+
+    def _class_targets(self, shapes: dict[tuple, list]) -> dict[tuple, tuple[tuple, bool]]:
+        """Block shape key -> (key of its class, stored transposed). A tall shape of at most
+        merge_numel elements joins its transposed wide shape; then wide shapes are padded into
+        bigger ones (`_pad_classes`)."""
+        target, blocks = {}, {}  # blocks: class key -> blocks in it
+        for (rows, cols, *rest), members in shapes.items():
+            flip = rows > cols and (cols, rows, *rest) in shapes \
+                and sum(m[1] for m in members) <= self.merge_numel  # stored transposed, NS as wide blocks
+            cls_key = (cols, rows, *rest) if flip else (rows, cols, *rest)
+            target[(rows, cols, *rest)] = (cls_key, flip)
+            blocks[cls_key] = blocks.get(cls_key, 0) + sum(_blocks(p, group) for *_, p, group in members)
+        pad_flops = self.pad_flops
+        if pad_flops is None:  # CUDA classes only: on a CPU, FLOPs cost more than calls
+            blocks = {key: n for key, n in blocks.items() if key[-2].type == "cuda"}  # key[-2]: device
+            pad_flops = PAD_FLOPS
+        padded = _pad_classes(blocks, pad_flops)
+        return {raw: (padded.get(cls_key, cls_key), flip) for raw, (cls_key, flip) in target.items()}
 
     def _step_class(self, cls: _BlockClass, world: int, rank: int, loads: list[int]) -> None:
         """Momentum into the stack, NS in place (this rank's shares, then all-gather), updates."""
         stack = torch.empty(cls.n_blocks, cls.rows, cls.cols, dtype=torch.bfloat16,
                             device=cls.device)  # (n_blocks, rows, cols)
+        if cls.padded:
+            _zero_padding(stack, cls.jobs)
         fused = self._fused_on(cls.device)
         self._momentum(cls.jobs, stack, fused)
         w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
@@ -536,7 +652,7 @@ class Muon(torch.optim.Optimizer):
         triton_jobs = []  # indices into jobs
         for i, job in enumerate(jobs):
             p, group, grad = job.param, job.group, job.param.grad
-            slot = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
+            slot = _slot(stack, job)  # (blocks, block rows, block cols) of p, maybe a transposed view
             if grad is not None and (grad.is_sparse or torch.is_complex(grad)):
                 raise RuntimeError("Muon supports only dense real gradients")
             if isinstance(p, DTensor):
@@ -549,12 +665,16 @@ class Muon(torch.optim.Optimizer):
                 lists = reference.setdefault(id(group), (group, [], [], []))
                 lists[1].append(grad)
                 lists[2].append(self._buffer(p))
-                lists[3].append(slot.view(grad.shape))
+                lists[3].append(slot)
         for run in _job_runs(jobs, triton_jobs):
             group, params = run[0].group, [job.param for job in run]
-            _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params],
-                            stack[run[0].start:run[-1].start + run[-1].blocks], group["momentum"],
-                            group["nesterov"])
+            slots = _slot(stack, run[0], run[-1])  # (run blocks, block rows, block cols)
+            out = slots if slots.is_contiguous() else torch.empty(slots.shape, dtype=torch.bfloat16,
+                                                                  device=slots.device)
+            _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params], out,
+                            group["momentum"], group["nesterov"])
+            if out is not slots:
+                slots.copy_(out)  # transposed or padded: one copy per run
         for group, grads, bufs, views in reference.values():
             _momentum_reference(grads, bufs, views, group["momentum"], group["nesterov"])
 
@@ -591,52 +711,128 @@ class Muon(torch.optim.Optimizer):
 
     def _update(self, cls: _BlockClass, stack: Tensor, fused: bool) -> None:
         """Decay and update every param that has a grad from its orthogonalized rows of stack."""
-        scalars: dict[int, tuple[float, float]] = {}  # id(group) -> (decay, alpha)
-        reference: dict[int, tuple[float, float, list, list]] = {}  # id(group) -> scalars, lists
+        scalars: dict[tuple, tuple[float, float]] = {}  # (id(group), rows, cols) -> (decay, alpha)
+        reference: dict[tuple, tuple[float, float, list, list]] = {}  # same key -> scalars, lists
         triton_jobs = []  # indices into cls.jobs
         for i, job in enumerate(cls.jobs):
-            p, group = job.param, job.group
+            p, group, key = job.param, job.group, (id(job.group), job.rows, job.cols)
             if p.grad is None:
                 continue  # zero update: no decay either
-            decay, alpha = scalars.get(id(group)) or scalars.setdefault(id(group), _scalars(group, cls))
-            update = stack[job.start:job.start + job.blocks]  # (blocks, rows, cols)
+            decay, alpha = scalars.get(key) or scalars.setdefault(key, _scalars(group, job.rows, job.cols))
+            if fused and p.is_contiguous() and not isinstance(p, DTensor):
+                triton_jobs.append(i)
+                continue
+            update = _slot(stack, job).reshape(p.shape)  # a copy if transposed or padded
             if isinstance(p, DTensor):
-                update = distribute_tensor(update.view(p.shape), p.device_mesh, p.placements,
-                                           src_data_rank=None)
+                update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
                 p.mul_(decay)
                 p.add_(update, alpha=alpha)
-            elif fused and p.is_contiguous():
-                triton_jobs.append(i)
             else:
-                lists = reference.setdefault(id(group), (decay, alpha, [], []))
+                lists = reference.setdefault(key, (decay, alpha, [], []))
                 lists[2].append(p)
-                lists[3].append(update.view(p.shape))
+                lists[3].append(update)
         for run in _job_runs(cls.jobs, triton_jobs):
-            _update_fused([job.param for job in run], stack[run[0].start:run[-1].start + run[-1].blocks],
-                          *scalars[id(run[0].group)])
+            updates = _slot(stack, run[0], run[-1]).contiguous()  # a copy if transposed or padded
+            _update_fused([job.param for job in run], updates,
+                          *scalars[(id(run[0].group), run[0].rows, run[0].cols)])
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
 
 
 def _job_runs(jobs: list[_Job], indices: list[int]) -> list[list[_Job]]:
     """Split jobs[i] for sorted `indices` into runs of neighbours (adjacent rows of the stack) with
-    the same group and size: each run is one fused launch (or a few, see `_launch_runs`)."""
+    the same group, size and orientation: each run is one fused launch (or a few, see `_launch_runs`)."""
     runs: list[list[_Job]] = []
     for k, i in enumerate(indices):
         job = jobs[i]
         prev = jobs[indices[k - 1]] if k else None
         if prev is not None and indices[k - 1] == i - 1 and prev.group is job.group \
-                and prev.param.numel() == job.param.numel():
+                and prev.param.numel() == job.param.numel() \
+                and (prev.rows, prev.cols, prev.transposed) == (job.rows, job.cols, job.transposed):
             runs[-1].append(job)
         else:
             runs.append([job])
     return runs
 
 
-def _scalars(group: dict, cls: _BlockClass) -> tuple[float, float]:
-    """(decay, alpha) of a group's params in a class: p <- decay * p + alpha * update."""
+def _scalars(group: dict, rows: int, cols: int) -> tuple[float, float]:
+    """(decay, alpha) of a group's params with (rows, cols) blocks: p <- decay * p + alpha * update."""
     lr = float(group["lr"])
-    return 1 - lr * group["weight_decay"], -lr * lr_scale(group["adjust_lr_fn"], cls.rows, cls.cols)
+    return 1 - lr * group["weight_decay"], -lr * lr_scale(group["adjust_lr_fn"], rows, cols)
+
+
+def _slot(stack: Tensor, first: _Job, last: _Job | None = None) -> Tensor:
+    """The blocks of jobs first..last (one shape) in the stack, oriented like their params:
+    (blocks, block rows, block cols); a view, not contiguous if transposed or padded."""
+    last = last or first
+    rows, cols = (first.cols, first.rows) if first.transposed else (first.rows, first.cols)  # as stored
+    blocks = stack[first.start:last.start + last.blocks, :rows, :cols]  # (blocks, rows, cols) in the class
+    return blocks.mT if first.transposed else blocks
+
+
+def _zero_padding(stack: Tensor, jobs: list[_Job]) -> None:
+    """Zero the rows below smaller (padded) blocks in the stack, one fill per span of equal blocks."""
+    spans: list[list[int]] = []  # [first block, end block, stored rows]
+    for job in jobs:
+        rows = job.cols if job.transposed else job.rows  # as stored; only rows are padded
+        if rows == stack.shape[1]:
+            continue
+        if spans and spans[-1][1] == job.start and spans[-1][2] == rows:
+            spans[-1][1] = job.start + job.blocks
+        else:
+            spans.append([job.start, job.start + job.blocks, rows])
+    for first, end, rows in spans:
+        stack[first:end, rows:].zero_()
+
+
+def _blocks(p: Tensor, group: dict) -> int:
+    """Matrices NS orthogonalizes in param p: E * split (3-D) or split (2-D)."""
+    return (p.shape[0] if p.ndim == 3 else 1) * _split(p, group)
+
+
+def _pad_classes(blocks: dict[tuple, int], pad_flops: int) -> dict[tuple, tuple]:
+    """Wide class key -> key of the class it joins by zero-padding its blocks' rows (itself if none).
+
+    Among wide classes (rows <= cols) with equal cols and NS settings, in ascending rows, a class
+    joins the next bigger one while padding all the blocks gathered so far adds at most `pad_flops`
+    NS FLOPs: one NS call fewer for a few cheap FLOPs. Zero rows leave NS of the other rows unchanged
+    (A = X X^T, b A + c A^2 and its product with X get zero rows and columns), and stay zero.
+    """
+    sides: dict[tuple, list] = {}  # (cols, NS settings...) -> wide class keys
+    for key in blocks:
+        if key[0] <= key[1]:
+            sides.setdefault(key[1:], []).append(key)
+    target = {}
+    for keys in sides.values():
+        keys.sort(key=lambda k: k[0])
+        runs, n = [[keys[0]]], blocks[keys[0]]  # runs of keys padded to the last one's rows; blocks in it
+        for key in keys[1:]:
+            rows, cols, steps = key[:3]
+            if n * (ns_flops(rows, cols, steps) - ns_flops(runs[-1][-1][0], cols, steps)) <= pad_flops:
+                runs[-1].append(key)
+                n += blocks[key]
+            else:
+                runs.append([key])
+                n = blocks[key]
+        target.update((k, run[-1]) for run in runs for k in run)
+    return target
+
+
+def _class_cost(cls: _BlockClass, batch_numel: int) -> int:
+    """Scheduling cost of a class's NS: its FLOPs plus a latency per batched call."""
+    calls = len(_round_sizes(cls.n_blocks, max(1, batch_numel // (cls.rows * cls.cols))))
+    return ns_flops(cls.rows, cls.cols, cls.steps) * cls.n_blocks + CALL_FLOPS * calls
+
+
+def _assign_lanes(costs: list[int], lanes: int) -> list[tuple[int, int]]:
+    """(task, lane) pairs, largest cost first, each task on the lane with the least load so far."""
+    load = [0] * lanes
+    out = []
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        lane = min(range(lanes), key=lambda k: (load[k], k))
+        load[lane] += costs[i]
+        out.append((i, lane))
+    return out
 
 
 _FUSED_WORKS: dict[torch.device, bool] = {}
