@@ -126,7 +126,7 @@ def cmd_eval(args) -> None:
     total = 0.0
     with torch.no_grad():
         for _ in range(n_batches):
-            tokens, targets, doc_ids = (t.to(device) for t in loader.next_batch())
+            tokens, targets, doc_ids = loader.next_batch(device)
             total += model(tokens, targets, doc_ids).item()
     loss = total / n_batches
     cache = model.kv_cache_bytes_per_token(torch.bfloat16)

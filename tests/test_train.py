@@ -27,12 +27,12 @@ def _interrupted_fit(cfg, monkeypatch, after_batches: int) -> None:
     from moespeed.data.loader import TokenLoader
     real_next, calls = TokenLoader.next_batch, {"n": 0}
 
-    def next_batch(self):
+    def next_batch(self, device=None):
         if self.shuffle:  # the train loader (eval loaders do not shuffle)
             calls["n"] += 1
             if calls["n"] > after_batches:
                 raise KeyboardInterrupt
-        return real_next(self)
+        return real_next(self, device)
 
     monkeypatch.setattr(TokenLoader, "next_batch", next_batch)
     with pytest.raises(KeyboardInterrupt):

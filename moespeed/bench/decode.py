@@ -12,8 +12,9 @@ position ctx - 1 over a static cache of ctx positions (filled with random values
   mla_expanded        latent cache, every cached latent re-expanded to per-head K and V (naive)
   mha, mha_torch      K and V cache of 12 heads x 64, Triton kernel / batched matmuls
 The step (`hidden_states` with a tensor start position + logits) is captured in a CUDA graph
-(--modes: graph = eager ops captured, compile_graph = torch.compile'd then captured, compile, eager;
-the first that works is used and the `mode` column says which).
+(--modes, default compile_graph,graph,eager: compile_graph = torch.compile'd (fusing the small
+elementwise ops) then captured, graph = eager ops captured, compile, eager; the first that works is
+used and the `mode` column says which).
 Reported: ms per step (do_bench median), tokens/s = B / step time, and effective GB/s = bytes that
 must be read per step (all weights once + every layer's cache for B x ctx tokens) / step time,
 next to the measured copy bandwidth (read + write of 1 GiB). Correctness first: the compiled step's
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here (BENCHMARKING.md format)")
     parser.add_argument("--quick", action="store_true", help="batch 64 x ctx 16K only")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated paths")
-    parser.add_argument("--modes", default="graph,eager", help="step modes to try, in order "
+    parser.add_argument("--modes", default="compile_graph,graph,eager", help="step modes to try, in order "
                         "(graph, compile_graph, compile, eager)")
     parser.add_argument("--kernel-sweep", action="store_true",
                         help="first time the decode kernel alone under several launch configurations")

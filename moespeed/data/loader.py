@@ -52,13 +52,22 @@ class TokenLoader:
             ids.append(int(self._window_order(epoch)[offset]))
         return ids
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens, targets, doc_ids), each (B, T) int64."""
+    def next_batch(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, targets, doc_ids), each (B, T) int64, on `device` (default: CPU).
+
+        On CUDA the batch travels as one (B, T + 1) copy from pinned memory, asynchronous, so the host
+        does not wait for the GPU to finish queued work (a copy from pageable memory would), and the
+        slicing and document ids are computed on the GPU.
+        """
         B, T = self.batch_size, self.seq_len
         first = self.position + self.rank * B
         windows = np.stack([self.tokens[w * T: w * T + T + 1] for w in self._window_ids(first, B)])
         self.position += B * self.world_size
         windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
+        if device is not None and torch.device(device).type == "cuda":
+            windows = windows.pin_memory().to(device, non_blocking=True)
+        elif device is not None:
+            windows = windows.to(device)
         tokens, targets = windows[:, :-1], windows[:, 1:]
         doc_ids = torch.cumsum(tokens == self.bos_id, dim=1)  # (B, T)
         return tokens, targets, doc_ids

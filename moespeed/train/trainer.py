@@ -152,7 +152,7 @@ class Trainer:
                              rank=env.rank, world_size=env.world_size)
         total = torch.zeros((), device=self.device)
         for _ in range(n_batches):
-            tokens, targets, doc_ids = (t.to(self.device) for t in loader.next_batch())
+            tokens, targets, doc_ids = loader.next_batch(self.device)
             with autocast_for(self.device, self.cfg.train.dtype):
                 total += model(tokens, targets, doc_ids).float()
         model.train()
@@ -207,7 +207,7 @@ class Trainer:
                     group["lr"] = group["base_lr"] * factor
                 model.set_train_step(step)  # sliding-window growth schedule (no-op without one)
                 for micro in range(tc.grad_accum):
-                    tokens, targets, doc_ids = (t.to(self.device, non_blocking=True) for t in loader.next_batch())
+                    tokens, targets, doc_ids = loader.next_batch(self.device)
                     with par.micro_step(last=micro == tc.grad_accum - 1):
                         with autocast_for(self.device, tc.dtype):
                             loss = train_model(tokens, targets, doc_ids)
