@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here (BENCHMARKING.md format)")
     parser.add_argument("--quick", action="store_true", help="batch 64 x ctx 16K only")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated paths")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="comma-separated context lengths")
     parser.add_argument("--modes", default="compile_graph,graph,eager", help="step modes to try, in order "
                         "(graph, compile_graph, compile, eager)")
     parser.add_argument("--kernel-sweep", action="store_true",
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("decode bench: needs a CUDA GPU", file=sys.stderr)
         return 2
-    batches, contexts = ([64], [16384]) if args.quick else (BATCHES, CONTEXTS)
+    batches, contexts = ([64], [16384]) if args.quick else (
+        [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")])
     modes = args.modes.split(",")
     extras: dict = {}
     try:
