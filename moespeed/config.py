@@ -29,6 +29,19 @@ ATTN_BACKENDS = ("auto", "flex", "sdpa")
 DECODE_KERNELS = ("auto", "triton", "torch")
 
 
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """"A:B" -> (A, B) with 0 <= A < B; "" -> None. ValueError for anything else."""
+    if not spec:
+        return None
+    try:
+        start, stop = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"'{spec}' is not A:B") from None
+    if not 0 <= start < stop:
+        raise ValueError(f"'{spec}' needs 0 <= A < B")
+    return start, stop
+
+
 @dataclass
 class ModelConfig:
     """The Transformer: MLA attention + ReLU² MLP blocks (pre-RMSNorm)."""
@@ -184,6 +197,7 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
     compile: bool = option(False, "torch.compile the model")
+    profile_steps: str = option("", "profile steps A:B (A <= step < B) with torch.profiler on rank 0: profile.txt and profile_trace.json in the run dir; empty = off")
     threads: int = option(0, "CPU threads for torch; 0 = torch's default")
     parallel: str = option("ddp", "with several processes (torchrun): ddp replicates the model; fsdp shards params, grads and optimizer state (FSDP2)", choices=["ddp", "fsdp"])
     ep_size: int = option(1, "expert parallelism: routed experts split over groups of ep_size ranks (must divide the number of processes and model.moe.n_routed_experts); data parallel over the groups")
@@ -192,6 +206,10 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every"):
             _require(getattr(self, key) > 0, f"train.{key} = {getattr(self, key)}: must be a positive integer")
+        try:
+            parse_profile_steps(self.profile_steps)
+        except ValueError as exc:
+            raise ConfigError(f"train.profile_steps = {exc}: use A:B, e.g. 10:13, or leave it empty") from None
         _require(self.lr > 0, f"train.lr = {self.lr}: must be > 0")
         _require(self.muon_lr >= 0, f"train.muon_lr = {self.muon_lr}: must be >= 0 (0 = lr)")
         _require(0 <= self.muon_momentum < 1, f"train.muon_momentum = {self.muon_momentum}: must be in [0, 1)")

@@ -168,3 +168,23 @@ def test_sparse_ffn_models_train_and_val_loss_falls(corpus, tmp_path, ffn_args):
         assert all("moe/1/max_over_mean" in r for r in records if "train_loss" in r)
         bias = torch.load(run / "step-30" / "model.pt", weights_only=True)["blocks.1.mlp.expert_bias"]
         assert bias.abs().max() > 0  # aux-loss-free balancing moved the bias
+
+
+def test_profile_steps_writes_a_profile(corpus, tmp_path):
+    data, cache = corpus
+    cfg = tiny_config(data, tmp_path / "run", cache, steps=4)
+    cfg.train.profile_steps = "1:3"
+    Trainer(cfg).fit()
+    text = (tmp_path / "run" / "profile.txt").read_text()
+    assert "training steps 1..2" in text and "by self CPU time" in text
+    assert "aten::mm" in text or "aten::addmm" in text  # the model's matmuls were recorded
+    assert (tmp_path / "run" / "profile_trace.json").stat().st_size > 0
+
+
+@pytest.mark.parametrize("spec", ["3", "5:2", "a:b", "-1:2"])
+def test_bad_profile_steps_is_a_config_error(spec):
+    from moespeed.config import build_config
+    from moespeed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.profile_steps"):
+        build_config("quickstart", None, [("train.profile_steps", spec)])

@@ -60,6 +60,11 @@ FLEX_SWEEP = [  # kernel options for --flex-sweep (FlexKernelOptions); {} = torc
      "bwd_num_warps": 4, "bwd_num_stages": 3},
     {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
      "bwd_num_warps": 4, "bwd_num_stages": 4},
+    {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
+     "bwd_num_warps": 4, "bwd_num_stages": 3, "ROWS_GUARANTEED_SAFE": True},
+    {"BACKEND": "FLASH"},  # FlashAttention (CuTe DSL) kernels, where flash-attn's cute package is installed
+    {"__compile_mode": "max-autotune-no-cudagraphs"},  # Inductor autotunes the Triton kernel's configs
 ]
 TOKENS = 65536
 SEQ_LENS = [8192, 32768, 65536]
@@ -353,22 +358,25 @@ def print_table(rows: list[dict], extras: dict) -> None:
         print(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
 
 
-def flex_sweep(T: int, cases: list[str]) -> list[dict]:
-    """bench_op for each kernel-option set in FLEX_SWEEP (flex cases) plus sdpa_causal once."""
+def flex_sweep(T: int, cases: list[str], selected: list[dict] | None = None) -> list[dict]:
+    """bench_op for each kernel-option set in FLEX_SWEEP (or `selected`) plus sdpa_causal once."""
     from moespeed.model import attention
 
-    default = dict(attention.FLEX_KERNEL_OPTIONS)
+    default, default_mode = dict(attention.FLEX_KERNEL_OPTIONS), attention.FLEX_COMPILE_MODE
     rows = [bench_op("sdpa_causal", T)]
-    for options in FLEX_SWEEP:
+    for entry in selected or FLEX_SWEEP:
+        options = {k: v for k, v in entry.items() if k != "__compile_mode"}
         attention.FLEX_KERNEL_OPTIONS.clear()
         attention.FLEX_KERNEL_OPTIONS.update(options)
+        attention.FLEX_COMPILE_MODE = entry.get("__compile_mode")
         attention._compiled_flex.cache_clear()
         for name in cases:
             row = bench_op(name, T)
-            row["case"] = f"{name} {json.dumps(options)}"
+            row["case"] = f"{name} {json.dumps(entry)}"
             rows.append(row)
     attention.FLEX_KERNEL_OPTIONS.clear()
     attention.FLEX_KERNEL_OPTIONS.update(default)
+    attention.FLEX_COMPILE_MODE = default_mode
     attention._compiled_flex.cache_clear()
     return rows
 
@@ -384,12 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="training step without torch.compile")
     parser.add_argument("--flex-sweep", type=int, metavar="T",
                         help="only: flex_causal at this T under each FLEX_SWEEP option set")
+    parser.add_argument("--flex-entries", help="with --flex-sweep: comma-separated indices into FLEX_SWEEP")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention bench: needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.flex_sweep:
-        rows = flex_sweep(args.flex_sweep, ["flex_causal"])
+        picked = [FLEX_SWEEP[int(i)] for i in args.flex_entries.split(",")] if args.flex_entries else None
+        rows = flex_sweep(args.flex_sweep, ["flex_causal"], picked)
         if args.json:
             doc = {**environment(), "command": "python -m moespeed.bench.attention " + " ".join(sys.argv[1:]),
                    "results": rows}

@@ -94,12 +94,13 @@ class KVCache:
 # measures alternatives. Every mask built here keeps the diagonal, so no query row is fully masked
 # and ROWS_GUARANTEED_SAFE always holds.
 FLEX_KERNEL_OPTIONS: dict = {}
+FLEX_COMPILE_MODE: str | None = None  # torch.compile mode of flex_attention, e.g. "max-autotune-no-cudagraphs"
 
 
 @functools.cache
 def _compiled_flex():
     """flex_attention compiled once per process (uncompiled, it materializes the scores)."""
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, mode=FLEX_COMPILE_MODE)
 
 
 def run_flex(q, k, v, block_mask, score_mod=None, scale=None):

@@ -30,6 +30,7 @@ from .checkpoint import (is_sharded, latest_checkpoint, list_checkpoints, load_m
                          load_training_state, read_state, save_checkpoint, save_sharded_checkpoint)
 from .distributed import Parallel, check_layout, check_same_config, init_distributed, parallelize, write_parallel_info
 from .metrics import MetricsLogger, flops_per_token, moe_metrics, peak_flops, plot_expert_load, plot_loss_curve
+from .profiling import StepProfiler
 
 
 def resolve_device(name: str) -> torch.device:
@@ -194,6 +195,7 @@ class Trainer:
         expert_loads: list = []
         bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not env.is_main)
+        profiler = StepProfiler(tc.profile_steps, self.run_dir, env.is_main, self.device)
 
         def checkpoint_state() -> dict:
             counters["interval_loss_sum"] = env.all_reduce_mean(interval_loss).item()
@@ -202,6 +204,7 @@ class Trainer:
 
         try:
             while step < tc.steps:
+                profiler.before_step(step)
                 lr, factor = lr_at(step, tc), lr_factor(step, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
@@ -266,6 +269,7 @@ class Trainer:
             metrics.close()
             raise
         bar.close()
+        profiler.close()
         metrics.close()
         write_parallel_info(self.run_dir, par, optimizer)
         if env.is_main:
