@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write the results here (BENCHMARKING.md format)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
     p.add_argument("--log-every", type=int, default=5, help="tokens/s interval in steps (default 5)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slower start)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the model eagerly (the preset, like every GPU preset, uses torch.compile)")
     p.add_argument("--timeout", type=int, default=150, help="seconds per run before it is reported as failed")
     p.add_argument("--work-dir", help="where runs and the data cache go (default: a temporary folder)")
     p.add_argument("--preset", default=PRESET, help=f"model preset (default {PRESET})")
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in cases:
         n_gpus, extra = CASES[name]
         row = run_case(name, n_gpus, devices, train_args(args.preset, work / name, args.steps, args.log_every,
-                                                          args.compile, overrides) + extra, args)
+                                                          not args.no_compile, overrides) + extra, args)
         if name == "1gpu":
             base = row
         elif base is not None and base["tokens_per_s"] and row["tokens_per_s"]:
