@@ -177,7 +177,7 @@ class Transformer(nn.Module):
                                                   h.element_size())
         loss = linear_cross_entropy(h.reshape(B * T, D), self.head_weight, targets.reshape(B * T),
                                     ignore_index=ignore_index, backend=self.cfg.loss_backend,
-                                    chunk_size=chunk_size, accum_dtype=accum_dtype)
+                                    chunk_size=chunk_size, accum_dtype=accum_dtype, overlap=self.cfg.loss_overlap)
         if aux is not None:
             loss = loss + aux
         return (loss, self.logits(h)) if return_logits else loss
