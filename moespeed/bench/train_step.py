@@ -14,6 +14,7 @@ import datetime
 import json
 import statistics
 import subprocess
+import sys
 
 import torch
 
@@ -92,7 +93,8 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or None,
                        "date": datetime.date.today().isoformat(),
-                       "command": "python -m moespeed.bench.train_step " + " ".join(argv or []), "results": rows}, f, indent=1)
+                       "command": "python -m moespeed.bench.train_step " + " ".join(sys.argv[1:] if argv is None else argv),
+                       "results": rows}, f, indent=1)
     print(f"{'bench':34} {'fwd+bwd ms':>10} {'optim ms':>9} {'optim %':>8} {'tok/s':>10} {'MFU':>6} {'peak MiB':>9}")
     for r in rows:
         if "tokens_per_s" in r:
