@@ -138,6 +138,41 @@ def test_expert_parallel_layer_matches_single_process():
     mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method=method)
 
 
+def _ep_compile_worker(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
+                        activation="swiglu", aux_loss_coef=0.1, dispatch="padded_bmm")  # grouped_mm: bf16 CUDA only under compile
+        torch.manual_seed(0)
+        models = [_OneMoE(MoE(24, cfg)) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        for model in models:  # EP=2 over both ranks, no data parallelism
+            parallelize(model, TrainConfig(ep_size=2, ep_dispatch="allgather"), DistEnv(rank, world))
+        torch.manual_seed(1 + rank)
+        x, dy = torch.randn(2, 8, 24), torch.randn(2, 8, 24)
+        results = []
+        for model, compiled in zip(models, (False, True)):
+            # fullgraph: the whole layer, collectives included, is one graph (a break raises)
+            run = torch.compile(model.moe, backend="aot_eager", fullgraph=True) if compiled else model.moe
+            xr = x.clone().requires_grad_()
+            y, aux = run(xr)
+            _objective(y, aux, dy, 16).backward()
+            results.append((y.detach(), xr.grad, model.moe.w1.grad, model.moe.gate.grad))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_allgather_expert_parallel_layer_compiles_as_one_graph():
+    """The allgather dispatcher has no host sync and uses functional collectives, so torch.compile
+    traces the EP layer whole (fullgraph) and matches eager in outputs and gradients."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method=method)
+
+
 def test_ep_dispatch_auto_and_validation():
     """auto: allgather when top-k >= ep_size (fewer bytes than all-to-all), else alltoall; bad values fail."""
     assert choose_dispatch("auto", top_k=6, ep_size=2) == "allgather"

@@ -41,7 +41,7 @@ So `torch.where` zeroes them on the FFN's input, its routing weights and its out
 stops their gradients (a multiply by 0 would turn NaN garbage into NaN).
 
 Backward: `_AllToAll`'s gradient is the all-to-all with input and output splits swapped;
-all-gather's is reduce-scatter and vice versa (`_GatherRows`, `_ScatterRows`); the re-sorts reuse
+all-gather's is reduce-scatter and vice versa (functional collectives, traced by torch.compile); the re-sorts reuse
 MoE's `_Dispatch`/`_Combine` (gather <-> un-permute). A rank that receives no copy keeps its (empty)
 expert output attached to the graph so that it still joins the backward collectives; its expert
 weights then get zero or no gradient (the trainer fills in zeros).
@@ -56,6 +56,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
 from .moe import (_Combine, _Dispatch, _compute_dtype, _position_in_group, _sort_by_expert, grouped_mm_experts,
@@ -101,36 +102,18 @@ def choose_dispatch(mode: str, top_k: int, ep_size: int) -> str:
     return mode
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather of rows over the group: (S, ...) -> (P*S, ...), rank-major; backward reduce-scatters."""
+def _gather_rows(x: Tensor, group) -> Tensor:
+    """All-gather of rows over the group: (S, ...) -> (P*S, ...), rank-major; backward reduce-scatters.
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ScatterRows.apply(grad, ctx.group), None
+    A functional collective, so torch.compile traces it (no graph break) and can schedule it."""
+    return fc.all_gather_tensor_autograd(x.contiguous(), 0, group)
 
 
-class _ScatterRows(torch.autograd.Function):
+def _scatter_rows(x: Tensor, group) -> Tensor:
     """Reduce-scatter (sum) of rows: (P*S, ...) -> (S, ...), this rank's block; backward all-gathers.
 
     `reduce_scatter_tensor` runs on NCCL and, since torch 2.3, on gloo (CPU tests)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
-        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _GatherRows.apply(grad, ctx.group), None
+    return fc.reduce_scatter_tensor_autograd(x.contiguous(), "sum", 0, group)
 
 
 class _LocalOrder(NamedTuple):
@@ -161,15 +144,11 @@ class ExpertParallel:
         """The rows of a full (E, ...) expert stack that this rank holds."""
         return slice(self.first, self.first + self.n_local)
 
-    @torch.compiler.disable  # a graph break: collectives run eagerly
     @torch.no_grad()
     def group_counts(self, counts: Tensor) -> Tensor:
-        """(E,) copies per expert summed over the EP group."""
-        counts = counts.clone()
-        dist.all_reduce(counts, group=self.group)
-        return counts
+        """(E,) copies per expert summed over the EP group (a functional all-reduce: traceable)."""
+        return fc.all_reduce(counts, "sum", self.group)
 
-    @torch.compiler.disable  # the expert FFN's fused activation inside still compiles on CUDA
     def routed(self, moe, x2: Tensor, r, capacity: int) -> Tensor:
         """The routed experts' output (S, D) for this rank's tokens x2 (S, D) and routing r."""
         dtype = _compute_dtype(x2)
@@ -182,6 +161,7 @@ class ExpertParallel:
                 return self._routed_allgather(x2, r, keep, mode, weights, act)
             return self._routed_alltoall(x2, r, keep, mode, weights, act)
 
+    @torch.compiler.disable  # split sizes go to the host: a graph break (the allgather path compiles)
     def _routed_alltoall(self, x2: Tensor, r, keep: Tensor | None, mode: str, weights, act: str) -> Tensor:
         """Copies to their expert's rank and back with uneven all-to-alls (one host sync)."""
         k = r.ids.shape[1]
@@ -215,9 +195,9 @@ class ExpertParallel:
         w = r.weights  # (S, k) fp32
         if keep is not None:  # capacity is per source rank: drop here, before gathering
             w = w * keep[r.inv_perm].view(s, k)
-        xg = _GatherRows.apply(x2, self.group)  # (P*S, D)
+        xg = _gather_rows(x2, self.group)  # (P*S, D)
         # ids ride along with the weights as fp32 (exact below 2**24): one collective, not two
-        meta = _GatherRows.apply(torch.cat([w, r.ids.to(w.dtype)], 1), self.group)  # (P*S, 2k)
+        meta = _gather_rows(torch.cat([w, r.ids.to(w.dtype)], 1), self.group)  # (P*S, 2k)
         wg, ids = meta[:, :k], meta[:, k:].detach().long() - self.first  # (P*S, k) each, local ids
         mine = (ids >= 0) & (ids < self.n_local)  # (P*S, k)
         order, live = self._sentinel_order(torch.where(mine, ids, self.n_local))
@@ -229,7 +209,7 @@ class ExpertParallel:
         o = self._experts(mode, xs, scale, order, weights, act)  # (P*S*k, D), garbage past `live`
         o = torch.where(column, o, 0)
         y = _Combine.apply(o, order.inv_perm, token_idx, k)  # (P*S, D) this rank's experts' share
-        return _ScatterRows.apply(y, self.group)  # (S, D) summed over the group's experts
+        return _scatter_rows(y, self.group)  # (S, D) summed over the group's experts
 
     def _local_order(self, recv_counts: Tensor, n_rows: int) -> _LocalOrder:
         """Sort of the received rows (source-major, then expert) into local-expert order."""
