@@ -388,6 +388,7 @@ def test_muon_eligible_rule():
 
 _FUSED_SCRIPT = textwrap.dedent('''
     import torch
+    from moespeed.kernels import muon_triton as K
     from moespeed.optim import muon as M
 
     g = torch.Generator().manual_seed(0)
@@ -398,22 +399,22 @@ _FUSED_SCRIPT = textwrap.dedent('''
         bufs = [torch.randn(3000, generator=g) for _ in grads]
         ref_bufs = [b.clone() for b in bufs]
         out, ref_out = (torch.empty(4, 3000, dtype=torch.bfloat16) for _ in range(2))
-        M._momentum_fused(grads, bufs, out, momentum, nesterov)
-        M._momentum_reference(grads, ref_bufs, list(ref_out), momentum, nesterov)
+        K._momentum_fused(grads, bufs, out, momentum, nesterov)
+        K._momentum_reference(grads, ref_bufs, list(ref_out), momentum, nesterov)
         assert all(torch.equal(a, b) for a, b in zip(bufs, ref_bufs)), (momentum, nesterov)
         assert torch.equal(out, ref_out), (momentum, nesterov)
-    assert [(a, b) for a, b, _ in M._launch_runs(grads, bufs)] == [(0, 2), (2, 4)]
+    assert [(a, b) for a, b, _ in K._launch_runs(grads, bufs)] == [(0, 2), (2, 4)]
     ps = [torch.randn(3000, generator=g) for _ in range(3)]
     ref_ps = [p.clone() for p in ps]
     upd = torch.randn(3, 3000, generator=g).bfloat16()
-    M._update_fused(ps, upd, 0.998, -0.013)
-    M._update_reference(ref_ps, list(upd), 0.998, -0.013)
+    K._update_fused(ps, upd, 0.998, -0.013)
+    K._update_reference(ref_ps, list(upd), 0.998, -0.013)
     torch.testing.assert_close(torch.stack(ps), torch.stack(ref_ps), rtol=1e-6, atol=0)
-    assert M._check_fused(torch.device("cpu"))  # the one-time check that gates fused=None on CUDA
+    assert K._check_fused(torch.device("cpu"))  # the one-time check that gates fused=None on CUDA
 
     for n, m, k, cols in [(3, 40, 64, 72), (2, 33, 70, 17)]:  # K a multiple of BLOCK_K or not
         L, R, D = (torch.randn(s, generator=g).bfloat16() for s in [(n, m, k), (n, k, cols), (n, m, cols)])
-        out = M._addmm_triton(L, R, D, 0.7, -1.3, torch.empty(n, m, cols, dtype=torch.bfloat16))
+        out = K._addmm_triton(L, R, D, 0.7, -1.3, torch.empty(n, m, cols, dtype=torch.bfloat16))
         ref = 0.7 * (L.float() @ R.float()) - 1.3 * D.float()  # (n, m, cols), exact products
         assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-6).all()  # one bf16 rounding
 

@@ -49,8 +49,9 @@ the end, so to the caller the step is ordered like any op on the current stream.
 `streams` classes' stacks and NS temporaries live at once. Off by default (DEFAULT_STREAMS = 0):
 it saved 0.4-1 ms per step on an H100, but a compiled one-GPU small-moe run with 3 streams (and the
 fused loss's side stream) diverged from the eager and DDP runs, and the cause is not isolated yet.
-On CUDA, steps 1 and 3 are Triton kernels (`fused`; checked once against the foreach path), one
-launch per run of equal-size params (a table of their addresses): 14 + 10 bytes per element;
+On CUDA, steps 1 and 3 are Triton kernels (`fused`, moespeed/kernels/muon_triton.py; checked once
+against the foreach path), one launch per run of equal-size params (a table of their addresses):
+14 + 10 bytes per element;
 elsewhere (and for DTensors or non-contiguous tensors) they are torch foreach ops with exactly
 torch.optim.Muon's arithmetic (~48 bytes per element). NS's "a D + L R" products are torch.baddbmm (cuBLAS), or with
 `ns_gemm="triton"` a Triton GEMM that reads D in its epilogue (baddbmm first copies D into its
@@ -108,8 +109,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -121,11 +120,8 @@ try:  # DTensor (FSDP2 params); absent from builds without torch.distributed
 except ImportError:  # pragma: no cover
     DTensor, distribute_tensor = (), None
 
-try:  # fused elementwise kernels (CUDA; on CPU only under TRITON_INTERPRET=1)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from ..kernels.muon_triton import (_addmm_triton, _fused_works, _momentum_fused, _momentum_reference, _update_fused,
+                                   _update_reference, triton)
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -140,7 +136,6 @@ MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its tran
 PAD_FLOPS = 10**11  # zero-padding that adds at most this many NS FLOPs may merge two classes
 DEFAULT_STREAMS = 0  # CUDA side streams that run shape classes concurrently (streams=None); see below
 CALL_FLOPS = 10**11  # scheduling cost of one NS call (~0.3 ms: small NS calls are latency-bound)
-_BLOCK = 1024  # elements per Triton program
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
 _EXCLUDED_SUBSTRINGS = ("embed", "norm", "bias")
@@ -227,182 +222,6 @@ def muon_eligible(name: str, p: torch.nn.Parameter) -> bool:
     if any(s in part for part in parts for s in _EXCLUDED_SUBSTRINGS):
         return False
     return not any(part in _EXCLUDED_COMPONENTS for part in parts)
-
-
-# ---------------------------------------------------------------- elementwise: Triton and reference
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on CPU (tests)
-
-if triton is not None:
-    @triton.jit
-    def _lerp(start, end, weight, SMALL: tl.constexpr):
-        """torch.lerp (aten Lerp.h): the branch for |weight| < 0.5 or not, as fused multiply-adds."""
-        if SMALL:
-            return tl.fma(weight, end - start, start)  # start + weight * (end - start)
-        return tl.fma(start - end, 1.0 - weight, end)  # end - (end - start) * (1 - weight)
-
-    @triton.jit
-    def _to_bf16(x, INTERPRET: tl.constexpr):
-        """fp32 -> bf16, rounded to nearest even (the GPU does it; the interpreter would truncate)."""
-        if INTERPRET:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return x.to(tl.bfloat16)
-
-    @triton.jit
-    def _momentum_kernel(grad_ptr, buf_ptr, u_ptr, offs_ptr, n, w_buf, w_u, SMALL_BUF: tl.constexpr,
-                         SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
-                         INTERPRET: tl.constexpr):
-        """Tensor j = program_id(1) of a run: buf.lerp_(g, w_buf); u = g.lerp(buf, w_u) if NESTEROV
-        else buf, stored as bf16. g and buf start 16 * offs[j] and 16 * offs[jobs + j] elements
-        after grad_ptr and buf_ptr, u at j * n after u_ptr; every tensor has n elements."""
-        j = tl.program_id(1)
-        g_off = tl.load(offs_ptr + j) * 16  # a known multiple of 16: vector loads
-        b_off = tl.load(offs_ptr + tl.num_programs(1) + j) * 16
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(grad_ptr + g_off + offs, mask=mask).to(tl.float32)
-        buf = tl.load(buf_ptr + b_off + offs, mask=mask).to(tl.float32)
-        buf = _lerp(buf, g, w_buf, SMALL_BUF).to(buf_ptr.dtype.element_ty)
-        tl.store(buf_ptr + b_off + offs, buf, mask=mask)
-        u = buf.to(tl.float32)
-        if NESTEROV:
-            u = _lerp(g, u, w_u, SMALL_U)
-        tl.store(u_ptr + j.to(tl.int64) * n + offs, _to_bf16(u, INTERPRET), mask=mask)
-
-    @triton.jit
-    def _update_kernel(p_ptr, o_ptr, offs_ptr, n, decay, alpha, BLOCK: tl.constexpr):
-        """Tensor j = program_id(1) of a run: p.mul_(decay); p.add_(o, alpha=alpha) in one pass;
-        p starts 16 * offs[j] elements after p_ptr, o (bf16) at j * n after o_ptr."""
-        j = tl.program_id(1)
-        p_off = tl.load(offs_ptr + j) * 16
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        p = tl.load(p_ptr + p_off + offs, mask=mask).to(tl.float32)
-        p = (p * decay).to(p_ptr.dtype.element_ty).to(tl.float32)  # rounded like p.mul_
-        o = tl.load(o_ptr + j.to(tl.int64) * n + offs, mask=mask).to(tl.float32)
-        tl.store(p_ptr + p_off + offs, tl.fma(alpha, o, p).to(p_ptr.dtype.element_ty), mask=mask)
-
-
-if triton is not None:
-    _GEMM_CONFIGS = [  # Hopper-friendly tiles; one small tile for the interpreter
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
-    ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-
-    @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-    @triton.jit
-    def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn,
-                      s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      INTERPRET: tl.constexpr):
-        """C[z] = alpha * L[z] @ R[z] + beta * D[z]: bf16 in and out, fp32 accumulation; one
-        program per (z, output tile), D read in the epilogue (no copy of D into C first).
-        INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong)."""
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        tiles = tl.cdiv(M, BLOCK_M) * tiles_n
-        pid = tl.program_id(0)
-        z = (pid // tiles).to(tl.int64)
-        tile = pid % tiles
-        rm = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        l_ptrs = l_ptr + z * s_lb + rm[:, None] * s_lm + rk[None, :] * s_lk  # (BLOCK_M, BLOCK_K)
-        r_ptrs = r_ptr + z * s_rb + rk[:, None] * s_rk + rn[None, :] * s_rn  # (BLOCK_K, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                lhs = tl.load(l_ptrs, mask=rm[:, None] < M, other=0.0)
-                rhs = tl.load(r_ptrs, mask=rn[None, :] < N, other=0.0)
-            else:
-                k_left = K - k * BLOCK_K
-                lhs = tl.load(l_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
-                rhs = tl.load(r_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
-            if INTERPRET:
-                lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
-            acc = tl.dot(lhs, rhs, acc)
-            l_ptrs += BLOCK_K * s_lk
-            r_ptrs += BLOCK_K * s_rk
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        d = tl.load(d_ptr + z * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=mask, other=0.0)
-        out = alpha * acc + beta * d.to(tl.float32)  # (BLOCK_M, BLOCK_N)
-        tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, _to_bf16(out, INTERPRET),
-                 mask=mask)
-
-
-def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
-    """Triton: out = alpha * L @ R + beta * D; out (n, M, N) must not overlap L, R or D."""
-    n, M, K = L.shape
-    N = R.shape[-1]
-
-    def grid(meta):
-        return (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _addmm_kernel[grid](L, R, D, out, M, N, K, *L.stride(), *R.stride(), *D.stride(), *out.stride(),
-                        float(alpha), float(beta), INTERPRET=_INTERPRET)
-    return out
-
-
-def _momentum_fused(grads: list[Tensor], bufs: list[Tensor], out: Tensor, momentum: float,
-                    nesterov: bool) -> None:
-    """Triton: update the bufs (like the grads, all of one size) and write the bf16 NS inputs one
-    after another into out (contiguous), one launch per run of well-placed tensors."""
-    n = grads[0].numel()
-    for first, last, offsets in _launch_runs(grads, bufs):
-        _momentum_kernel[(triton.cdiv(n, _BLOCK), last - first)](
-            grads[first], bufs[first], out.view(-1)[first * n:], offsets, n, 1 - momentum, momentum,
-            SMALL_BUF=abs(1 - momentum) < 0.5, SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov),
-            BLOCK=_BLOCK, INTERPRET=_INTERPRET)
-
-
-def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: float) -> None:
-    """Triton: p = p * decay + alpha * update for params of one size whose bf16 updates lie one
-    after another in `updates` (contiguous), one launch per run of well-placed tensors."""
-    n = params[0].numel()
-    for first, last, offsets in _launch_runs(params):
-        _update_kernel[(triton.cdiv(n, _BLOCK), last - first)](
-            params[first], updates.view(-1)[first * n:], offsets, n, decay, alpha, BLOCK=_BLOCK)
-
-
-def _launch_runs(*lists: list[Tensor]):
-    """Yield (first, last, offsets): tensors [first, last) of every list share one kernel launch.
-
-    offsets (int64, on the tensors' device) holds, list after list, each tensor's distance from the
-    run's first tensor of its list, in units of 16 elements (so the kernels' loads stay vectorized);
-    a tensor at another distance, or with another dtype, starts a new run.
-    """
-    first, count, device = 0, len(lists[0]), lists[0][0].device
-    while first < count:
-        last, offsets = first + 1, [[0] for _ in lists]
-        while last < count and last - first < 65535:  # the grid's second axis
-            gaps = [ts[last].data_ptr() - ts[first].data_ptr() for ts in lists]  # bytes
-            if any(ts[last].dtype != ts[first].dtype or gap % (16 * ts[first].element_size())
-                   for ts, gap in zip(lists, gaps)):
-                break
-            for acc, ts, gap in zip(offsets, lists, gaps):
-                acc.append(gap // (16 * ts[first].element_size()))
-            last += 1
-        table = torch.tensor([g for acc in offsets for g in acc], dtype=torch.int64,
-                             pin_memory=device.type == "cuda")
-        yield first, last, table.to(device, non_blocking=True)
-        first = last
-
-
-def _momentum_reference(grads: list[Tensor], bufs: list[Tensor], slots: list[Tensor], momentum: float,
-                        nesterov: bool) -> None:
-    """torch.optim.Muon's momentum ops with foreach: update bufs, write the NS inputs into slots
-    (each of its tensor's numel, maybe another shape, e.g. (blocks, rows, cols) of a 2-D param)."""
-    torch._foreach_lerp_(bufs, grads, 1 - momentum)
-    us = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
-    torch._foreach_copy_(slots, [u.reshape(s.shape) for u, s in zip(us, slots)])  # casts to bf16
-
-
-def _update_reference(params: list[Tensor], updates: list[Tensor], decay: float, alpha: float) -> None:
-    """torch.optim.Muon's update ops with foreach: p.mul_(decay); p.add_(update, alpha=alpha)."""
-    torch._foreach_mul_(params, decay)
-    torch._foreach_add_(params, updates, alpha=alpha)
 
 
 # ---------------------------------------------------------------- the optimizer
@@ -835,36 +654,6 @@ def _assign_lanes(costs: list[int], lanes: int) -> list[tuple[int, int]]:
         load[lane] += costs[i]
         out.append((i, lane))
     return out
-
-
-_FUSED_WORKS: dict[torch.device, bool] = {}
-
-
-def _fused_works(device: torch.device) -> bool:
-    """Once per device: do the Triton kernels run and agree with the foreach path? Warns if not."""
-    if device not in _FUSED_WORKS:
-        _FUSED_WORKS[device] = triton is not None and _check_fused(device)
-    return _FUSED_WORKS[device]
-
-
-def _check_fused(device: torch.device) -> bool:
-    """Run both kernels on random data; compare with the reference (fp32 / bf16 rounding allowed)."""
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        grads, bufs, ps = ([torch.randn(4099, device=device, generator=g) for _ in range(3)] for _ in range(3))
-        ref_bufs, ref_ps = [b.clone() for b in bufs], [p.clone() for p in ps]
-        out, ref_out = (torch.empty(3, 4099, dtype=torch.bfloat16, device=device) for _ in range(2))
-        _momentum_fused(grads, bufs, out, 0.95, True)
-        _momentum_reference(grads, ref_bufs, list(ref_out), 0.95, True)
-        _update_fused(ps, out, 0.998, -0.01)
-        _update_reference(ref_ps, list(ref_out), 0.998, -0.01)
-        torch.testing.assert_close(torch.stack(bufs), torch.stack(ref_bufs), rtol=1e-6, atol=0)
-        torch.testing.assert_close(out.float(), ref_out.float(), rtol=2**-7, atol=0)
-        torch.testing.assert_close(torch.stack(ps), torch.stack(ref_ps), rtol=1e-5, atol=1e-7)
-        return True
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the foreach path
-        warnings.warn(f"Muon: fused Triton kernels disabled on {device} ({exc!r}); using foreach ops")
-        return False
 
 
 def _on_device(device: torch.device):
