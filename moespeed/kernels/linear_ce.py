@@ -338,7 +338,9 @@ class _WeightGradStream:
     it, so the current stream waits for the side stream's previous product first
     (`before_overwrite`). With a bf16 accumulator and small chunks the grad_W product is bound by
     the read-modify-write of grad_W (4*V*D bytes per chunk) while grad_h = G @ W has few output
-    tiles, so running them side by side fills the GPU better. Disabled (a no-op) on CPU.
+    tiles, so running them side by side could fill the GPU better. Measured on an H100 it gains
+    nothing (94.5 vs 95.4 ms at N=16384, D=4096, V=131072, 512-row chunks: each cuBLAS kernel takes
+    every SM), so `overlap` is off by default. A no-op on CPU.
     """
 
     _streams: dict = {}
