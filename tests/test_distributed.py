@@ -25,7 +25,7 @@ from moespeed.errors import ConfigError
 from moespeed.model.moe import MoE, MoEConfig
 from moespeed.model.moe_ep import choose_dispatch
 from moespeed.run import load
-from moespeed.train.distributed import DistEnv, check_same_config, parallelize
+from moespeed.train.distributed import DistEnv, check_peer_tables, check_same_config, parallelize
 from moespeed.train.trainer import Trainer
 
 from helpers import tiny_train_args, write_corpus
@@ -173,6 +173,14 @@ def test_allgather_expert_parallel_layer_compiles_as_one_graph():
     mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method=method)
 
 
+def test_deferred_peer_tables_are_refused_with_several_processes():
+    cfg = build_config("quickstart-peer", None, [("model.peer.table_grad", "deferred")]).model
+    check_peer_tables(1, cfg)  # one process: fine
+    with pytest.raises(ConfigError, match="model.peer.table_grad = deferred works in one process only"):
+        check_peer_tables(2, cfg)
+    check_peer_tables(2, build_config("quickstart-peer", None, None).model)  # dense tables: fine
+
+
 def test_ep_dispatch_auto_and_validation():
     """auto: allgather when top-k >= ep_size (fewer bytes than all-to-all), else alltoall; bad values fail."""
     assert choose_dispatch("auto", top_k=6, ep_size=2) == "allgather"
@@ -198,6 +206,11 @@ def _args(data, run, cache, **overrides) -> list[str]:
     for key, value in {"train.eval_every": 2, "train.ckpt_every": 2, "train.muon_lr": 3e-3, **overrides}.items():
         args += [f"--{key}", str(value)]
     return args
+
+
+PEER_ARGS = ["--model.ffn_pattern", "dense,peer", "--model.first_k_dense", "0", "--model.peer.num_experts", "256",
+             "--model.peer.product_key_dim", "16,16", "--model.peer.num_heads", "2",
+             "--model.peer.num_experts_per_tok", "4", "--model.peer.query_dim", "16"]  # replace the MoE layers
 
 
 def _config(args: list[str]):
@@ -267,6 +280,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     data, cache = write_corpus(root / "src"), root / "cache"
     Trainer(_config(_args(data, root / "ref", cache, **{"train.grad_accum": 2}))).fit()
+    Trainer(_config(_args(data, root / "ref-peer", cache, **{"train.grad_accum": 2}) + PEER_ARGS)).fit()
     _copy_until(root / "ref", root / "fsdp", 2)
     ep = _args(data, root / "ep", cache, **{"train.ep_size": 2, "train.ep_dispatch": "alltoall"})
     _run_distributed([
@@ -279,6 +293,9 @@ def runs(tmp_path_factory):
         {"args": _args(data, root / "fsdp", cache, **{"train.parallel": "fsdp"}) + ["--resume"]},
         {"args": _args(data, root / "fsdp-ep", cache, **{"train.parallel": "fsdp", "train.ep_size": 2})},
         {"args": _args(data, root / "bad", cache, **{"train.ep_size": 3}), "status": 2},
+        {"args": _args(data, root / "ddp-peer", cache, **{"data.batch_size": 2, "train.grad_accum": 2}) + PEER_ARGS},
+        {"args": _args(data, root / "bad-peer", cache) + PEER_ARGS + ["--model.peer.table_grad", "deferred"],
+         "status": 2},
     ], root)
     return data, cache, root
 
@@ -287,6 +304,12 @@ def test_ddp_no_sync_accumulation_matches_one_process(runs):
     """DDP, 2 processes x 2 micro-batches of 2 sequences = one process x 2 micro-batches of 4."""
     _, _, root = runs
     _assert_same_training(root / "ddp", root / "ref", steps=[1, 2, 3, 4])
+
+
+def test_ddp_trains_peer_tables_like_one_process(runs):
+    """PEER layers (dense table gradients, all-reduced by DDP) on 2 processes = one process."""
+    _, _, root = runs
+    _assert_same_training(root / "ddp-peer", root / "ref-peer", steps=[1, 2, 3, 4])
 
 
 @pytest.mark.parametrize("run, dispatch", [("ep", "alltoall"), ("ep-allgather", "allgather")])
@@ -330,6 +353,7 @@ def test_fsdp_with_expert_parallelism_matches(runs):
 def test_bad_layout_fails_on_every_rank_before_writing(runs):
     _, _, root = runs
     assert not (root / "bad").exists()  # the plan checked exit status 2 on both ranks
+    assert not (root / "bad-peer").exists()  # deferred PEER table gradients with 2 processes: refused
 
 
 if __name__ == "__main__":

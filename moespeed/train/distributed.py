@@ -167,6 +167,14 @@ def check_layout(world: int, ep_size: int, n_routed_experts: int | None) -> None
         raise ConfigError(f"train.ep_size = {ep_size}: must divide model.moe.n_routed_experts = {n_routed_experts}")
 
 
+def check_peer_tables(world: int, model_cfg) -> None:
+    """ConfigError for deferred PEER table gradients with several processes: each process would
+    apply only its own tokens' updates to its replica of the tables (they have no .grad to all-reduce)."""
+    if world > 1 and "peer" in model_cfg.ffn_kinds() and model_cfg.peer.table_grad == "deferred":
+        raise ConfigError("model.peer.table_grad = deferred works in one process only (the row-wise table updates "
+                          "are not all-reduced, so replicas would drift apart): use dense with several processes")
+
+
 # ------------------------------------------------------------------------------------- parallel
 class Parallel:
     """A model made ready for this process group, and what the trainer needs from its parallelism.

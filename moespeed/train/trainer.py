@@ -28,7 +28,8 @@ from ..optim.schedule import lr_at, lr_factor
 from ..run import new_run_dir, read_run_config, save_run_config
 from .checkpoint import (is_sharded, latest_checkpoint, list_checkpoints, load_model_state, load_rng_state,
                          load_training_state, read_state, save_checkpoint, save_sharded_checkpoint)
-from .distributed import Parallel, check_layout, check_same_config, init_distributed, parallelize, write_parallel_info
+from .distributed import (Parallel, check_layout, check_peer_tables, check_same_config, init_distributed, parallelize,
+                          write_parallel_info)
 from .metrics import MetricsLogger, flops_per_token, moe_metrics, peak_flops, plot_expert_load, plot_loss_curve
 from .profiling import StepProfiler
 
@@ -76,6 +77,7 @@ class Trainer:
         check_same_config(to_toml(cfg), self.env)
         n_experts = cfg.model.moe.n_routed_experts if "moe" in cfg.model.ffn_kinds() else None
         check_layout(self.env.world_size, cfg.train.ep_size, n_experts)
+        check_peer_tables(self.env.world_size, cfg.model)
         self.log = (log or (lambda msg: tqdm.write(msg))) if self.env.is_main else (lambda msg: None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
