@@ -307,9 +307,21 @@ def test_ddp_no_sync_accumulation_matches_one_process(runs):
 
 
 def test_ddp_trains_peer_tables_like_one_process(runs):
-    """PEER layers (dense table gradients, all-reduced by DDP) on 2 processes = one process."""
+    """PEER layers (dense table gradients, all-reduced by DDP) on 2 processes = one process.
+
+    Parameters are compared by the relative norm of their difference (<= 1e-2 after 4 steps): the
+    batch split changes fp32 summation orders, a near-tie in a head's top-k then picks another
+    expert, and AdamW's per-element normalization turns the tiny gradients of such rows into
+    differences of up to ~lr per step (measured: 1e-3 to 3e-3 relative on single tensors).
+    The losses, all-reduced over the ranks, must agree to 1e-5."""
     _, _, root = runs
-    _assert_same_training(root / "ddp-peer", root / "ref-peer", steps=[1, 2, 3, 4])
+    a, b = _losses(root / "ddp-peer"), _losses(root / "ref-peer")
+    for s in (1, 2, 3, 4):
+        assert a[s] == pytest.approx(b[s], rel=1e-5), (s, a, b)
+    pa, pb = _params(root / "ddp-peer"), _params(root / "ref-peer")
+    for key in pb:
+        diff = (pa[key].float() - pb[key].float()).norm() / pb[key].float().norm().clamp(min=1e-12)
+        assert diff < 1e-2, (key, diff.item())
 
 
 @pytest.mark.parametrize("run, dispatch", [("ep", "alltoall"), ("ep-allgather", "allgather")])
