@@ -209,9 +209,11 @@ class TrainConfig:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every"):
             _require(getattr(self, key) > 0, f"train.{key} = {getattr(self, key)}: must be a positive integer")
         try:
-            parse_profile_steps(self.profile_steps)
+            window = parse_profile_steps(self.profile_steps)
         except ValueError as exc:
             raise ConfigError(f"train.profile_steps = {exc}: use A:B, e.g. 10:13, or leave it empty") from None
+        _require(window is None or window[1] <= self.steps,
+                 f"train.profile_steps = '{self.profile_steps}': must end by train.steps = {self.steps}")
         _require(self.lr > 0, f"train.lr = {self.lr}: must be > 0")
         _require(self.muon_lr >= 0, f"train.muon_lr = {self.muon_lr}: must be >= 0 (0 = lr)")
         _require(0 <= self.muon_momentum < 1, f"train.muon_momentum = {self.muon_momentum}: must be in [0, 1)")

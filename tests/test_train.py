@@ -181,7 +181,7 @@ def test_profile_steps_writes_a_profile(corpus, tmp_path):
     assert (tmp_path / "run" / "profile_trace.json").stat().st_size > 0
 
 
-@pytest.mark.parametrize("spec", ["3", "5:2", "a:b", "-1:2"])
+@pytest.mark.parametrize("spec", ["3", "5:2", "a:b", "-1:2", "10:400"])
 def test_bad_profile_steps_is_a_config_error(spec):
     from moespeed.config import build_config
     from moespeed.errors import ConfigError
