@@ -94,15 +94,19 @@ def cmd_generate(args) -> None:
     tokens = torch.tensor([prompt_ids], device=device)
     sys.stdout.write(args.prompt)
     new_ids: list[int] = []
-    printed, start = 0, time.time()
-    for next_token in model.generate(tokens, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator):
+    printed, stamps = 0, [time.time()]
+    for next_token in model.generate(tokens, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
+                                     compile=args.compile):
         new_ids.append(int(next_token[0]))
         printed = _stream_text(tokenizer, prompt_ids, new_ids, printed)
+        stamps.append(time.time())
     sys.stdout.write("\n")
     if args.verbose:
-        elapsed = time.time() - start
+        elapsed = stamps[-1] - stamps[0]
+        # from the third token on: the prefill (first token) and the step's compilation (second) are done
+        steady = f", then {(len(stamps) - 3) / (stamps[-1] - stamps[2]):.1f} tok/s" if len(stamps) > 4 else ""
         cache = model.kv_cache_bytes_per_token(next(model.parameters()).dtype)
-        print(f"[{len(new_ids)} tokens in {elapsed:.2f}s, {len(new_ids) / elapsed:.1f} tok/s; KV cache "
+        print(f"[{len(new_ids)} tokens in {elapsed:.2f}s{steady}; KV cache "
               f"{cache['per_layer']} B/token/layer, {cache['total']} B/token total "
               f"(MHA equivalent {cache['mha_total']} B/token, {cache['mha_total'] / cache['total']:.1f}x larger)]",
               file=sys.stderr)
@@ -171,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="", help="cpu, cuda or auto (default: cpu)")
     p.add_argument("--verbose", action="store_true", help="print speed and KV-cache size to stderr")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a compiled static step (CUDA graph on GPU): slower start, faster tokens")
     p.set_defaults(func=cmd_generate)
 
     p = add("eval", help="val loss and perplexity of a run or checkpoint")

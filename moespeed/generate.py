@@ -1,4 +1,4 @@
-"""Sampling: temperature, top-k and nucleus (top-p) over next-token logits."""
+"""Sampling (temperature, top-k, nucleus) and the static decode step (compiled, CUDA-graphed)."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +21,38 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+STEP_MODES = ("eager", "compile", "graph", "compile_graph")
+
+
+def make_step(model, caches, token: torch.Tensor, pos: torch.Tensor, mode: str):
+    """run() -> (B, V) logits: one decode step of the (B, 1) token buffer at the 0-d position buffer.
+
+    The caches are static (`model.new_cache`), so the step has fixed shapes and addresses: write
+    the next token into `token` and its position into `pos`, then call run().
+    mode: eager | compile (torch.compile fuses the step's many small ops) | graph (the eager ops
+    captured in a CUDA graph) | compile_graph (compiled, then captured; the fastest on GPUs).
+    Warm-up steps write the same token at the same position as the real step, so the caches stay
+    as the caller prepared them.
+    """
+    if mode not in STEP_MODES:
+        raise ValueError(f"decode step mode {mode!r}: use one of {', '.join(STEP_MODES)}")
+
+    def step(token, pos):
+        h = model.hidden_states(token, caches=caches, start_pos=pos)  # (B, 1, D)
+        return model.logits(h[:, -1])  # (B, V)
+
+    fn = step if mode in ("eager", "graph") else torch.compile(step, fullgraph=True, dynamic=False)
+    if not mode.endswith("graph"):
+        return lambda: fn(token, pos)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(token, pos)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = fn(token, pos)
+    return lambda: (graph.replay(), logits)[1]

@@ -120,6 +120,30 @@ def test_generate_is_seeded_and_respects_context():
     assert len(greedy) == model.cfg.max_seq_len - 5 + 1  # stops at the context length
 
 
+def test_compiled_static_decode_matches_eager_generation():
+    """generate(compile=True) decodes with one compiled static step (position as a tensor, the
+    whole preallocated cache masked): the same greedy tokens, and its logits match the eager step."""
+    import pytest
+
+    from moespeed.generate import make_step
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config()).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    eager = torch.stack(list(model.generate(prompt, 6, temperature=0)))  # (6, 2)
+    compiled = torch.stack(list(model.generate(prompt, 6, temperature=0, compile=True)))
+    assert torch.equal(eager, compiled)
+    with torch.no_grad():
+        caches = model.new_cache(2, 12)
+        model.hidden_states(prompt, caches=caches)
+        token, pos = eager[0][:, None].clone(), torch.tensor(5)
+        ref = model.logits(model.hidden_states(token, caches=caches, start_pos=5)[:, -1])  # int position
+        got = make_step(model, caches, token, pos, "compile")()  # rewrites position 5 with the same values
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="decode step mode 'fast'"):
+        make_step(model, caches, token, pos, "fast")
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     from moespeed.generate import sample_next
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))

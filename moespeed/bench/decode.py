@@ -36,6 +36,7 @@ import traceback
 import torch
 
 from moespeed.bench.attention import environment, error_text, free_memory, rel_err
+from moespeed.generate import make_step
 
 BATCHES = [1, 16, 64]
 CONTEXTS = [4096, 16384, 32768]
@@ -76,31 +77,6 @@ def weight_bytes(model) -> int:
 
 def cache_tensors(caches) -> list[torch.Tensor]:
     return [t for c in caches for t in ((c.kv,) if hasattr(c, "kv") else (c.k, c.v))]
-
-
-def make_step(model, caches, token: torch.Tensor, pos: torch.Tensor, mode: str):
-    """run() -> (B, V) logits: one decode step of the (B, 1) token buffer at the 0-d position buffer.
-
-    mode graph | compile_graph | compile | eager. Warm-up steps write the same token at the same
-    position as the real step, so the caches stay as the caller prepared them.
-    """
-    def step(token, pos):
-        h = model.hidden_states(token, caches=caches, start_pos=pos)  # (B, 1, D)
-        return model.logits(h[:, -1])  # (B, V)
-
-    fn = step if mode in ("eager", "graph") else torch.compile(step, fullgraph=True, dynamic=False)
-    if not mode.endswith("graph"):
-        return lambda: fn(token, pos)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(token, pos)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = fn(token, pos)
-    return lambda: (graph.replay(), logits)[1]
 
 
 def check_path(path: str, mode: str) -> dict:

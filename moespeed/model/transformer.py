@@ -213,19 +213,33 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield (B,) sampled tokens one step at a time, continuing prompts tokens (B, T0)."""
-        from ..generate import sample_next
+                 generator: torch.Generator | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
+        """Yield (B,) sampled tokens one step at a time, continuing prompts tokens (B, T0).
+
+        compile: decode with one static step (`moespeed.generate.make_step`): compiled, and on CUDA
+        captured in a CUDA graph; the prompt is still read by the eager prefill. Same tokens."""
+        from ..generate import make_step, sample_next
 
         B, T0 = tokens.shape
         n_new = min(max_new_tokens, self.cfg.max_seq_len - T0 + 1)  # the last token is never fed back
         caches = self.new_cache(B, max(T0, T0 + n_new - 1))
-        h = self.hidden_states(tokens, caches=caches, start_pos=0)
+        logits = self.logits(self.hidden_states(tokens, caches=caches, start_pos=0)[:, -1])  # (B, V)
+        step = token_buf = pos_buf = None
         for i in range(n_new):
-            next_token = sample_next(self.logits(h[:, -1]), temperature, top_k, top_p, generator)  # (B,)
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             yield next_token
-            if i + 1 < n_new:
-                h = self.hidden_states(next_token[:, None], caches=caches, start_pos=T0 + i)
+            if i + 1 == n_new:
+                break
+            if not compile:
+                logits = self.logits(self.hidden_states(next_token[:, None], caches=caches, start_pos=T0 + i)[:, -1])
+                continue
+            if step is None:  # static buffers: the step reads them by address
+                token_buf = next_token[:, None].clone()  # (B, 1)
+                pos_buf = torch.tensor(T0 + i, device=tokens.device)
+                step = make_step(self, caches, token_buf, pos_buf, "compile_graph" if tokens.is_cuda else "compile")
+            token_buf.copy_(next_token[:, None])
+            pos_buf.fill_(T0 + i)
+            logits = step()
 
 
 def attention_param_count(cfg) -> int:
