@@ -15,7 +15,8 @@
    `--train.ep_size 2` and that `--train.ep_dispatch`). `--cases` picks a subset.
    Reported: tokens/s (median over the logged intervals after the first; goal: >= 1.8x one GPU),
    peak GPU memory of rank 0, routed-expert bytes per GPU (params + grads + optimizer state; EP=2
-   halves them) and the largest train-loss difference to the 1-GPU run.
+   halves them) and the largest train-loss difference to the 1-GPU run (above LOSS_MATCH the row
+   is flagged: the runs do not train the same model, and the speedup means nothing).
 A failing run is reported and the others continue. Prints a table last; `--json` writes the
 results in the BENCHMARKING.md format. Needs 2 GPUs for the 2-GPU parts.
 """
@@ -64,6 +65,7 @@ CASES = {  # training run -> (GPUs, extra CLI args)
     "fsdp2": (2, ["--train.parallel", "fsdp"]),
     **{f"ep2_{d}": (2, ["--train.ep_size", "2", "--train.ep_dispatch", d]) for d in EP_DISPATCHERS},
 }
+LOSS_MATCH = 0.05  # largest train-loss difference to the 1-GPU run that still counts as the same training
 LAYER_ITERS = 20  # timed iterations of the EP layer: a fixed count, the same on every rank
 
 
@@ -239,7 +241,9 @@ def print_table(check: dict | None, rows: list[dict]) -> None:
         print(f"{r['bench'].split('.')[-1]:>13} {r['gpus']:>4} {_fmt(r['tokens_per_s'], ',.0f'):>9} "
               f"{_fmt(r['speedup'], '.2f'):>6} {_fmt(r['peak_mem_gib'], '.1f'):>8} "
               f"{_fmt(r['routed_expert_mib_per_gpu'], '.0f'):>15} {_fmt(r['final_loss'], '.4f'):>10} "
-              f"{_fmt(r['max_abs_loss_diff_vs_1gpu'], '.4f'):>9} {r['wall_s']:>6.0f}")
+              f"{_fmt(r['max_abs_loss_diff_vs_1gpu'], '.4f'):>9} {r['wall_s']:>6.0f}"
+              + ("  LOSSES DIFFER from the 1-GPU run: one of them trains wrongly" if r.get("losses_match") is False
+                 else ""))
 
 
 def print_layer_check(check: dict) -> None:
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
             common = set(base["losses"]) & set(row["losses"])
             row["max_abs_loss_diff_vs_1gpu"] = max(abs(base["losses"][k] - row["losses"][k]) for k in common)
+            row["losses_match"] = row["max_abs_loss_diff_vs_1gpu"] <= LOSS_MATCH
         rows.append(row)
 
     if args.json:
