@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
-import importlib.metadata
 import json
 import math
-import subprocess
 import sys
 import time
 import traceback
@@ -38,8 +35,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from moespeed.bench.common import free_memory, git_commit, package_version, rel_err
 from moespeed.model import masks
 from moespeed.model.attention import AttentionContext
+
 
 def _small_dims() -> tuple[int, int, int]:
     from moespeed.config import preset_config
@@ -79,38 +78,13 @@ CASES = {  # name: (documents, window)
 
 
 # ------------------------------------------------------------------------------------ helpers
-def version(dist: str):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - no git, not a checkout
-        return None
-
-
 def environment() -> dict:
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": version("triton"),
-            "commit": commit(), "date": datetime.date.today().isoformat()}
-
-
-def free_memory():
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": package_version("triton"),
+            "commit": git_commit(), "date": datetime.date.today().isoformat()}
 
 
 def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def random_doc_ids(B: int, T: int, mean: int, seed: int, device) -> torch.Tensor:

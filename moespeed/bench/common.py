@@ -1,12 +1,48 @@
-"""Measuring helpers shared by the benchmarks: median time and peak memory of a callable."""
+"""Helpers shared by the benchmarks: median time and peak memory of a callable, relative error,
+freeing memory, and what a result file records (package versions, the git commit)."""
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import statistics
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+
+def package_version(dist: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit(short: bool = False) -> str | None:
+    """The checkout's HEAD commit (None outside a git checkout, e.g. on the GPU machine)."""
+    args = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no git, not a checkout
+        return None
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in fp32 (NaN stays NaN, so a NaN fails every tolerance)."""
+    a, ref = a.float(), ref.float()
+    return float((a - ref).norm() / ref.norm())
+
+
+def free_memory(device: torch.device | None = None) -> None:
+    """Collect garbage and give cached CUDA memory back (synchronizing first)."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def time_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor], device: torch.device) -> float:

@@ -35,7 +35,8 @@ import traceback
 
 import torch
 
-from moespeed.bench.attention import environment, error_text, free_memory, rel_err
+from moespeed.bench.attention import environment, error_text
+from moespeed.bench.common import free_memory, rel_err
 from moespeed.generate import make_step
 
 BATCHES = [1, 16, 64]

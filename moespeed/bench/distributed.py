@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from moespeed.bench.common import git_commit, package_version
+
 PRESET = "small-moe"
 TOKENIZER_CHARS = 10_000_000  # the tokenizer's training sample: smaller than the preset's, to prepare fast
 
@@ -208,18 +210,8 @@ def summarize(run_dir: Path) -> dict:
 
 
 def environment() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+    return {"device": name, "torch": torch.__version__, "triton": package_version("triton"), "commit": git_commit(),
             "date": datetime.date.today().isoformat(),
             "command": "python -m moespeed.bench.distributed " + " ".join(sys.argv[1:])}
 

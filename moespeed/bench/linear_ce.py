@@ -14,17 +14,14 @@ the others go on. A short table is printed last.
 """
 import argparse
 import datetime
-import gc
-import importlib.metadata
 import json
-import math
-import subprocess
 import sys
 import traceback
 
 import torch
 import torch.nn.functional as F
 
+from moespeed.bench.common import free_memory, git_commit, package_version, rel_err
 from moespeed.kernels import linear_ce as lce
 
 SHAPES = [(16384, 4096, 131072), (16384, 1024, 32768)]
@@ -32,26 +29,6 @@ QUICK_SHAPES = [(4096, 1024, 32768)]
 IGNORED_FRACTION = 0.05
 MIB = 2**20
 DEVICE = "cuda"
-
-
-def _version(dist: str):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - no git, not a checkout
-        return None
-
-
-def liger_chunk_size(n: int, d: int, v: int) -> int:
-    """Liger's chunk size (what the lean memory mode uses)."""
-    return lce.lean_chunk_size(n, d, v)
 
 
 def make_inputs(n, d, v, dtype, seed=0):
@@ -89,7 +66,7 @@ def ours_case(**kwargs):
 
 def build_cases(n, d, v, sweep):
     """[(name, factory)]: factory() returns loss_fn(h, w, t), may raise ImportError."""
-    lean_chunk = liger_chunk_size(n, d, v)
+    lean_chunk = lce.lean_chunk_size(n, d, v)
     cases = [
         ("naive", lambda: naive_loss),
         ("liger", lambda: liger_case(None)),
@@ -122,23 +99,12 @@ def fwd_bwd(loss_fn, h, w, t):
     return loss, grad_h, grad_w
 
 
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def reference(h, w, t):
     """fp32 loss and grads from the materialized definition (TF32 off)."""
     hf = h.detach().float().requires_grad_()
     wf = w.detach().float().requires_grad_()
     loss, gh, gw = fwd_bwd(lambda a, b, c: lce.reference_linear_cross_entropy(a, b, c), hf, wf, t)
     return loss.detach(), gh, gw
-
-
-def free_memory():
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
 
 
 def peak_mib(fn):
@@ -226,11 +192,11 @@ def chunk_parts_ms(n, d, v, chunk, dtype):
         "grad_w_addmm_bf16": do_bench(lambda: lce._addmm_into(acc16, logits.t(), h, False),
                                       return_mode="median"),
     }
-    del acc16
+    acc16 = None  # frees its memory (the lambda above has run)
     acc32 = torch.zeros(v, d, device=DEVICE)
     parts["grad_w_addmm_fp32"] = do_bench(lambda: lce._addmm_into(acc32, logits.t(), h, False),
                                           return_mode="median")
-    del acc32
+    acc32 = None
     work = logits.clone()
     parts["ce_kernel"] = do_bench(lambda: (work.copy_(logits), lce._ce_chunk_triton(
         work, targets, row_loss, scale, -100, 0.0, 0.0, True)), return_mode="median") - do_bench(
@@ -283,7 +249,7 @@ def to_results(rows):
         out = {"bench": "linear_ce.fwd_bwd", **r,
                "ours_ms": r.get("ms") if ours else None,
                "ours_peak_mib": r.get("peak_mib") if ours else None,
-               "peer": f"liger-kernel {_version('liger-kernel')}" if peer else None,
+               "peer": f"liger-kernel {package_version('liger-kernel')}" if peer else None,
                "peer_ms": peer["ms"] if peer else None,
                "peer_peak_mib": peer["peak_mib"] if peer else None,
                "speedup": (peer["ms"] / r["ms"]) if peer and "ms" in r else None,
@@ -327,8 +293,8 @@ def main(argv=None):
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape]
     dtype = torch.bfloat16
     extras = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": _version("triton"), "liger": _version("liger-kernel"),
-              "cce": _version("cut-cross-entropy"),
+              "triton": package_version("triton"), "liger": package_version("liger-kernel"),
+              "cce": package_version("cut-cross-entropy"),
               "auto_uses_triton": lce.triton_works("cuda")}
     try:
         extras["matmul_8192_tflops"] = round(matmul_ceiling_tflops(dtype), 1)
@@ -340,7 +306,7 @@ def main(argv=None):
             extras[key] = f"{ce_ms:.3f} ms, {ce_gbps:.0f} GB/s"
         if args.sweep:
             n, d, v = shapes[0]
-            for chunk in sorted({liger_chunk_size(n, d, v), 1024, 4096}):
+            for chunk in sorted({lce.lean_chunk_size(n, d, v), 1024, 4096}):
                 extras[f"chunk_parts_ms_{n}x{d}x{v}_c{chunk}"] = chunk_parts_ms(n, d, v, chunk,
                                                                                 dtype)
                 free_memory()
@@ -353,7 +319,7 @@ def main(argv=None):
     extras["fp32_addmm_fused"] = lce._MIXED_ADDMM["ok"]  # False: the slower fallback was used
     if args.json:
         doc = {"device": extras["device"], "torch": extras["torch"], "triton": extras["triton"],
-               "commit": _commit(), "date": datetime.date.today().isoformat(),
+               "commit": git_commit(), "date": datetime.date.today().isoformat(),
                "command": "python -m moespeed.bench.linear_ce " + " ".join(sys.argv[1:]),
                "extras": extras, "results": results}
         with open(args.json, "w") as f:

@@ -19,14 +19,13 @@ import datetime
 import gc
 import json
 import math
-import subprocess
 import sys
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from moespeed.bench.common import peak_mib, time_ms
+from moespeed.bench.common import git_commit, package_version, peak_mib, rel_err, time_ms
 from moespeed.model.moe import MoE, MoEConfig
 
 SHAPES = {  # tokens = batch * seq_len
@@ -52,12 +51,6 @@ def attempt(notes: list[str], label: str, fn: Callable, *args):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return None
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """||a - ref|| / ||ref|| in fp32 (NaN stays NaN)."""
-    a, ref = a.float(), ref.float()
-    return float((a - ref).norm() / ref.norm())
 
 
 # -- the modules -----------------------------------------------------------------------------------
@@ -270,18 +263,8 @@ def dense_ceilings(shape_name: str, device, dtype, matmul: float | None) -> dict
 # -- report -----------------------------------------------------------------------------------------
 
 def environment(device) -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        commit = git.stdout.strip() or None
-    except OSError:
-        commit = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+    return {"device": name, "torch": torch.__version__, "triton": package_version("triton"), "commit": git_commit(),
             "date": datetime.date.today().isoformat(),
             "command": "python -m moespeed.bench.moe " + " ".join(sys.argv[1:])}
 

@@ -34,17 +34,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
+from moespeed.bench.common import free_memory, git_commit, peak_mib
 from moespeed.optim import muon as muon_mod
-from moespeed.bench.common import peak_mib
 from moespeed.optim.muon import Muon, muon_eligible, ns_flops
 
 HP = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
@@ -140,12 +138,6 @@ def _kernels(fn, device: torch.device) -> int | None:
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     except Exception:  # noqa: BLE001 - a diagnostic only
         return None
-
-
-def _free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # -- inputs and checks -----------------------------------------------------------------------------
@@ -347,7 +339,7 @@ def _time_step(params, device, **kwargs) -> dict:
     out["peak_mib"] = peak_mib(opt.step, [], device)
     out["kernels"] = _kernels(opt.step, device)
     del opt
-    _free(device)
+    free_memory(device)
     return out
 
 
@@ -367,7 +359,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
     err_shapes = shapes if numel <= 4e8 else check_shapes  # copies of params, grads, state must fit
     row["rel_err_vs_reference"], row["diff_elems"], row["paths"] = _update_err(err_shapes, device, ours_opt,
                                                                                reference)
-    _free(device)
+    free_memory(device)
     params = _make(shapes, device)
     ours = _time_step(params, device, **OURS)
     row.update(ours_ms=ours["ms"], gpu_ms=ours["gpu_ms"], cpu_ms=ours["cpu_ms"],
@@ -379,7 +371,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
         try:
             err, diff, paths = _update_err(err_shapes, device, lambda ps: Muon(ps, **HP, **kwargs), reference)
             row.update({f"{variant}_rel_err": err, f"{variant}_diff_elems": diff, f"{variant}_paths": paths})
-            _free(device)
+            free_memory(device)
             if not err <= MAX_REL_ERR:
                 notes.append(f"{variant} FAILED the check vs the reference: rel_err {err:.2e}; not timed")
                 continue
@@ -387,7 +379,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
             row.update({f"{variant}_{k}": v for k, v in timed.items()})
         except Exception as exc:  # noqa: BLE001 - a variant's failure must not hide the rest
             notes.append(f"{variant} failed: {exc!r}"[:300])
-            _free(device)
+            free_memory(device)
     row["classes"] = ns_by_class(_ns_classes(params, OURS), device, muon_mod.BATCH_NUMEL, notes)
     row["ns_ms"] = sum(c["ns_ms"] for c in row["classes"])
     if all(c.get("ns_triton_ms") for c in row["classes"]):
@@ -409,7 +401,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
             row["ns_compiled"] = compiled_ns_ms(rows, cols, n, device)
         except Exception as exc:  # noqa: BLE001 - an experiment only
             notes.append(f"compiled NS failed: {exc!r}"[:300])
-    _free(device)
+    free_memory(device)
     if args.no_peer:
         row.update(peer_ms=None, speedup=None)
     else:
@@ -467,14 +459,6 @@ def _cases(args) -> dict:
         dense = lambda: (dense_shapes(), dense_shapes(2))  # noqa: E731
         moe = lambda: (moe_shapes(args.moe_layers), moe_shapes(1, 4))  # noqa: E731
     return {"small": preset("small"), "small-moe": preset("small-moe"), "dense": dense, "moe": moe}
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _print_table(results: list[dict]) -> None:
@@ -545,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_case(name, shapes, check_shapes, device, ceil, args))
         except Exception as exc:  # noqa: BLE001 - one failing case must not stop the others
             results.append({"bench": f"muon.step.{name}", "error": repr(exc)[:500]})
-        _free(device)
+        free_memory(device)
     if args.json:
         try:
             import triton
@@ -553,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             triton_version = None
         out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "triton": triton_version, "commit": _commit(),
+               "torch": torch.__version__, "triton": triton_version, "commit": git_commit(),
                "date": datetime.date.today().isoformat(),
                "command": "python -m moespeed.bench.muon " + " ".join(sys.argv[1:] if argv is None
                                                                       else argv),

@@ -32,15 +32,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from typing import Callable
 
 import torch
-
-from moespeed.bench.common import peak_mib, time_ms
 from torch import nn
 
+from moespeed.bench.common import git_commit, peak_mib, rel_err, time_ms
 from moespeed.kernels import peer_triton
 from moespeed.kernels.peer_triton import (
     TableGradFactors,
@@ -85,11 +83,6 @@ def measure(fns: dict[str, Callable[[], object]], grad_to_none: list[torch.Tenso
         out["peak_mib"] = peak_mib(fns[peak_of], grad_to_none, device)
     return out
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in fp32 (NaN if either has a NaN)."""
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def copy_gbps(device: torch.device) -> float | None:
@@ -494,13 +487,6 @@ def table(rows: list[dict]) -> str:
                          f"{'':>8} {f(r.get('dense_adamw_peak_mib'), '{:.0f}'):>9}")
     return "\n".join(lines)
 
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a git checkout
-        return None
 
 
 def main(argv=None) -> int:

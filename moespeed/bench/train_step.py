@@ -13,11 +13,11 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 
 import torch
 
+from moespeed.bench.common import git_commit
 from moespeed.config import build_config
 from moespeed.model.transformer import Transformer
 from moespeed.optim.build import build_optimizer
@@ -89,9 +89,8 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or None,
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(short=True),
                        "date": datetime.date.today().isoformat(),
                        "command": "python -m moespeed.bench.train_step " + " ".join(sys.argv[1:] if argv is None else argv),
                        "results": rows}, f, indent=1)
