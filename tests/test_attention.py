@@ -213,6 +213,7 @@ def test_cached_decode_equals_full_forward(kind, position):
 
 
 def test_model_compiles_without_graph_breaks_and_window_growth_never_recompiles():
+    """On CPU the block masks are traced too (on CUDA they are built outside the graph on purpose)."""
     torch._dynamo.reset()
     model = model_for("mla", window_pattern="0,6", attn_backend="flex", window_warmup_steps=4, window_warmup_start=2)
     tokens, doc_ids = torch.randint(0, 97, (2, 24)), random_doc_ids(2, 24)

@@ -209,6 +209,7 @@ def test_cuda_compiled_moe_training_matches_eager(corpus, tmp_path, variant):
     for compiled in (False, True):
         cfg = tiny_config(data, tmp_path / f"run-{compiled}", cache, steps=8)
         cfg.model.ffn_pattern, cfg.model.moe.n_routed_experts, cfg.model.moe.moe_inter_dim = "moe", 4, 32
+        cfg.model.qk_nope_head_dim, cfg.model.v_head_dim = 12, 16  # GPU Flex needs head dims >= 16
         cfg.train.optimizer, cfg.train.grad_accum, cfg.train.compile = "muon", 2, compiled
         cfg.train.device = "cuda"
         for key, value in CUDA_COMPILE_VARIANTS[variant].items() if compiled else ():

@@ -48,6 +48,14 @@ def _small_dims() -> tuple[int, int, int]:
 
 
 H, D_QK, D_V = _small_dims()  # MLA heads and dims of the `small` preset (12, 64, 64)
+
+
+def set_dims(heads: int, d_qk: int, d_v: int) -> None:
+    """Benchmark the op at other head dims (`--dims`); the training-step part always uses the preset."""
+    global H, D_QK, D_V
+    H, D_QK, D_V = heads, d_qk, d_v
+
+
 FLEX_SWEEP = [  # kernel options for --flex-sweep (FlexKernelOptions); {} = torch's defaults
     {}, {"ROWS_GUARANTEED_SAFE": True}, {"USE_TMA": True},
     {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True},
@@ -367,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flex-sweep", type=int, metavar="T",
                         help="only: flex_causal at this T under each FLEX_SWEEP option set")
     parser.add_argument("--flex-entries", help="with --flex-sweep: comma-separated indices into FLEX_SWEEP")
+    parser.add_argument("--dims", metavar="H,QK,V",
+                        help=f"op part: heads, qk and v head dims (default the small preset's {H},{D_QK},{D_V})")
     args = parser.parse_args(argv)
+    if args.dims:
+        set_dims(*(int(x) for x in args.dims.split(",")))
     if not torch.cuda.is_available():
         print("attention bench: needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -136,6 +136,11 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _dot_dim(n: int) -> int:
+    """A head-dim block for tl.dot: a power of two >= 16 (GPU dots need K >= 16; the loads mask the pad)."""
+    return max(16, _pow2(n))
+
+
 # Launch parameters of the Triton kernel. block_n None: 64 keys per block when a padded key or value
 # part is >= 256 wide, else 128. The decode benchmark's --kernel-sweep measures the alternatives.
 LAUNCH = {"programs_per_sm": 2, "block_n": None, "num_warps": 4, "num_stages": 2}
@@ -178,7 +183,7 @@ def _decode_triton(q, k, v, q_pos, window, slopes, scale: float, v_dim: int) -> 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        DA=da, DB=db, DV=dv, DA_P=_pow2(da), DB_P=_pow2(max(db, 1)), DV_P=_pow2(dv), BLOCK_R=block_r,
+        DA=da, DB=db, DV=dv, DA_P=_dot_dim(da), DB_P=_dot_dim(db), DV_P=_dot_dim(dv), BLOCK_R=block_r,
         BLOCK_N=block_n, V_IN_K=v_in_k, HAS_WINDOW=window is not None, HAS_ALIBI=slopes is not None,
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
     weights = torch.softmax(lse, dim=2)  # (B, Hkv, n_chunks, R): each chunk's share of the total

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import flex_attention
 
+from ..errors import ConfigError
 from ..kernels.decode_attention import decode_attention
 from . import masks
 from .rope import apply_rope
@@ -95,6 +96,7 @@ class KVCache:
 # and ROWS_GUARANTEED_SAFE always holds.
 FLEX_KERNEL_OPTIONS: dict = {}
 FLEX_COMPILE_MODE: str | None = None  # torch.compile mode of flex_attention, e.g. "max-autotune-no-cudagraphs"
+FLEX_MIN_HEAD_DIM = 16  # torch's GPU FlexAttention kernel refuses smaller qk or v head dims
 
 
 @functools.cache
@@ -166,7 +168,9 @@ class AttentionContext:
         """
         T = q.shape[2]
         if self.kernel(slot, q.device) == "flex":
-            block = self._once(("block", slot), lambda: masks.block_mask(self.doc_ids, self.window(slot), T, q.device))
+            _check_flex_dims(q, v)
+            build = _eager_block_mask if q.is_cuda else masks.block_mask  # CPU: traced (no GPU defect to avoid)
+            block = self._once(("block", slot), lambda: build(self.doc_ids, self.window(slot), T, q.device))
             score_mod = (self._once("alibi", lambda: masks.alibi_score_mod(self.alibi_slopes))
                          if self.alibi_slopes is not None else None)
             return run_flex(q, k, v, block, score_mod, scale)
@@ -194,6 +198,27 @@ class AttentionContext:
         """
         return decode_attention(q, k, v, self.positions, scale, self.window(slot), self.alibi_slopes,
                                 v_dim, self.decode_kernel)
+
+
+@torch.compiler.disable
+def _eager_block_mask(doc_ids, window, seq_len: int, device: torch.device):
+    """masks.block_mask built outside torch.compile (a graph break in a compiled model); used on CUDA.
+
+    Traced into the graph of a whole compiled model together with the Flex call, a document mask
+    gave the right loss but wrong gradients (torch 2.11, H100: off by 10^2 to 10^8 in the lower
+    layers); built eagerly, the gradients equal the eager model's. tests/test_model.py checks this on GPUs.
+    """
+    return masks.block_mask(doc_ids, window, seq_len, device)
+
+
+def _check_flex_dims(q: torch.Tensor, v: torch.Tensor) -> None:
+    """One clear line instead of Inductor's lowering error for head dims the GPU Flex kernel refuses."""
+    if q.is_cuda and min(q.shape[-1], v.shape[-1]) < FLEX_MIN_HEAD_DIM:
+        raise ConfigError(
+            f"attention head dims qk {q.shape[-1]} / v {v.shape[-1]} are below {FLEX_MIN_HEAD_DIM}, the least "
+            "FlexAttention's GPU kernel takes (it runs document masks and windows): raise model.qk_nope_head_dim, "
+            "model.qk_rope_head_dim and model.v_head_dim (MLA) or model.head_dim, or set model.attn_backend = sdpa "
+            "(dense masks, short sequences only)")
 
 
 # ---------------------------------------------------------------------------------------- modules
