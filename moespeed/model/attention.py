@@ -160,6 +160,18 @@ class AttentionContext:
             return "flex"
         return "sdpa"
 
+    def _block_mask(self, slot: int | None, T: int, device: torch.device):
+        """The slot's Flex block mask, built on first use; on CUDA outside torch.compile (`_eager_block_mask`)."""
+        build = _eager_block_mask if device.type == "cuda" else masks.block_mask  # CPU: traced, fullgraph
+        return self._once(("block", slot), lambda: build(self.doc_ids, self.window(slot), T, device))
+
+    def prebuild_block_masks(self, slots, T: int, device: torch.device) -> None:
+        """Build the Flex block masks of these window slots now. Called first thing in a forward, so that
+        in a compiled model the graph break of `_eager_block_mask` falls before all the model's work."""
+        for slot in slots:
+            if self.kernel(slot, device) == "flex":
+                self._block_mask(slot, T, device)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int | None,
                scale: float) -> torch.Tensor:
         """Causal attention within documents and the slot's window over one fresh sequence.
@@ -169,8 +181,7 @@ class AttentionContext:
         T = q.shape[2]
         if self.kernel(slot, q.device) == "flex":
             _check_flex_dims(q, v)
-            build = _eager_block_mask if q.is_cuda else masks.block_mask  # CPU: traced (no GPU defect to avoid)
-            block = self._once(("block", slot), lambda: build(self.doc_ids, self.window(slot), T, q.device))
+            block = self._block_mask(slot, T, q.device)
             score_mod = (self._once("alibi", lambda: masks.alibi_score_mod(self.alibi_slopes))
                          if self.alibi_slopes is not None else None)
             return run_flex(q, k, v, block, score_mod, scale)

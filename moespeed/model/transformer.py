@@ -152,6 +152,8 @@ class Transformer(nn.Module):
     def _hidden_and_aux(self, tokens, doc_ids=None, caches=None, start_pos=0):
         """(hidden states (B, T, D), summed auxiliary loss of the sparse FFNs or None)."""
         ctx = self.attention_context(tokens.shape[1], tokens.device, doc_ids, start_pos)
+        if caches is None:
+            ctx.prebuild_block_masks({block.attn.window_slot for block in self.blocks}, tokens.shape[1], tokens.device)
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled() and caches is None
         x = self.embed(tokens)
         aux_total = None
