@@ -47,8 +47,8 @@ first, each on the least loaded stream; a small class overlaps a big one instead
 it). The side streams wait for the current stream first, and the current stream waits for them at
 the end, so to the caller the step is ordered like any op on the current stream. Memory: up to
 `streams` classes' stacks and NS temporaries live at once. Off by default (DEFAULT_STREAMS = 0):
-it saved 0.4-1 ms per step on an H100, but a compiled one-GPU small-moe run with 3 streams (and the
-fused loss's side stream) diverged from the eager and DDP runs, and the cause is not isolated yet.
+it saved 0.4-1 ms per step on an H100. (A compiled one-GPU run that diverged with 3 streams was the
+compiled Flex gradient defect, not the streams; a GPU test trains with them compiled.)
 On CUDA, steps 1 and 3 are Triton kernels (`fused`, moespeed/kernels/muon_triton.py; checked once
 against the foreach path), one launch per run of equal-size params (a table of their addresses):
 14 + 10 bytes per element;
