@@ -46,9 +46,10 @@ Streams: with one process on CUDA, the classes run concurrently on `streams` sid
 first, each on the least loaded stream; a small class overlaps a big one instead of waiting for
 it). The side streams wait for the current stream first, and the current stream waits for them at
 the end, so to the caller the step is ordered like any op on the current stream. Memory: up to
-`streams` classes' stacks and NS temporaries live at once. Off by default (DEFAULT_STREAMS = 0):
-it saved 0.4-1 ms per step on an H100. (A compiled one-GPU run that diverged with 3 streams was the
-compiled Flex gradient defect, not the streams; a GPU test trains with them compiled.)
+`streams` classes' stacks and NS temporaries live at once. DEFAULT_STREAMS = 3: in the compiled
+train step on an H100 they cut the step from 4.15 to 3.77 ms (small) and 11.80 to 10.71 ms (small-moe).
+(A compiled one-GPU run that once diverged with them was the compiled Flex gradient defect, not the
+streams; a GPU test trains with them compiled.)
 On CUDA, steps 1 and 3 are Triton kernels (`fused`, moespeed/kernels/muon_triton.py; checked once
 against the foreach path), one launch per run of equal-size params (a table of their addresses):
 14 + 10 bytes per element;
@@ -128,13 +129,14 @@ NS_STEPS = 5
 EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 NS_GEMMS = ("torch", "triton", "auto")  # auto: triton for CUDA shape classes of >= AUTO_TRITON_BLOCKS blocks
-AUTO_TRITON_BLOCKS = 64  # H100: 704 blocks of 768x256 NS in 3.4 ms (triton) vs 4.9 ms (baddbmm); 12 blocks: 0.8 vs 0.4 ms
+AUTO_TRITON_BLOCKS = 1  # H100 train step (train_step_muon_triton_*.json): triton for every class beat triton for
+# classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams), although alone a 12-block class is faster with baddbmm
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
 STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
 MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its transposed wide class:
 # latency-bound ones (H100: (768, 384) x12, (768, 512) x11, (3072, 768) x1), not (3072, 768) x12 (28M)
 PAD_FLOPS = 10**11  # zero-padding that adds at most this many NS FLOPs may merge two classes
-DEFAULT_STREAMS = 0  # CUDA side streams that run shape classes concurrently (streams=None); see below
+DEFAULT_STREAMS = 3  # CUDA side streams that run shape classes concurrently (streams=None); see below
 CALL_FLOPS = 10**11  # scheduling cost of one NS call (~0.3 ms: small NS calls are latency-bound)
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
