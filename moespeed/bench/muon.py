@@ -18,7 +18,7 @@ relative error of the update, `diff_elems` / `<variant>_diff_elems` counts the e
 (0: bitwise equal), and `paths` / `<variant>_paths` counts the distinct code paths one step took (NS
 calls, Triton NS GEMMs, fused or foreach elementwise ops, transposed and padded params, side streams): a rel_err
 of 0 must come with different paths, else the comparison compares nothing. A variant above 1e-2 (or
-NaN) is marked failed and not timed. `rel_err` = ours vs torch.optim.Muon (on fewer matrices).
+NaN; 5e-2 for "gram", another bf16 approximation of the same map) is marked failed and not timed. `rel_err` = ours vs torch.optim.Muon (on fewer matrices).
 Times of a full step: `ours_ms` (triton do_bench median, CPU launch time included), `gpu_ms` (the
 GPU's own time: the step is queued behind a 30 ms GPU sleep so launches never starve it, as in
 training where backward keeps the GPU busy), `cpu_ms` (time to launch one step), `kernels_per_step`,
@@ -326,8 +326,12 @@ VARIANTS = {  # name -> Muon options: ours with one thing changed
     "unfused": dict(OURS, fused=False),
     "cublas": dict(OURS, ns_gemm="torch"),
     "triton_gemm": dict(OURS, ns_gemm="triton"),
+    "gram": dict(OURS, ns_method="gram"),  # Gram Newton–Schulz for blocks with a long side >= 2x the short
 }
 MAX_REL_ERR = 1e-2  # BENCHMARKING.md: bf16 operands
+# Gram NS is another bf16 approximation of the same map: its update differs from the standard bf16 one
+# by about the standard's own deviation from exact arithmetic (1-4%; tests/test_muon.py bounds it vs fp64).
+VARIANT_MAX_REL_ERR = {"gram": 5e-2}
 
 
 def _time_step(params, device, **kwargs) -> dict:
@@ -372,7 +376,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
             err, diff, paths = _update_err(err_shapes, device, lambda ps: Muon(ps, **HP, **kwargs), reference)
             row.update({f"{variant}_rel_err": err, f"{variant}_diff_elems": diff, f"{variant}_paths": paths})
             free_memory(device)
-            if not err <= MAX_REL_ERR:
+            if not err <= VARIANT_MAX_REL_ERR.get(variant, MAX_REL_ERR):
                 notes.append(f"{variant} FAILED the check vs the reference: rel_err {err:.2e}; not timed")
                 continue
             timed = _time_step(params, device, **kwargs)

@@ -126,6 +126,8 @@ from ..kernels.muon_triton import (_addmm_triton, _fused_works, _momentum_fused,
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
+NS_METHODS = ("standard", "gram")  # gram: Gram Newton–Schulz for blocks with a long side >= 2x the short one
+GRAM_RESTART = 3  # the Gram iteration re-anchors X at this step (bf16 drift; see _gram_orthogonalize_)
 EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 NS_GEMMS = ("torch", "triton", "auto")  # auto: triton for CUDA shape classes of >= AUTO_TRITON_BLOCKS blocks
@@ -158,15 +160,18 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS,
 
 
 def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
-                    gemm: str = "torch") -> None:
+                    gemm: str = "torch", method: str = "standard") -> None:
     """Newton–Schulz in place: a contiguous bf16 batch X (n, rows, cols) becomes NS(X).
 
     Wide blocks: X <- a X + B X with B = b A + c A^2, A = X X^T (rows x rows). Tall blocks: the
     transposed iteration X <- a X + X B with A = X^T X (cols x cols). `gemm` computes the two
     "alpha L R + beta D" products: "torch" = baddbmm (cuBLAS; it first copies D into its output),
-    "triton" = `_addmm_kernel` (reads D in the epilogue). The optimizer calls this on slices of its
-    stack; tests count the calls.
+    "triton" = `_addmm_kernel` (reads D in the epilogue). `method="gram"` runs `_gram_orthogonalize_`
+    instead where `gram_pays`. The optimizer calls this on slices of its stack; tests count the calls.
     """
+    if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
+        _gram_orthogonalize_(X, steps, coefficients, eps)
+        return
     a, b, c = coefficients
     tall = X.shape[-2] > X.shape[-1]
     Y = X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # ||Y||_F = 1 per matrix
@@ -179,6 +184,47 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
             return
         Y = _addmm(left, right, Y, 1.0, a, gemm)  # (n, rows, cols)
     X.copy_(Y)  # steps == 1
+
+
+def gram_pays(rows: int, cols: int) -> bool:
+    """Gram Newton–Schulz does fewer FLOPs than the standard iteration when the long side is >= 2x the short."""
+    return max(rows, cols) >= 2 * min(rows, cols)
+
+
+def _gram_orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                         restart: int = GRAM_RESTART) -> None:
+    """Newton–Schulz in place on X (n, rows, cols), iterating on the small m x m Gram matrix.
+
+    Every step maps X to P(A) X with P(A) = a I + b A + c A^2 and A = X X^T (m = the short side), so
+    after k steps X_k = Q_k X_0 with Q_k a polynomial in A_0. We carry Q (m, m) and A_k = P A_{k-1} P
+    instead of X, and touch the long side only to form A_0 and to apply Q. In bf16, Q and A drift
+    apart over more than ~3 steps; at step `restart` X is re-anchored (X <- Q X, A <- X X^T). In the
+    tests the result then deviates from exact arithmetic 1.0-2.3x as much as the standard bf16
+    iteration does (1-4%), with the same singular-value band. FLOPs for a wide m x n block, 5 steps,
+    restart 3: 8 m^2 n + 28 m^3 vs 20 m^2 n + 10 m^3 (768 x 256: 26% fewer; 3072 x 768: 33% fewer),
+    and X is read or written 7 times instead of 15.
+    """
+    a, b, c = coefficients
+    tall = X.shape[-2] > X.shape[-1]
+    X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # ||X||_F = 1 per matrix
+
+    def gram(Y: Tensor) -> Tensor:  # (n, m, m)
+        return Y.mT @ Y if tall else Y @ Y.mT
+
+    def apply(Q: Tensor) -> Tensor:  # Q X on the short side (Q is symmetric: X Q for tall blocks)
+        return X @ Q if tall else Q @ X
+
+    A, Q = gram(X), None
+    for k in range(steps):
+        if k == restart and Q is not None:
+            X.copy_(apply(Q))
+            A, Q = gram(X), None
+        P = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        P.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
+        Q = P if Q is None else P @ Q
+        if k + 1 < steps and k + 1 != restart:  # the next step needs A; a restart recomputes it
+            A = P @ (A @ P)
+    X.copy_(apply(Q))
 
 
 def _addmm(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, gemm: str,
@@ -275,6 +321,8 @@ class Muon(torch.optim.Optimizer):
     FLOPs (see `_pad_classes`; None = PAD_FLOPS on CUDA and no padding elsewhere, 0: never).
     `streams`: CUDA side streams that run shape classes concurrently (None = DEFAULT_STREAMS,
     0 = all on the current stream; ignored on CPU, with DTensors and with more than one rank).
+    `ns_method`: "standard" Newton–Schulz, or "gram" (`_gram_orthogonalize_`: iterates on the m x m
+    Gram matrix for blocks whose long side is >= 2x the short one; other blocks run the standard one).
     See the module docstring for the algorithm.
     """
 
@@ -283,7 +331,8 @@ class Muon(torch.optim.Optimizer):
                  ns_steps: int = NS_STEPS, eps: float = EPS, adjust_lr_fn: str | None = "original",
                  split: int = 1, replicated: bool = True, *, process_group=None,
                  batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
-                 merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None) -> None:
+                 merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None,
+                 ns_method: str = "standard") -> None:
         if batch_numel < 1:
             raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
         if min(merge_numel, pad_flops or 0, streams or 0) < 0:
@@ -291,12 +340,15 @@ class Muon(torch.optim.Optimizer):
                              "must be >= 0")
         if ns_gemm not in NS_GEMMS:
             raise ValueError(f"Muon ns_gemm = {ns_gemm!r}: use one of {NS_GEMMS}")
+        if ns_method not in NS_METHODS:
+            raise ValueError(f"Muon ns_method = {ns_method!r}: use one of {NS_METHODS}")
         if triton is None and (fused or ns_gemm == "triton"):  # "auto" falls back to torch
             raise ValueError("Muon fused = True and ns_gemm = 'triton' need triton")
         self.process_group = process_group
         self.batch_numel = batch_numel
         self.fused = fused
         self.ns_gemm = ns_gemm
+        self.ns_method = ns_method
         self.merge_numel = merge_numel
         self.pad_flops = pad_flops
         self.streams = DEFAULT_STREAMS if streams is None else streams
@@ -457,7 +509,7 @@ class Muon(torch.optim.Optimizer):
             first = sum(counts[:r])
             if counts[r]:
                 _orthogonalize_(blocks[first:first + counts[r]], cls.steps, cls.coefficients, cls.eps,
-                                self._gemm_for(cls))
+                                self._gemm_for(cls), self.ns_method)
             if cls.shared:
                 self._gather_shares(blocks, counts, r)
         self._update(cls, stack, fused)
