@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=5, help="tokens/s interval in steps (default 5)")
     p.add_argument("--no-compile", action="store_true",
                    help="run the model eagerly (the preset, like every GPU preset, uses torch.compile)")
-    p.add_argument("--timeout", type=int, default=150, help="seconds per run before it is reported as failed")
+    p.add_argument("--timeout", type=int, default=300,
+                   help="seconds per run before it is reported as failed (a cold compile of small-moe takes ~2 min)")
     p.add_argument("--work-dir", help="where runs and the data cache go (default: a temporary folder)")
     p.add_argument("--preset", default=PRESET, help=f"model preset (default {PRESET})")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
