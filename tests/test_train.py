@@ -92,6 +92,7 @@ def test_cli_train_generate_eval(corpus, tmp_path, capsys, monkeypatch):
 def test_bad_inputs_exit_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
     data, cache = corpus
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     run = tmp_path / "run"
     assert main(["train"] + tiny_train_args(data, run, cache, steps=3)) == 0
     cases = [
@@ -102,6 +103,8 @@ def test_bad_inputs_exit_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
         (["train", "--resume"] + tiny_train_args(data, run, cache, steps=6)[:-2]
          + ["--train.run_dir", str(run), "--model.d_model", "64"], "cannot resume: model.d_model"),
         (["train"] + tiny_train_args(tmp_path / "missing", tmp_path / "r2", cache), "no such file or folder"),
+        (["train"] + tiny_train_args(data, tmp_path / "r3", cache, steps=3) + ["--train.muon_ns_gemm", "triton"],
+         "train.muon_ns_gemm = triton runs on CUDA"),
     ]
     for args, fragment in cases:
         capsys.readouterr()

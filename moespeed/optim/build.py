@@ -10,9 +10,12 @@ at start-up.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .muon import Muon, muon_eligible
 
 
@@ -53,6 +56,14 @@ class OptimizerSet:
             opt.load_state_dict(state[name])
 
 
+def check_muon_device(tc, device: torch.device) -> None:
+    """One clear line for `train.muon_ns_gemm = triton` off CUDA (its GEMM is a GPU kernel)."""
+    if (tc.optimizer == "muon" and tc.muon_ns_gemm == "triton" and device.type != "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ConfigError(f"train.muon_ns_gemm = triton runs on CUDA GPUs, and training runs on {device.type}: "
+                          "use auto (triton on CUDA, torch elsewhere) or torch")
+
+
 def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
     """The optimizer of a model for a TrainConfig, and a summary of the grouping."""
     muon, decay, keep, peer_tables = [], [], [], []
@@ -80,6 +91,7 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
         lines.append(f"  PEER tables (lazy row-wise AdamW, deferred grads): {len(peer_tables)} tensors, "
                      f"{sum(p.numel() for p in peer_tables) / 1e6:.2f}M params")
     if muon:
+        check_muon_device(tc, muon[0].device)
         muon_lr = tc.muon_lr or tc.lr
         optimizers["muon"] = Muon([{"params": muon, "base_lr": muon_lr}], lr=muon_lr, weight_decay=tc.weight_decay,
                                   momentum=tc.muon_momentum, ns_steps=tc.muon_ns_steps, adjust_lr_fn=tc.muon_adjust_lr,

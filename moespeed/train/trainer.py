@@ -24,6 +24,7 @@ from ..data.loader import TokenLoader
 from ..data.prepare import prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..model.transformer import Transformer
+from ..optim.build import check_muon_device
 from ..optim.schedule import lr_at, lr_factor
 from ..run import new_run_dir, read_run_config, save_run_config
 from .checkpoint import (is_sharded, latest_checkpoint, list_checkpoints, load_model_state, load_rng_state,
@@ -78,6 +79,7 @@ class Trainer:
         n_experts = cfg.model.moe.n_routed_experts if "moe" in cfg.model.ffn_kinds() else None
         check_layout(self.env.world_size, cfg.train.ep_size, n_experts)
         check_peer_tables(self.env.world_size, cfg.model)
+        check_muon_device(cfg.train, self.device)
         self.log = (log or (lambda msg: tqdm.write(msg))) if self.env.is_main else (lambda msg: None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
