@@ -105,12 +105,17 @@ def test_bad_inputs_exit_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
         (["train"] + tiny_train_args(tmp_path / "missing", tmp_path / "r2", cache), "no such file or folder"),
         (["train"] + tiny_train_args(data, tmp_path / "r3", cache, steps=3) + ["--train.muon_ns_gemm", "triton"],
          "train.muon_ns_gemm = triton runs on CUDA"),
+        (["train"] + tiny_train_args(data, tmp_path / "r4", cache, steps=3) + ["--model.loss_backend", "triton"],
+         "model.loss_backend = triton: backend='triton' needs triton and CUDA"),
+        (["train"] + tiny_train_args(data, tmp_path / "r5", cache, steps=3) + ["--model.attn_backend", "flex"],
+         "model.attn_backend = flex trains on CUDA only"),
     ]
     for args, fragment in cases:
         capsys.readouterr()
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert fragment in err and "\n" not in err, err
+    assert not any((tmp_path / name).exists() for name in ("r3", "r4", "r5"))  # refused before writing
     empty_run = tmp_path / "empty"
     empty_run.mkdir()
     assert main(["generate", "--run", str(empty_run), "--prompt", "x"]) == 2

@@ -67,6 +67,7 @@ shapes; the softmax step is memory-bound and small. What chunking trades:
 """
 import contextlib
 import functools
+import importlib.util
 import os
 import warnings
 from typing import Optional
@@ -530,6 +531,14 @@ def _check_backend(backend: str, device: torch.device) -> None:
     if backend == "triton" and not (HAS_TRITON and (device.type == "cuda" or _interpreting())):
         raise ValueError("linear_cross_entropy: backend='triton' needs triton and CUDA tensors "
                          "(or TRITON_INTERPRET=1); use backend='chunked' or 'auto'")
+    if backend == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("linear_cross_entropy: backend='liger' needs liger-kernel "
+                         "(pip install liger-kernel)")
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise ValueError if `backend` cannot run on `device` here (unknown, no Triton/CUDA, no liger-kernel)."""
+    _check_backend(backend, device)
 
 
 def _check_args(hidden, weight, targets, reduction, z_loss, softcap, chunk_size) -> None:

@@ -23,6 +23,7 @@ from ..config import Config, to_toml
 from ..data.loader import TokenLoader
 from ..data.prepare import prepare_data
 from ..errors import CheckpointError, ConfigError
+from ..kernels.linear_ce import check_backend as check_loss_backend
 from ..model.transformer import Transformer
 from ..optim.build import check_muon_device
 from ..optim.schedule import lr_at, lr_factor
@@ -41,6 +42,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r}: no CUDA GPU is available here: use auto or cpu")
     return torch.device(name)
+
+
+def check_backends(model_cfg, device: torch.device) -> None:
+    """Kernels the model config asks for that cannot train on this device: one line, before any file is written."""
+    try:
+        check_loss_backend(model_cfg.loss_backend, device)
+    except ValueError as exc:
+        raise ConfigError(f"model.loss_backend = {model_cfg.loss_backend}: {str(exc).split(': ', 1)[-1]}") from None
+    if model_cfg.attn_backend == "flex" and device.type != "cuda":
+        raise ConfigError("model.attn_backend = flex trains on CUDA only (torch has no FlexAttention backward on "
+                          f"{device.type}): use auto, which takes SDPA with dense masks there")
 
 
 def uses_bf16(device: torch.device, dtype: str) -> bool:
@@ -80,6 +92,7 @@ class Trainer:
         check_layout(self.env.world_size, cfg.train.ep_size, n_experts)
         check_peer_tables(self.env.world_size, cfg.model)
         check_muon_device(cfg.train, self.device)
+        check_backends(cfg.model, self.device)
         self.log = (log or (lambda msg: tqdm.write(msg))) if self.env.is_main else (lambda msg: None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
