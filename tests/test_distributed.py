@@ -80,6 +80,7 @@ def _ep_layer_worker(rank: int, world: int, port: int) -> None:
                             dispatch=mode)
             for case in ("random", "rank 1 of each EP group receives nothing"):
                 _check_ep_layer(rank, world, cfg, ep_dispatch, f"{ep_dispatch}/{mode}, {case}", case != "random")
+        dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
 
@@ -162,6 +163,7 @@ def _ep_compile_worker(rank: int, world: int, port: int) -> None:
             results.append((y.detach(), xr.grad, model.moe.w1.grad, model.moe.gate.grad))
         for eager, compiled in zip(*results):
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+        dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
 
@@ -243,6 +245,7 @@ def _driver(plan_path: str) -> None:
         status = main(["train", *item["args"]])
         if status != item.get("status", 0):
             raise SystemExit(f"rank {dist.get_rank()}: `moespeed train {' '.join(item['args'])}` exited {status}")
+    dist.barrier()  # no rank tears gloo down while the other still talks
     dist.destroy_process_group()
 
 

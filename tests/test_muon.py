@@ -573,6 +573,7 @@ def _dist_worker(rank, world, port, out_dir):
                   "shared_blocks_last_step": sum(blocks[before:before + shared_blocks])}
         result["dtensor"] = _dtensor_case(world, hp)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks (a SIGABRT at exit, seen once)
     finally:
         dist.destroy_process_group()
 
