@@ -524,7 +524,8 @@ def triton_works(device_type: str) -> bool:
         return False
 
 
-def _check_backend(backend: str, device: torch.device) -> None:
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise ValueError if `backend` cannot run on `device` here (unknown, no Triton/CUDA, no liger-kernel)."""
     if backend not in BACKENDS:
         raise ValueError(f"linear_cross_entropy: backend={backend!r} is unknown; "
                          f"choose one of {', '.join(BACKENDS)}")
@@ -534,11 +535,6 @@ def _check_backend(backend: str, device: torch.device) -> None:
     if backend == "liger" and importlib.util.find_spec("liger_kernel") is None:
         raise ValueError("linear_cross_entropy: backend='liger' needs liger-kernel "
                          "(pip install liger-kernel)")
-
-
-def check_backend(backend: str, device: torch.device) -> None:
-    """Raise ValueError if `backend` cannot run on `device` here (unknown, no Triton/CUDA, no liger-kernel)."""
-    _check_backend(backend, device)
 
 
 def _check_args(hidden, weight, targets, reduction, z_loss, softcap, chunk_size) -> None:
@@ -596,7 +592,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     Under autocast the GEMMs run in the autocast dtype. Returns a 0-d fp32 tensor.
     """
     _check_args(hidden, weight, targets, reduction, z_loss, softcap, chunk_size)
-    _check_backend(backend, hidden.device)
+    check_backend(backend, hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     targets = targets.reshape(-1).long()  # (N,)
     if torch.is_autocast_enabled(hidden.device.type):

@@ -130,9 +130,8 @@ NS_METHODS = ("standard", "gram")  # gram: Gram Newton–Schulz for blocks with 
 GRAM_RESTART = 3  # the Gram iteration re-anchors X at this step (bf16 drift; see _gram_orthogonalize_)
 EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
-NS_GEMMS = ("torch", "triton", "auto")  # auto: triton for CUDA shape classes of >= AUTO_TRITON_BLOCKS blocks
-AUTO_TRITON_BLOCKS = 1  # H100 train step (train_step_muon_triton_*.json): triton for every class beat triton for
-# classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams), although alone a 12-block class is faster with baddbmm
+NS_GEMMS = ("torch", "triton", "auto")  # auto: triton on CUDA. H100 train step (train_step_muon_triton_*.json):
+# triton for every class beat triton for classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams)
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
 STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
 MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its transposed wide class:
@@ -515,11 +514,10 @@ class Muon(torch.optim.Optimizer):
         self._update(cls, stack, fused)
 
     def _gemm_for(self, cls) -> str:
-        """The NS GEMM of a shape class: `ns_gemm`, where "auto" picks triton for many blocks on CUDA."""
+        """The NS GEMM of a shape class: `ns_gemm`, where "auto" picks triton on CUDA."""
         if self.ns_gemm != "auto":
             return self.ns_gemm
-        use_triton = triton is not None and cls.device.type == "cuda" and cls.n_blocks >= AUTO_TRITON_BLOCKS
-        return "triton" if use_triton else "torch"
+        return "triton" if triton is not None and cls.device.type == "cuda" else "torch"
 
     def _momentum(self, jobs: list[_Job], stack: Tensor, fused: bool) -> None:
         """Update the momentum buffers; write every param's bf16 NS input into its rows of stack."""
