@@ -204,6 +204,8 @@ class TrainConfig:
     profile_steps: str = option("", "profile steps A:B (A <= step < B) with torch.profiler on rank 0: profile.txt and profile_trace.json in the run dir; empty = off")
     threads: int = option(0, "CPU threads for torch; 0 = torch's default")
     parallel: str = option("ddp", "with several processes (torchrun): ddp replicates the model; fsdp shards params, grads and optimizer state (FSDP2)", choices=["ddp", "fsdp"])
+    grad_reduce_dtype: str = option("fp32", "dtype of the data-parallel gradient reduction (DDP all-reduce, FSDP2 reduce-scatter): bf16 halves the bytes sent, rounding each gradient to bf16 once per reduction", choices=["fp32", "bf16"])
+    ddp_bucket_mb: int = option(25, "DDP gradient bucket size in MiB (torch's default 25): larger buckets mean fewer, longer all-reduces, overlapping less of the backward")
     ep_size: int = option(1, "expert parallelism: routed experts split over groups of ep_size ranks (must divide the number of processes and model.moe.n_routed_experts); data parallel over the groups")
     ep_dispatch: str = option("auto", "how expert parallelism moves token copies: alltoall (each copy to its expert's rank and back; one host sync per layer), allgather (all-gather tokens, reduce-scatter outputs; no host sync, ep_size x the expert rows in memory), auto = allgather when model.moe.num_experts_per_tok >= ep_size", choices=EP_DISPATCHERS)
 
@@ -228,6 +230,7 @@ class TrainConfig:
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
         _require(self.grad_clip >= 0, f"train.grad_clip = {self.grad_clip}: must be >= 0 (0 = off)")
         _require(self.threads >= 0, f"train.threads = {self.threads}: must be >= 0")
+        _require(self.ddp_bucket_mb > 0, f"train.ddp_bucket_mb = {self.ddp_bucket_mb}: must be a positive integer")
         _require(self.ep_size >= 1, f"train.ep_size = {self.ep_size}: must be >= 1 (1 = no expert parallelism)")
         _require(self.ep_dispatch in EP_DISPATCHERS,
                  f"train.ep_dispatch = {self.ep_dispatch!r}: allowed are {' | '.join(EP_DISPATCHERS)}")

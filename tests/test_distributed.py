@@ -290,6 +290,8 @@ def runs(tmp_path_factory):
         {"args": ep},
         {"args": _args(data, root / "ep-allgather", cache, **{"train.ep_size": 2})},  # auto: top-2 >= 2 ranks
         {"args": _args(data, root / "ddp", cache, **{"data.batch_size": 2, "train.grad_accum": 2})},
+        {"args": _args(data, root / "ddp-bf16", cache, **{"data.batch_size": 2, "train.grad_accum": 2,
+                                                          "train.grad_reduce_dtype": "bf16"})},
         {"copy_until": [str(root / "ep"), str(root / "ep-resumed"), 2]},
         {"args": _args(data, root / "ep-resumed", cache, **{"train.ep_size": 2, "train.ep_dispatch": "alltoall"})
          + ["--resume"]},
@@ -307,6 +309,20 @@ def test_ddp_no_sync_accumulation_matches_one_process(runs):
     """DDP, 2 processes x 2 micro-batches of 2 sequences = one process x 2 micro-batches of 4."""
     _, _, root = runs
     _assert_same_training(root / "ddp", root / "ref", steps=[1, 2, 3, 4])
+
+
+def test_ddp_bf16_gradient_reduction_stays_close_to_one_process(runs):
+    """`train.grad_reduce_dtype = bf16` (DDP's bf16 compression hook): the gradients are rounded to
+    bf16 once per all-reduce, so the run differs from the fp32 one, but only at bf16's precision."""
+    _, _, root = runs
+    a, b, exact = _losses(root / "ddp-bf16"), _losses(root / "ref"), _losses(root / "ddp")
+    for s in (1, 2, 3, 4):
+        assert a[s] == pytest.approx(b[s], rel=1e-3), (s, a, b)
+    assert any(a[s] != exact[s] for s in (2, 3, 4)), "bf16 reduction changed nothing: the hook is not active"
+    pa, pb = _params(root / "ddp-bf16"), _params(root / "ref")
+    for key in pb:
+        diff = (pa[key].float() - pb[key].float()).norm() / pb[key].float().norm().clamp(min=1e-12)
+        assert diff < 1e-2, (key, diff.item())
 
 
 def test_ddp_trains_peer_tables_like_one_process(runs):

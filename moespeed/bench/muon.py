@@ -24,7 +24,8 @@ GPU's own time: the step is queued behind a 30 ms GPU sleep so launches never st
 training where backward keeps the GPU busy), `cpu_ms` (time to launch one step), `kernels_per_step`,
 `n_classes` (NS classes after merging), the same per variant (`<variant>_ms`, `_gpu_ms`, ...);
 `ns_ms` / `ns_triton_ms` (the batched NS alone with either GEMM, per class of ours in `classes`, with
-`triton_rel_err`: the two GEMMs' NS outputs on one input); peak memory net of params, grads and
+`triton_rel_err`: the two GEMMs' NS outputs on one input, and `ns_gram_ms`: Gram NS with ours' GEMM,
+for the classes where `gram_pays`); peak memory net of params, grads and
 state; and the floor: NS FLOPs at the matmul ceiling + 20 B/element (read grad, read/write momentum
 and param, fp32) at the measured copy bandwidth. `ns_parts` splits one NS step of the largest class
 into its GEMMs, with `update_bmm_ms` = the same product without the `a X` term (`baddbmm` first
@@ -255,9 +256,12 @@ def ns_by_class(classes: dict, device, batch_numel: int, notes: list[str]) -> li
                 ns[gemm] = _time_ms(lambda: muon_mod._orthogonalize_(X, *NS, gemm), device) * n / per_call
             except Exception as exc:  # noqa: BLE001 - the Triton GEMM is an experiment
                 notes.append(f"NS {gemm} {rows}x{cols} failed: {exc!r}"[:200])
+        if muon_mod.gram_pays(rows, cols):  # Gram NS with the GEMM ours uses (train.muon_ns_method)
+            X.copy_(X0)
+            ns["gram"] = _time_ms(lambda: muon_mod._orthogonalize_(X, *NS, gemm_used, "gram"), device) * n / per_call
         flops = ns_flops(rows, cols) * n
         row = {"shape": [rows, cols], "blocks": n, "ours_gemm": gemm_used, "ns_ms": ns["torch"],
-               "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton")}
+               "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton"), "ns_gram_ms": ns.get("gram")}
         if "triton" in results:
             ref = results["torch"].float()
             row["triton_rel_err"] = ((results["triton"].float() - ref).norm() / ref.norm()).item()
@@ -487,7 +491,8 @@ def _print_table(results: list[dict]) -> None:
             tri = (f", Triton GEMM {c['ns_triton_ms']:8.3f} ms (rel err {c['triton_rel_err']:.1e}, "
                    f"{c['triton_diff_elems']} entries differ)") if c.get("ns_triton_ms") else ""
             print(f"  {r['bench']:<20} NS {str(tuple(c['shape'])):>12} x{c['blocks']:<5} "
-                  f"{c['ns_ms']:8.3f} ms {c['tflops']:7.1f} TFLOP/s{tri}")
+                  f"{c['ns_ms']:8.3f} ms {c['tflops']:7.1f} TFLOP/s{tri}"
+                  + (f", Gram NS {c['ns_gram_ms']:8.3f} ms" if c.get("ns_gram_ms") else ""))
         if "ns_parts" in r:
             p = r["ns_parts"]
             print(f"  {r['bench']:<20} one NS step {tuple(p['shape'])} x{p['blocks']}: gram "

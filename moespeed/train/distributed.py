@@ -59,6 +59,22 @@ except ImportError:  # pragma: no cover
     DTensor, DDP = (), ()
 
 
+def bf16_all_reduce_hook(group, bucket):  # no annotations: DDP compares them as objects
+    """DDP communication hook: average a gradient bucket over the group with a bf16 all-reduce.
+
+    What torch's `bf16_compress_hook` does, which refuses to register without NCCL (so the CPU gloo
+    tests could not run it): half the bytes of the fp32 all-reduce, one bf16 rounding per gradient."""
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def write_back(fut):
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return future.then(write_back)
+
+
 # ------------------------------------------------------------------------------- process group
 @dataclass
 class DistEnv:
@@ -228,14 +244,16 @@ class Parallel:
         # buffers (RoPE tables, expert_bias) are identical on all ranks: no broadcast per forward
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
             else "broadcast_buffers"  # torch < 2.13
-        return DDP(self.model, device_ids=device_ids, gradient_as_bucket_view=True, **{no_sync: False})
+        ddp = DDP(self.model, device_ids=device_ids, gradient_as_bucket_view=True,
+                  bucket_cap_mb=self.tc.ddp_bucket_mb, **{no_sync: False})
+        if self.tc.grad_reduce_dtype == "bf16":  # cast each bucket to bf16, all-reduce, cast back
+            ddp.register_comm_hook(None, bf16_all_reduce_hook)  # None: DDP's process group
+        return ddp
 
     def _fully_shard(self, bf16: bool) -> None:
         """FSDP2: each block is one all-gather unit, the root holds embedding, final norm and head."""
-        if bf16:
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        else:
-            policy = MixedPrecisionPolicy()
+        reduce_dtype = torch.bfloat16 if self.tc.grad_reduce_dtype == "bf16" else torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=reduce_dtype)
         local_ids = {id(p) for p in self.local_experts.values()}
         for module in [*self.model.blocks, self.model]:
             ignored = {p for p in module.parameters() if id(p) in local_ids}
