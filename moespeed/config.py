@@ -204,6 +204,7 @@ class TrainConfig:
     profile_steps: str = option("", "profile steps A:B (A <= step < B) with torch.profiler on rank 0: profile.txt and profile_trace.json in the run dir; empty = off")
     threads: int = option(0, "CPU threads for torch; 0 = torch's default")
     parallel: str = option("ddp", "with several processes (torchrun): ddp replicates the model; fsdp shards params, grads and optimizer state (FSDP2)", choices=["ddp", "fsdp"])
+    muon_share: str = option("rounds", "several ranks: how Muon splits the Newton-Schulz work of replicated params: rounds (each batch of blocks whole to one rank, then a broadcast: each rank launches ~1/W of the kernels) or blocks (every batch split over all ranks, then an all-gather)", choices=["rounds", "blocks"])
     grad_reduce_dtype: str = option("fp32", "dtype of the data-parallel gradient reduction (DDP all-reduce, FSDP2 reduce-scatter): bf16 halves the bytes sent, rounding each gradient to bf16 once per reduction", choices=["fp32", "bf16"])
     ddp_bucket_mb: int = option(25, "DDP gradient bucket size in MiB (torch's default 25): larger buckets mean fewer, longer all-reduces, overlapping less of the backward")
     ep_size: int = option(1, "expert parallelism: routed experts split over groups of ep_size ranks (must divide the number of processes and model.moe.n_routed_experts); data parallel over the groups")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moespeed.optim import muon as muon_mod
-from moespeed.optim.muon import Muon, lr_scale, muon_eligible, newton_schulz
+from moespeed.optim.muon import SHARES, Muon, lr_scale, muon_eligible, newton_schulz
 
 HAS_TORCH_MUON = hasattr(torch.optim, "Muon")
 
@@ -549,7 +549,7 @@ def _dist_grads(params, step):
     params[DIST_NONE_GRAD].grad = None
 
 
-def _dist_worker(rank, world, port, out_dir):
+def _dist_worker(rank, world, port, out_dir, share):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -560,7 +560,7 @@ def _dist_worker(rank, world, port, out_dir):
         hp = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", batch_numel=3 * 512,
                   pad_flops=10**9)  # CPU: no padding unless asked for
         shared, local = _dist_params(0), _dist_params(0)
-        opt = Muon(shared, **hp)
+        opt = Muon(shared, share=share, **hp)
         ref_opt = Muon(local, replicated=False, **hp)  # every rank does all the work itself
         for step in range(2):
             _dist_grads(shared, step)
@@ -571,14 +571,14 @@ def _dist_worker(rank, world, port, out_dir):
             ref_opt.step()
         result = {"shared": [p.detach() for p in shared], "local": [p.detach() for p in local],
                   "shared_blocks_last_step": sum(blocks[before:before + shared_blocks])}
-        result["dtensor"] = _dtensor_case(world, hp)
+        result["dtensor"] = _dtensor_case(world, hp, share)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while the other still talks (a SIGABRT at exit, seen once)
     finally:
         dist.destroy_process_group()
 
 
-def _dtensor_case(world, hp):
+def _dtensor_case(world, hp, share):
     """FSDP2-style params: DTensors sharded on dim 0 (uneven shards); compare with plain Muon."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -587,7 +587,7 @@ def _dtensor_case(world, hp):
     plain = _params([(9, 12), (3, 9, 12), (12, 9), (4, 12)], seed=5)
     sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
                for p in plain]
-    opt, ref_opt = Muon(sharded, **hp), Muon(plain, replicated=False, **hp)
+    opt, ref_opt = Muon(sharded, share=share, **hp), Muon(plain, replicated=False, **hp)
     for step in range(2):
         _set_grads(plain, 2000 + step)
         for p, q in zip(sharded, plain):
@@ -605,15 +605,21 @@ def _free_port():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_two_ranks_share_work_and_match_one_process(tmp_path):
+@pytest.mark.parametrize("share", SHARES)
+def test_two_ranks_share_work_and_match_one_process(tmp_path, share):
+    """Either way of sharing (split blocks, or whole rounds by owner): no block done twice, both
+    ranks work, and the parameters equal one process doing everything."""
     world = 2
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path), share), nprocs=world)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     start = _dist_params(0)
     total_blocks = sum((s[0] if len(s) == 3 else 1) for s in DIST_SHAPES) + 1  # +1: the split
     counts = [r["shared_blocks_last_step"] for r in results]
     assert sum(counts) == total_blocks  # disjoint shares: no block done twice
-    assert max(counts) - min(counts) <= 2  # balanced
+    if share == "blocks":
+        assert max(counts) - min(counts) <= 2  # balanced block counts
+    else:
+        assert min(counts) > 0  # whole rounds, balanced by FLOPs: both ranks got some
     for r in results:
         for i, (p0, a, b) in enumerate(zip(start, r["shared"], r["local"])):
             if i == DIST_NONE_GRAD:

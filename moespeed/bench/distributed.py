@@ -2,7 +2,7 @@
 
     python -m moespeed.bench.distributed --json benchmarks/results/distributed.json
 
-1. EP layer, on 2 GPUs (NCCL, bf16 autocast), for each EP dispatcher (`train.ep_dispatch` alltoall
+1. EP layer (when an EP case runs), on 2 GPUs (NCCL, bf16 autocast), for each EP dispatcher (`train.ep_dispatch` alltoall
    and allgather): an EP=2 MoE layer of small-moe's shape against the same layer on one GPU in fp32
    over the EP group's whole batch: relative errors of the output and of every gradient (NaN
    fails); then its forward+backward time (median of fixed iterations, CUDA events; the slowest
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = ["--data.cache_dir", str(work / "cache"), "--data.tokenizer_train_chars", str(TOKENIZER_CHARS)]
     overrides += [x for key, value in args.set for x in (f"--{key}", value)]
 
-    check = run_ep_check(work, args) if torch.cuda.device_count() >= 2 else None
+    ep_cases = any(name.startswith("ep") for name in cases)  # the EP layer check serves only them
+    check = run_ep_check(work, args) if torch.cuda.device_count() >= 2 and ep_cases else None
     t0 = time.time()
     prepare(args.preset, overrides)
     print(f"data prepared in {time.time() - t0:.0f}s ({work / 'cache'})", flush=True)

@@ -96,7 +96,7 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
         optimizers["muon"] = Muon([{"params": muon, "base_lr": muon_lr}], lr=muon_lr, weight_decay=tc.weight_decay,
                                   momentum=tc.muon_momentum, ns_steps=tc.muon_ns_steps, adjust_lr_fn=tc.muon_adjust_lr,
                                   ns_gemm=tc.muon_ns_gemm, streams=tc.muon_streams,
-                                  ns_method=tc.muon_ns_method)
+                                  ns_method=tc.muon_ns_method, share=tc.muon_share)
         lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}: {len(muon)} tensors, "
                         f"{sum(p.numel() for p in muon) / 1e6:.2f}M params")
     return OptimizerSet(optimizers), "optimizer groups:\n" + "\n".join(lines)

@@ -126,6 +126,7 @@ from ..kernels.muon_triton import (_addmm_triton, _fused_works, _momentum_fused,
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
+SHARES = ("blocks", "rounds")  # how ranks split the NS work of replicated params (see Muon's docstring)
 NS_METHODS = ("standard", "gram")  # gram: Gram Newton–Schulz for blocks with a long side >= 2x the short one
 GRAM_RESTART = 3  # the Gram iteration re-anchors X at this step (bf16 drift; see _gram_orthogonalize_)
 EPS = 1e-7
@@ -322,6 +323,10 @@ class Muon(torch.optim.Optimizer):
     0 = all on the current stream; ignored on CPU, with DTensors and with more than one rank).
     `ns_method`: "standard" Newton–Schulz, or "gram" (`_gram_orthogonalize_`: iterates on the m x m
     Gram matrix for blocks whose long side is >= 2x the short one; other blocks run the standard one).
+    `share` (several ranks, replicated params): "blocks" splits every NS round into one share per
+    rank and all-gathers them (balanced GPU work, but every rank launches every class's kernels);
+    "rounds" gives each round of at most `batch_numel` elements whole to the least loaded rank, which
+    broadcasts it (each rank launches ~1/W of the NS kernels, bigger batches: for CPU-bound steps).
     See the module docstring for the algorithm.
     """
 
@@ -331,7 +336,7 @@ class Muon(torch.optim.Optimizer):
                  split: int = 1, replicated: bool = True, *, process_group=None,
                  batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
                  merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None,
-                 ns_method: str = "standard") -> None:
+                 ns_method: str = "standard", share: str = "blocks") -> None:
         if batch_numel < 1:
             raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
         if min(merge_numel, pad_flops or 0, streams or 0) < 0:
@@ -341,6 +346,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon ns_gemm = {ns_gemm!r}: use one of {NS_GEMMS}")
         if ns_method not in NS_METHODS:
             raise ValueError(f"Muon ns_method = {ns_method!r}: use one of {NS_METHODS}")
+        if share not in SHARES:
+            raise ValueError(f"Muon share = {share!r}: use one of {SHARES}")
         if triton is None and (fused or ns_gemm == "triton"):  # "auto" falls back to torch
             raise ValueError("Muon fused = True and ns_gemm = 'triton' need triton")
         self.process_group = process_group
@@ -348,6 +355,7 @@ class Muon(torch.optim.Optimizer):
         self.fused = fused
         self.ns_gemm = ns_gemm
         self.ns_method = ns_method
+        self.share = share
         self.merge_numel = merge_numel
         self.pad_flops = pad_flops
         self.streams = DEFAULT_STREAMS if streams is None else streams
@@ -500,6 +508,10 @@ class Muon(torch.optim.Optimizer):
         self._momentum(cls.jobs, stack, fused)
         w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
         cost = ns_flops(cls.rows, cls.cols, cls.steps)
+        if cls.shared and self.share == "rounds":
+            self._rounds_by_owner(cls, stack, w, r, w_loads, cost)
+            self._update(cls, stack, fused)
+            return
         start = 0
         for size in _round_sizes(cls.n_blocks, w * max(1, self.batch_numel // (cls.rows * cls.cols))):
             blocks = stack[start:start + size]  # (size, rows, cols): this round
@@ -512,6 +524,20 @@ class Muon(torch.optim.Optimizer):
             if cls.shared:
                 self._gather_shares(blocks, counts, r)
         self._update(cls, stack, fused)
+
+    def _rounds_by_owner(self, cls: _BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
+                         cost: int) -> None:
+        """share="rounds": each NS round goes whole to the least loaded rank, which broadcasts it."""
+        start = 0
+        for size in _round_sizes(cls.n_blocks, max(1, self.batch_numel // (cls.rows * cls.cols))):
+            blocks = stack[start:start + size]  # (size, rows, cols): this round
+            start += size
+            owner = min(range(world), key=lambda k: (loads[k], k))
+            loads[owner] += size * cost
+            if owner == rank:
+                _orthogonalize_(blocks, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls), self.ns_method)
+            src = owner if self.process_group is None else dist.get_global_rank(self.process_group, owner)
+            dist.broadcast(blocks, src=src, group=self.process_group)
 
     def _gemm_for(self, cls) -> str:
         """The NS GEMM of a shape class: `ns_gemm`, where "auto" picks triton on CUDA."""
