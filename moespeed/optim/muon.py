@@ -510,20 +510,24 @@ class Muon(torch.optim.Optimizer):
         cost = ns_flops(cls.rows, cls.cols, cls.steps)
         if cls.shared and self.share == "rounds":
             self._rounds_by_owner(cls, stack, w, r, w_loads, cost)
-            self._update(cls, stack, fused)
-            return
+        else:
+            self._rounds_split(cls, stack, w, r, w_loads, cost)
+        self._update(cls, stack, fused)
+
+    def _rounds_split(self, cls: _BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
+                      cost: int) -> None:
+        """share="blocks" (and one rank): every NS round split into one share per rank, all-gathered."""
         start = 0
-        for size in _round_sizes(cls.n_blocks, w * max(1, self.batch_numel // (cls.rows * cls.cols))):
+        for size in _round_sizes(cls.n_blocks, world * max(1, self.batch_numel // (cls.rows * cls.cols))):
             blocks = stack[start:start + size]  # (size, rows, cols): this round
             start += size
-            counts = _partition(len(blocks), w, w_loads, cost)
-            first = sum(counts[:r])
-            if counts[r]:
-                _orthogonalize_(blocks[first:first + counts[r]], cls.steps, cls.coefficients, cls.eps,
+            counts = _partition(len(blocks), world, loads, cost)
+            first = sum(counts[:rank])
+            if counts[rank]:
+                _orthogonalize_(blocks[first:first + counts[rank]], cls.steps, cls.coefficients, cls.eps,
                                 self._gemm_for(cls), self.ns_method)
             if cls.shared:
-                self._gather_shares(blocks, counts, r)
-        self._update(cls, stack, fused)
+                self._gather_shares(blocks, counts, rank)
 
     def _rounds_by_owner(self, cls: _BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
                          cost: int) -> None:
