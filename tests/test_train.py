@@ -8,7 +8,7 @@ from moespeed.cli import main
 from moespeed.train.checkpoint import list_checkpoints
 from moespeed.train.trainer import Trainer
 
-from helpers import tiny_config, tiny_train_args, write_corpus
+from helpers import tiny_config, tiny_model_config, tiny_train_args, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +202,7 @@ CUDA_COMPILE_VARIANTS = {  # name: config overrides of the compiled run
     "defaults": {},
     "muon_streams": {"train.muon_streams": 3},
     "loss_overlap": {"model.loss_overlap": True},
+    "compile_blocks": {"train.compile_scope": "blocks"},
 }
 
 
@@ -227,3 +228,20 @@ def test_cuda_compiled_moe_training_matches_eager(corpus, tmp_path, variant):
         losses[compiled] = _losses(tmp_path / f"run-{compiled}")
     for step, eager in losses[False].items():
         assert losses[True][step] == pytest.approx(eager, rel=2e-2), (step, losses)
+
+
+def test_compile_scope_blocks_compiles_each_block_in_place():
+    """compile_scope = blocks: every block gets its own compiled call, the run model is returned
+    unwrapped (DDP's hooks stay outermost); scope = model wraps it; an unknown scope is refused."""
+    from moespeed.model.transformer import Transformer
+    from moespeed.train.compiling import compile_for_training
+
+    model = Transformer(tiny_model_config())
+    assert compile_for_training(model, model, "blocks") is model
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    other = Transformer(tiny_model_config())
+    wrapped = compile_for_training(other, other, "model")
+    assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and wrapped._orig_mod is other
+    assert all(block._compiled_call_impl is None for block in other.blocks)
+    with pytest.raises(ValueError, match="compile scope"):
+        compile_for_training(other, other, "layers")

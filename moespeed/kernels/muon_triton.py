@@ -161,13 +161,30 @@ def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: fl
             params[first], updates.view(-1)[first * n:], offsets, n, decay, alpha, BLOCK=_BLOCK)
 
 
-def _launch_runs(*lists: list[Tensor]):
-    """Yield (first, last, offsets): tensors [first, last) of every list share one kernel launch.
+_RUNS_CACHE: dict[tuple, list[tuple[int, int, Tensor]]] = {}  # tensor addresses -> their runs
+_RUNS_CACHE_SIZE = 256
+
+
+def _launch_runs(*lists: list[Tensor]) -> list[tuple[int, int, Tensor]]:
+    """(first, last, offsets) per run: tensors [first, last) of every list share one kernel launch.
 
     offsets (int64, on the tensors' device) holds, list after list, each tensor's distance from the
     run's first tensor of its list, in units of 16 elements (so the kernels' loads stay vectorized);
-    a tensor at another distance, or with another dtype, starts a new run.
+    a tensor at another distance, or with another dtype, starts a new run. Cached by the tensors'
+    addresses and dtypes: params, buffers and DDP's gradient views keep theirs from step to step, so
+    the tables are built and copied to the device once.
     """
+    key = tuple((t.data_ptr(), t.dtype, t.device) for ts in lists for t in ts)
+    runs = _RUNS_CACHE.get(key)
+    if runs is None:
+        if len(_RUNS_CACHE) >= _RUNS_CACHE_SIZE:
+            _RUNS_CACHE.clear()
+        runs = _RUNS_CACHE[key] = list(_find_runs(*lists))
+    return runs
+
+
+def _find_runs(*lists: list[Tensor]):
+    """`_launch_runs` without the cache."""
     first, count, device = 0, len(lists[0]), lists[0][0].device
     while first < count:
         last, offsets = first + 1, [[0] for _ in lists]

@@ -28,6 +28,7 @@ from ..model.transformer import Transformer
 from ..optim.build import check_muon_device
 from ..optim.schedule import lr_at, lr_factor
 from ..run import new_run_dir, read_run_config, save_run_config
+from .compiling import compile_for_training
 from .checkpoint import (is_sharded, latest_checkpoint, list_checkpoints, load_model_state, load_rng_state,
                          load_training_state, read_state, save_checkpoint, save_sharded_checkpoint)
 from .distributed import (Parallel, check_layout, check_peer_tables, check_same_config, init_distributed, parallelize,
@@ -200,7 +201,7 @@ class Trainer:
         self.log(f"run {self.run_dir}: {n_params / 1e6:.2f}M parameters, {par.describe()}\n{summary}")
         metrics = MetricsLogger(self.run_dir, enabled=env.is_main)
         metrics.truncate_after(start_step)
-        train_model = torch.compile(par.train_model) if tc.compile else par.train_model
+        train_model = compile_for_training(par.train_model, model, tc.compile_scope) if tc.compile else par.train_model
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * env.world_size
 
         if start_step == 0:

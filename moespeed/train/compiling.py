@@ -1,0 +1,25 @@
+"""torch.compile for training, over the whole model or block by block (`train.compile_scope`)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COMPILE_SCOPES = ("model", "blocks")
+
+
+def compile_for_training(run_model: nn.Module, model: nn.Module, scope: str) -> nn.Module:
+    """What the training forward should call.
+
+    run_model is what the step runs (the model, or its DDP / FSDP2 wrapper); model the plain
+    Transformer inside it. "model": one compiled graph around run_model (under DDP, Dynamo's
+    DDPOptimizer splits it at the gradient buckets). "blocks": each of model's blocks is compiled in
+    place (`nn.Module.compile`), embedding, head and loss stay eager, and run_model is returned as it
+    is: the wrapper's hooks see each block's gradients as soon as its compiled backward ends.
+    """
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
+    if scope == "model":
+        return torch.compile(run_model)
+    for block in model.blocks:
+        block.compile()
+    return run_model
