@@ -178,8 +178,9 @@ def train_args(preset: str, run_dir: Path, steps: int, log_every: int, compile_:
             "--train.warmup_steps", "5", "--train.compile", str(compile_).lower()]
 
 
-def launch(args: list[str], gpus: int, timeout: int) -> tuple[bool, str, float]:
-    """Run `moespeed ARGS` on 1 GPU (python) or several (torchrun); (ok, output tail, seconds)."""
+def launch(args: list[str], gpus: int, timeout: int, log: Path | None = None) -> tuple[bool, str, float]:
+    """Run `moespeed ARGS` on 1 GPU (python) or several (torchrun); (ok, output tail, seconds).
+    The whole output goes to `log` when given."""
     if gpus == 1:
         cmd = [sys.executable, "-m", "moespeed", *args]
     else:
@@ -191,9 +192,14 @@ def launch(args: list[str], gpus: int, timeout: int) -> tuple[bool, str, float]:
     start = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        output = proc.stdout + proc.stderr
+        ok, tail = proc.returncode == 0, output[-3000:]
     except subprocess.TimeoutExpired as e:
+        output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
         ok, tail = False, f"timed out after {timeout}s: {str(e.stderr)[-2000:]}"
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(output)
     return ok, tail, time.time() - start
 
 
@@ -339,7 +345,7 @@ def run_case(name: str, n_gpus: int, devices: int, cmd_args: list[str], args) ->
         row["notes"] = f"needs {n_gpus} GPUs, {devices} visible"
         return row
     run_dir = Path(cmd_args[cmd_args.index("--train.run_dir") + 1])
-    ok, tail, row["wall_s"] = launch(cmd_args, n_gpus, args.timeout)
+    ok, tail, row["wall_s"] = launch(cmd_args, n_gpus, args.timeout, log=run_dir.with_suffix(".log"))
     if not ok:
         lines = tail.strip().splitlines()
         row["notes"] = "failed: " + (lines[-1][:300] if lines else "")

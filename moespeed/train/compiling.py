@@ -20,6 +20,9 @@ def compile_for_training(run_model: nn.Module, model: nn.Module, scope: str) -> 
         raise ValueError(f"compile scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
     if scope == "model":
         return torch.compile(run_model)
+    # Inside DDP's forward Dynamo would hand every block graph to its DDPOptimizer, which splits
+    # graphs at bucket boundaries for a whole-model compile; per block that only adds graphs.
+    torch._dynamo.config.optimize_ddp = False
     for block in model.blocks:
         block.compile()
     return run_model
