@@ -42,6 +42,9 @@ class after another:
   2. NS runs in place on slices of the stack, batched, at most `batch_numel` elements per rank and
      call to bound memory; the last iteration writes into the stack (`out=`);
   3. every param reads its update from its slot: decay and update in one pass.
+With several ranks and share="rounds" the broadcasts of step 2 are asynchronous, and a class's
+step 3 waits for them only after the next class's steps 1-2 are queued: each rank orthogonalizes
+its own rounds while the others' results arrive (two classes' stacks live at once).
 Streams: with one process on CUDA, the classes run concurrently on `streams` side streams (largest
 first, each on the least loaded stream; a small class overlaps a big one instead of waiting for
 it). The side streams wait for the current stream first, and the current stream waits for them at
@@ -396,9 +399,17 @@ class Muon(torch.optim.Optimizer):
             self._step_on_streams(plan, streams)
             return loss
         loads = [0] * world  # NS FLOPs assigned to each rank so far this step
+        pending = None  # a class whose NS results may still be arriving: updated after the next one starts
         for cls in plan:
             with _on_device(cls.device):
-                self._step_class(cls, world, rank, loads)
+                started = self._start_class(cls, world, rank, loads)
+            if pending is not None:
+                with _on_device(pending[0].device):
+                    self._finish_class(*pending)
+            pending = started
+        if pending is not None:
+            with _on_device(pending[0].device):
+                self._finish_class(*pending)
         return loss
 
     def _streams_for(self, plan: list[_BlockClass], world: int) -> list:
@@ -499,20 +510,29 @@ class Muon(torch.optim.Optimizer):
         return {raw: (padded.get(cls_key, cls_key), flip) for raw, (cls_key, flip) in target.items()}
 
     def _step_class(self, cls: _BlockClass, world: int, rank: int, loads: list[int]) -> None:
-        """Momentum into the stack, NS in place (this rank's shares, then all-gather), updates."""
+        """Momentum into the stack, NS in place (this rank's shares, then the others'), updates."""
+        self._finish_class(*self._start_class(cls, world, rank, loads))
+
+    def _start_class(self, cls: _BlockClass, world: int, rank: int,
+                     loads: list[int]) -> tuple[_BlockClass, Tensor, list]:
+        """Momentum into a new stack and NS in place; (cls, stack, pending collectives)."""
         stack = torch.empty(cls.n_blocks, cls.rows, cls.cols, dtype=torch.bfloat16,
                             device=cls.device)  # (n_blocks, rows, cols)
         if cls.padded:
             _zero_padding(stack, cls.jobs)
-        fused = self._fused_on(cls.device)
-        self._momentum(cls.jobs, stack, fused)
+        self._momentum(cls.jobs, stack, self._fused_on(cls.device))
         w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
         cost = ns_flops(cls.rows, cls.cols, cls.steps)
         if cls.shared and self.share == "rounds":
-            self._rounds_by_owner(cls, stack, w, r, w_loads, cost)
-        else:
-            self._rounds_split(cls, stack, w, r, w_loads, cost)
-        self._update(cls, stack, fused)
+            return cls, stack, self._rounds_by_owner(cls, stack, w, r, w_loads, cost)
+        self._rounds_split(cls, stack, w, r, w_loads, cost)
+        return cls, stack, []
+
+    def _finish_class(self, cls: _BlockClass, stack: Tensor, pending: list) -> None:
+        """Wait for the class's collectives (the current stream waits, not the host), then update."""
+        for work in pending:
+            work.wait()
+        self._update(cls, stack, self._fused_on(cls.device))
 
     def _rounds_split(self, cls: _BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
                       cost: int) -> None:
@@ -530,9 +550,13 @@ class Muon(torch.optim.Optimizer):
                 self._gather_shares(blocks, counts, rank)
 
     def _rounds_by_owner(self, cls: _BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
-                         cost: int) -> None:
-        """share="rounds": each NS round goes whole to the least loaded rank, which broadcasts it."""
-        start = 0
+                         cost: int) -> list:
+        """share="rounds": each NS round goes whole to the least loaded rank, which broadcasts it.
+
+        The broadcasts are asynchronous (returned, to wait for before the update): a rank goes on
+        with its next round while another rank's result arrives, so the ranks' rounds overlap.
+        """
+        start, pending = 0, []
         for size in _round_sizes(cls.n_blocks, max(1, self.batch_numel // (cls.rows * cls.cols))):
             blocks = stack[start:start + size]  # (size, rows, cols): this round
             start += size
@@ -541,7 +565,8 @@ class Muon(torch.optim.Optimizer):
             if owner == rank:
                 _orthogonalize_(blocks, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls), self.ns_method)
             src = owner if self.process_group is None else dist.get_global_rank(self.process_group, owner)
-            dist.broadcast(blocks, src=src, group=self.process_group)
+            pending.append(dist.broadcast(blocks, src=src, group=self.process_group, async_op=True))
+        return pending
 
     def _gemm_for(self, cls) -> str:
         """The NS GEMM of a shape class: `ns_gemm`, where "auto" picks triton on CUDA."""
