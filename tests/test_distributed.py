@@ -389,3 +389,14 @@ def test_bad_layout_fails_on_every_rank_before_writing(runs):
 
 if __name__ == "__main__":
     _driver(sys.argv[1])
+
+
+def test_squared_norm_matches_the_sum_of_squares():
+    """The foreach sum of squares behind the distributed gradient clipping, mixed dtypes and empty."""
+    from moespeed.train.distributed import _squared_norm
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(7, 5, generator=g), torch.randn(3, generator=g).bfloat16(), torch.randn(2, 2, 2, generator=g)]
+    want = sum(t.float().square().sum() for t in ts)
+    torch.testing.assert_close(_squared_norm(ts, torch.device("cpu")), want, rtol=1e-6, atol=0)
+    assert _squared_norm([], torch.device("cpu")).item() == 0.0

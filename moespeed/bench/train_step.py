@@ -19,6 +19,7 @@ import torch
 
 from moespeed.bench.common import git_commit
 from moespeed.config import build_config
+from moespeed.model.moe import update_biases
 from moespeed.model.transformer import Transformer
 from moespeed.optim.build import build_optimizer
 from moespeed.train.compiling import compile_for_training
@@ -53,8 +54,7 @@ def bench(preset: str, optimizer: str, steps: int, warmup: int, overrides: list[
         e1.record()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        for _, moe in model.moe_layers():
-            moe.update_bias()
+        update_biases([moe for _, moe in model.moe_layers()])
         e2.record()
         torch.cuda.synchronize()
         if step >= warmup:

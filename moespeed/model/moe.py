@@ -341,6 +341,20 @@ def naive_loop_experts(x: Tensor, ids: Tensor, weights: Tensor, capacity: int, w
     return y
 
 
+@torch.no_grad()
+def update_biases(moes: list) -> None:
+    """`update_bias` of several MoE layers, with one all-reduce of all their counts."""
+    moes = [m for m in moes if m.cfg.bias_update_speed != 0]
+    if not moes:
+        return
+    counts = torch.cat([m._bias_counts for m in moes])  # (sum of E,) a copy
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    for m, load in zip(moes, counts.float().split([m._bias_counts.numel() for m in moes])):  # (E,) each
+        m.expert_bias += m.cfg.bias_update_speed * torch.sign(load.mean() - load).to(m.expert_bias.dtype)
+        m._bias_counts.zero_()
+
+
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
     """Whether eager `torch._grouped_mm` runs here: CUDA bf16 on sm80+, or CPU fp32/bf16; strides of
     16-byte multiples. (Under torch.compile its meta kernel accepts bf16 only.)"""
@@ -526,15 +540,7 @@ class MoE(nn.Module):
         Call after each optimizer step (all ranks). Counts are all-reduced first under torch.distributed
         so every rank applies the same update. No-op when bias_update_speed == 0 or nothing was counted.
         """
-        gamma = self.cfg.bias_update_speed
-        if gamma == 0:
-            return
-        counts = self._bias_counts.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
-        load = counts.float()  # (E,)
-        self.expert_bias += gamma * torch.sign(load.mean() - load).to(self.expert_bias.dtype)
-        self._bias_counts.zero_()
+        update_biases([self])
 
     def load_stats(self, reset: bool = True) -> dict:
         """Per-expert token share since the last reset, imbalance, last aux losses (python numbers).

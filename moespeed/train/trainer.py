@@ -24,6 +24,7 @@ from ..data.loader import TokenLoader
 from ..data.prepare import prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..kernels.linear_ce import check_backend as check_loss_backend
+from ..model.moe import update_biases
 from ..model.transformer import Transformer
 from ..optim.build import check_muon_device
 from ..optim.schedule import lr_at, lr_factor
@@ -239,8 +240,7 @@ class Trainer:
                     par.clip_grad_norm(tc.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                for _, moe in model.moe_layers():
-                    moe.update_bias()
+                update_biases([moe for _, moe in model.moe_layers()])
                 step += 1
                 counters["interval_steps"] += 1
                 counters["tokens"] += tokens_per_step
