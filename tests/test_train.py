@@ -202,7 +202,7 @@ CUDA_COMPILE_VARIANTS = {  # name: config overrides of the compiled run
     "defaults": {},
     "muon_streams": {"train.muon_streams": 3},
     "loss_overlap": {"model.loss_overlap": True},
-    "compile_blocks": {"train.compile_scope": "blocks"},
+    "compile_model": {"train.compile_scope": "model"},
 }
 
 
