@@ -28,6 +28,7 @@ import datetime
 import functools
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -178,14 +179,19 @@ def train_args(preset: str, run_dir: Path, steps: int, log_every: int, compile_:
             "--train.warmup_steps", "5", "--train.compile", str(compile_).lower()]
 
 
+def command(args: list[str], gpus: int, shown: bool = False) -> list[str]:
+    """`python -m moespeed ARGS` on 1 GPU, `torchrun --standalone --nproc_per_node N -m moespeed ARGS` on
+    more; shown=True spells it as a user would type it (`python`, `torchrun`), else as it is launched."""
+    if gpus == 1:
+        return ["python" if shown else sys.executable, "-m", "moespeed", *args]
+    launcher = ["torchrun"] if shown else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--standalone", "--nproc_per_node", str(gpus), "-m", "moespeed", *args]
+
+
 def launch(args: list[str], gpus: int, timeout: int, log: Path | None = None) -> tuple[bool, str, float]:
     """Run `moespeed ARGS` on 1 GPU (python) or several (torchrun); (ok, output tail, seconds).
     The whole output goes to `log` when given."""
-    if gpus == 1:
-        cmd = [sys.executable, "-m", "moespeed", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
-               "-m", "moespeed", *args]
+    cmd = command(args, gpus)
     env = {**os.environ, "OMP_NUM_THREADS": "4"}
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
@@ -345,6 +351,7 @@ def run_case(name: str, n_gpus: int, devices: int, cmd_args: list[str], args) ->
         row["notes"] = f"needs {n_gpus} GPUs, {devices} visible"
         return row
     run_dir = Path(cmd_args[cmd_args.index("--train.run_dir") + 1])
+    row["run_command"] = shlex.join(command(cmd_args, n_gpus, shown=True))
     ok, tail, row["wall_s"] = launch(cmd_args, n_gpus, args.timeout, log=run_dir.with_suffix(".log"))
     if not ok:
         lines = tail.strip().splitlines()
