@@ -309,7 +309,7 @@ class Parallel:
                 p.grad = torch.zeros_like(p)
             if replicas > 1:
                 dist.all_reduce(p.grad, group=group)
-            p.grad /= self.env.world_size
+        torch._foreach_div_([p.grad for p in self.local_experts.values()], self.env.world_size)
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
