@@ -2,7 +2,8 @@
 
     python -m moespeed.bench.compile_check --preset small-moe [--set model.n_layers 2] [--batch 8]
 
-Builds the preset's model twice from one seed, one eager and one under torch.compile, runs one
+Builds the preset's model twice from one seed, one eager and one compiled as the trainer compiles it
+(`train.compile_scope`: each block, or with `--set train.compile_scope model` the whole model), runs one
 forward+backward on the same random tokens with ~1K-token documents (so FlexAttention block masks
 are in play on CUDA), and compares every parameter's gradient: relative error |g_c - g_e| / |g_e|.
 Prints the worst parameters and the median; exits 1 when the median exceeds --tolerance.
@@ -24,12 +25,14 @@ import torch
 from moespeed.bench.train_step import synthetic_batch
 from moespeed.config import build_config
 from moespeed.model.transformer import Transformer
+from moespeed.train.compiling import compile_for_training
 
 
-def gradient_errors(model: torch.nn.Module, batch: tuple, autocast: bool) -> dict[str, float]:
-    """{parameter name: relative error of its compiled-model gradient vs the eager model's}."""
+def gradient_errors(model: torch.nn.Module, batch: tuple, autocast: bool, scope: str = "model") -> dict[str, float]:
+    """{parameter name: relative error of its compiled-model gradient vs the eager model's}; scope as
+    `train.compile_scope`."""
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin)
+    compiled = compile_for_training(twin, twin, scope)
     device_type = batch[0].device.type
     for module in (model, compiled):
         with torch.autocast(device_type, torch.bfloat16, enabled=autocast):
@@ -62,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
     batch = synthetic_batch(args.batch, cfg.data.seq_len, cfg.model.vocab_size, device)
-    errors = gradient_errors(model, batch, autocast)
+    errors = gradient_errors(model, batch, autocast, cfg.train.compile_scope)
     worst = sorted(errors.items(), key=lambda item: -item[1])
     for name, err in worst[: args.show]:
         print(f"{err:10.3e}  {name}")
     median = statistics.median(errors.values())
     verdict = "ok" if median <= tolerance else "FAILED"
-    print(f"{args.preset} on {device.type}: median gradient error {median:.3e} over {len(errors)} parameters "
+    print(f"{args.preset} on {device.type}, compile_scope {cfg.train.compile_scope}: median gradient error {median:.3e} over {len(errors)} parameters "
           f"(tolerance {tolerance:g}): {verdict}")
     return 0 if verdict == "ok" else 1
 
