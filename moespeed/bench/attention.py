@@ -375,17 +375,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flex-sweep", type=int, metavar="T",
                         help="only: flex_causal at this T under each FLEX_SWEEP option set")
     parser.add_argument("--flex-entries", help="with --flex-sweep: comma-separated indices into FLEX_SWEEP")
+    parser.add_argument("--flex-cases", default="flex_causal",
+                        help="with --flex-sweep: comma-separated Flex op cases to time per entry (default flex_causal)")
     parser.add_argument("--dims", metavar="H,QK,V",
                         help=f"op part: heads, qk and v head dims (default the small preset's {H},{D_QK},{D_V})")
     args = parser.parse_args(argv)
     if args.dims:
         set_dims(*(int(x) for x in args.dims.split(",")))
+    flex_cases = args.flex_cases.split(",")
+    if any(name not in CASES for name in flex_cases):
+        parser.error(f"--flex-cases {args.flex_cases}: choose from {', '.join(CASES)}")
     if not torch.cuda.is_available():
         print("attention bench: needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.flex_sweep:
         picked = [FLEX_SWEEP[int(i)] for i in args.flex_entries.split(",")] if args.flex_entries else None
-        rows = flex_sweep(args.flex_sweep, ["flex_causal"], picked)
+        rows = flex_sweep(args.flex_sweep, flex_cases, picked)
         if args.json:
             doc = {**environment(), "command": "python -m moespeed.bench.attention " + " ".join(sys.argv[1:]),
                    "results": rows}
