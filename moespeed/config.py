@@ -27,6 +27,7 @@ ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
 POSITIONS = ("rope", "alibi", "nope")
 ATTN_BACKENDS = ("auto", "flex", "sdpa")
 DECODE_KERNELS = ("auto", "triton", "torch")
+FLEX_KERNELS = ("triton", "flash")
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:
@@ -62,6 +63,7 @@ class ModelConfig:
     head_dim: int = option(0, "per-head query/key/value dim of mha/gqa/mqa; 0 = d_model // n_heads; unused by mla")
     position: str = option("rope", "position encoding: rope, alibi (per-head linear distance bias) or nope; mla keeps its shared key dims unrotated without rope", choices=POSITIONS)
     attn_backend: str = option("auto", "training attention kernel: flex (FlexAttention, block-sparse doc/window masks), sdpa (dense masks: short sequences only), auto = sdpa for plain causal layers and on CPU, flex otherwise", choices=ATTN_BACKENDS)
+    flex_kernel: str = option("triton", "FlexAttention's GPU kernels: triton (torch's Triton templates) or flash (FlashAttention-4's CuTe kernels through Flex's BACKEND=FLASH: needs the flash-attn-4 package and a Hopper or newer GPU; CPU runs ignore it)", choices=FLEX_KERNELS)
     decode_kernel: str = option("auto", "cached-decode attention: triton (fused flash-decoding kernel, CUDA), torch (batched matmuls), auto = triton on CUDA", choices=DECODE_KERNELS)
     window_pattern: str = option("0", "sliding window per layer in tokens, comma-separated, repeated to n_layers; 0 = full causal; e.g. 0,1024 or 4096,4096,4096,0")
     window_warmup_steps: int = option(0, "grow every sliding window linearly from window_warmup_start to its size over this many train steps; 0 = off")

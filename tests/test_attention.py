@@ -365,3 +365,25 @@ def test_decode_kernel_on_gpu_matches_reference_in_bf16():
             args = (q, k, v, q_pos, dk ** -0.5, window, None, dv if shared else 0)
             ref = decode_kernels.decode_attention(*args, kernel="torch")
             assert rel(decode_kernels.decode_attention(*args, kernel="triton").float(), ref.float()) < 2e-2
+
+
+def test_flex_kernel_flash_sets_flex_backend_and_is_checked_before_training(monkeypatch):
+    """model.flex_kernel = flash asks Flex for BACKEND=FLASH on CUDA only; without flash-attn-4 a CUDA
+    run is refused in one line before anything is written, and a CPU run ignores the option."""
+    from moespeed.errors import ConfigError
+    from moespeed.model import attention
+    from moespeed.train.trainer import check_backends
+
+    assert attention.flex_kernel_options("flash", cuda=True) == {"BACKEND": "FLASH"}
+    assert attention.flex_kernel_options("triton", cuda=True) is None
+    assert attention.flex_kernel_options("flash", cuda=False) is None
+    monkeypatch.setitem(attention.FLEX_KERNEL_OPTIONS, "ROWS_GUARANTEED_SAFE", True)  # the benches' knob stays
+    assert attention.flex_kernel_options("flash", cuda=True) == {"ROWS_GUARANTEED_SAFE": True, "BACKEND": "FLASH"}
+
+    cfg = tiny_model_config(flex_kernel="flash")
+    check_backends(cfg, torch.device("cpu"))
+    monkeypatch.setattr("moespeed.train.trainer.flash_kernels_available", lambda: False)
+    with pytest.raises(ConfigError, match="model.flex_kernel = flash needs .*flash-attn-4"):
+        check_backends(cfg, torch.device("cuda"))
+    monkeypatch.setattr("moespeed.train.trainer.flash_kernels_available", lambda: True)
+    check_backends(cfg, torch.device("cuda"))

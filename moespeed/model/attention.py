@@ -35,6 +35,7 @@ shapes and can be captured in a CUDA graph (`torch.compile(mode="reduce-overhead
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 
 import torch
@@ -105,14 +106,32 @@ def _compiled_flex():
     return torch.compile(flex_attention, mode=FLEX_COMPILE_MODE)
 
 
-def run_flex(q, k, v, block_mask, score_mod=None, scale=None):
-    """FlexAttention: compiled on CUDA; eager on CPU (forward only: torch has no CPU flex backward)."""
+def flex_kernel_options(kernel: str, cuda: bool) -> dict | None:
+    """Flex's kernel_options for `model.flex_kernel` (plus FLEX_KERNEL_OPTIONS); None off CUDA."""
+    if not cuda:
+        return None
+    options = dict(FLEX_KERNEL_OPTIONS)
+    if kernel == "flash":
+        options["BACKEND"] = "FLASH"
+    return options or None
+
+
+def flash_kernels_available() -> bool:
+    """Whether FlashAttention-4's CuTe kernels (Flex's BACKEND=FLASH) can be imported here."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except ModuleNotFoundError:  # no flash_attn package at all
+        return False
+
+
+def run_flex(q, k, v, block_mask, score_mod=None, scale=None, kernel: str = "triton"):
+    """FlexAttention: compiled on CUDA; eager on CPU (forward only: torch has no CPU flex backward).
+    kernel: `model.flex_kernel` (triton, or flash = FlashAttention-4's CuTe kernels)."""
     gqa = q.shape[1] != k.shape[1]
     eager = q.device.type == "cpu" or torch.compiler.is_compiling()  # inside torch.compile: traced
     fn = flex_attention if eager else _compiled_flex()
-    options = dict(FLEX_KERNEL_OPTIONS) if q.is_cuda and FLEX_KERNEL_OPTIONS else None
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-              kernel_options=options)
+              kernel_options=flex_kernel_options(kernel, q.is_cuda))
 
 
 class AttentionContext:
@@ -126,11 +145,12 @@ class AttentionContext:
     def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                  start_pos: int | torch.Tensor = 0, doc_ids: torch.Tensor | None = None,
                  windows: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
-                 backend: str = "auto", decode_kernel: str = "auto"):
+                 backend: str = "auto", decode_kernel: str = "auto", flex_kernel: str = "triton"):
         self.positions = positions  # (T,) absolute positions of the new tokens
         self.cos, self.sin = cos, sin  # (T, rope_dim / 2)
         self.start_pos, self.doc_ids, self.windows = start_pos, doc_ids, windows
         self.alibi_slopes, self.backend, self.decode_kernel = alibi_slopes, backend, decode_kernel
+        self.flex_kernel = flex_kernel
         self._built: dict = {}
 
     @property
@@ -184,7 +204,7 @@ class AttentionContext:
             block = self._block_mask(slot, T, q.device)
             score_mod = (self._once("alibi", lambda: masks.alibi_score_mod(self.alibi_slopes))
                          if self.alibi_slopes is not None else None)
-            return run_flex(q, k, v, block, score_mod, scale)
+            return run_flex(q, k, v, block, score_mod, scale, self.flex_kernel)
         gqa = q.shape[1] != k.shape[1]
         if self.plain_causal(slot):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -147,7 +147,7 @@ class Transformer(nn.Module):
         return AttentionContext(positions, cos, sin, start_pos=start_pos, doc_ids=doc_ids,
                                 windows=self.window_sizes if self.windows else None,
                                 alibi_slopes=self.alibi_slopes, backend=self.cfg.attn_backend,
-                                decode_kernel=self.cfg.decode_kernel)
+                                decode_kernel=self.cfg.decode_kernel, flex_kernel=self.cfg.flex_kernel)
 
     def _hidden_and_aux(self, tokens, doc_ids=None, caches=None, start_pos=0):
         """(hidden states (B, T, D), summed auxiliary loss of the sparse FFNs or None)."""

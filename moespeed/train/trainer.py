@@ -24,6 +24,7 @@ from ..data.loader import TokenLoader
 from ..data.prepare import prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..kernels.linear_ce import check_backend as check_loss_backend
+from ..model.attention import flash_kernels_available
 from ..model.moe import update_biases
 from ..model.transformer import Transformer
 from ..optim.build import check_muon_device
@@ -52,6 +53,9 @@ def check_backends(model_cfg, device: torch.device) -> None:
         check_loss_backend(model_cfg.loss_backend, device)
     except ValueError as exc:
         raise ConfigError(f"model.loss_backend = {model_cfg.loss_backend}: {str(exc).split(': ', 1)[-1]}") from None
+    if model_cfg.flex_kernel == "flash" and device.type == "cuda" and not flash_kernels_available():
+        raise ConfigError("model.flex_kernel = flash needs FlashAttention-4's CuTe kernels: pip install flash-attn-4, "
+                          "or use model.flex_kernel = triton")
     if model_cfg.attn_backend == "flex" and device.type != "cuda":
         raise ConfigError("model.attn_backend = flex trains on CUDA only (torch has no FlexAttention backward on "
                           f"{device.type}): use auto, which takes SDPA with dense masks there")
