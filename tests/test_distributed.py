@@ -400,3 +400,29 @@ def test_squared_norm_matches_the_sum_of_squares():
     want = sum(t.float().square().sum() for t in ts)
     torch.testing.assert_close(_squared_norm(ts, torch.device("cpu")), want, rtol=1e-6, atol=0)
     assert _squared_norm([], torch.device("cpu")).item() == 0.0
+
+
+def test_distributed_bench_smoke_on_cpu(tmp_path):
+    """`bench.distributed --allow-cpu`: one process vs DDP on 2 gloo processes, tiny model and corpus.
+    The JSON has both rows, their launch commands, matching losses and a speedup."""
+    import json
+
+    from helpers import tiny_train_args, write_corpus
+    from moespeed.bench.distributed import main
+
+    data = write_corpus(tmp_path / "src")
+    tiny = tiny_train_args(data, tmp_path / "unused", tmp_path / "unused-cache", steps=2)
+    keep = {"--data.data", "--data.vocab_size", "--data.seq_len", "--data.batch_size", "--data.val_fraction",
+            "--model.d_model", "--model.n_layers", "--model.n_heads", "--model.kv_lora_rank",
+            "--model.qk_nope_head_dim", "--model.qk_rope_head_dim", "--model.v_head_dim", "--model.d_ff",
+            "--model.max_seq_len"}
+    sets = [x for i in range(0, len(tiny), 2) if tiny[i] in keep for x in ("--set", tiny[i][2:], tiny[i + 1])]
+    out = tmp_path / "dist.json"
+    main(["--allow-cpu", "--preset", "quickstart", "--cases", "1gpu,ddp2", "--steps", "2", "--log-every", "1",
+          "--no-compile", "--timeout", "240", "--work-dir", str(tmp_path / "work"), "--json", str(out), *sets])
+    rows = {r["bench"]: r for r in json.loads(out.read_text())["results"]}
+    one, ddp = rows["distributed.1gpu"], rows["distributed.ddp2"]
+    assert one["run_command"].startswith("python -m moespeed train")
+    assert ddp["run_command"].startswith("torchrun --standalone --nproc_per_node 2 -m moespeed train")
+    assert ddp["losses_match"] and ddp["speedup"] > 0 and not ddp["notes"], ddp
+    assert (tmp_path / "work" / "ddp2.log").stat().st_size > 0
