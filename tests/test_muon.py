@@ -634,3 +634,41 @@ def test_two_ranks_share_work_and_match_one_process(tmp_path, share):
             _assert_update_close(a - p0.detach(), b - p0.detach())
     for a, b in zip(results[0]["shared"], results[1]["shared"]):
         assert torch.equal(a, b)  # ranks stay replicas
+
+
+def test_ns_gemm_tune_times_each_round_shape_once(monkeypatch):
+    """ns_gemm="tune": on CUDA the faster GEMM per round shape, decided once (here by a stand-in
+    timer) and reused; off CUDA it is cuBLAS/torch, and a CPU step equals ns_gemm="torch"."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(muon_mod, "_faster_gemm", lambda blocks, *a: calls.append(tuple(blocks.shape)) or "triton")
+    opt = Muon([torch.nn.Parameter(torch.randn(8, 16))], ns_gemm="tune")
+    cuda_cls = SimpleNamespace(device=torch.device("cuda"), steps=5, coefficients=muon_mod.NS_COEFFICIENTS, eps=muon_mod.EPS)
+    assert opt._gemm_for(cuda_cls) == "tune"  # no round yet: undecided
+    assert opt._gemm_for(cuda_cls, torch.zeros(4, 8, 16)) == "triton"
+    assert opt._gemm_for(cuda_cls, torch.zeros(4, 8, 16)) == "triton"
+    assert opt._gemm_for(cuda_cls, torch.zeros(2, 8, 16)) == "triton"
+    assert calls == [(4, 8, 16), (2, 8, 16)]
+    cpu_cls = SimpleNamespace(device=torch.device("cpu"), steps=5, coefficients=muon_mod.NS_COEFFICIENTS, eps=muon_mod.EPS)
+    assert opt._gemm_for(cpu_cls, torch.zeros(4, 8, 16)) == "torch" and len(calls) == 2
+
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=g) for s in [(8, 16), (3, 16, 8)]]
+    grads = [torch.randn(s.shape, generator=g) for s in start]
+    results = []
+    for gemm in ("tune", "torch"):
+        ps = [torch.nn.Parameter(p.clone()) for p in start]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        Muon(ps, lr=0.02, ns_gemm=gemm).step()
+        results.append(ps)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_faster_gemm_leaves_its_input_and_names_a_gemm():
+    blocks = torch.randn(6, 64, 192, device="cuda").bfloat16()
+    before = blocks.clone()
+    assert muon_mod._faster_gemm(blocks, 5, muon_mod.NS_COEFFICIENTS, muon_mod.EPS, "standard") in ("torch", "triton")
+    assert torch.equal(blocks, before)

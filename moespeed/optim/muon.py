@@ -134,8 +134,11 @@ NS_METHODS = ("standard", "gram")  # gram: Gram Newton–Schulz for blocks with 
 GRAM_RESTART = 3  # the Gram iteration re-anchors X at this step (bf16 drift; see _gram_orthogonalize_)
 EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
-NS_GEMMS = ("torch", "triton", "auto")  # auto: triton on CUDA. H100 train step (train_step_muon_triton_*.json):
-# triton for every class beat triton for classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams)
+NS_GEMMS = ("torch", "triton", "auto", "tune")  # auto: triton on CUDA. H100 train step (train_step_muon_triton_*.json):
+# triton for every class beat triton for classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams).
+# tune: on CUDA, time both on the first NS call of each round shape, keep the faster (per-class times
+# in muon_gram_classes.json favour cuBLAS for some small classes, e.g. (1344, 128) x12: 0.46 vs 1.03 ms)
+TUNE_REPEATS = 3  # timed NS calls per GEMM choice when ns_gemm = "tune" (after one warm-up call)
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
 STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
 MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its transposed wide class:
@@ -187,6 +190,27 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
             return
         Y = _addmm(left, right, Y, 1.0, a, gemm)  # (n, rows, cols)
     X.copy_(Y)  # steps == 1
+
+
+def _faster_gemm(blocks: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                 method: str) -> str:
+    """"torch" or "triton", whichever orthogonalizes copies of `blocks` faster on their CUDA device:
+    one warm-up call each (Triton autotunes there), then TUNE_REPEATS timed calls (CUDA events; the
+    host waits once). `blocks` itself is not touched."""
+    trial = torch.empty_like(blocks)
+    times = {}
+    for gemm in ("torch", "triton"):
+        trial.copy_(blocks)
+        _orthogonalize_(trial, steps, coefficients, eps, gemm, method)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(TUNE_REPEATS):
+            trial.copy_(blocks)
+            _orthogonalize_(trial, steps, coefficients, eps, gemm, method)
+        end.record()
+        end.synchronize()
+        times[gemm] = start.elapsed_time(end)
+    return min(times, key=times.get)
 
 
 def gram_pays(rows: int, cols: int) -> bool:
@@ -317,7 +341,9 @@ class Muon(torch.optim.Optimizer):
     `fused` picks the elementwise kernels: None = Triton on CUDA when it passes a one-time check
     against the foreach path (else a warning and foreach), True = Triton (CUDA, or CPU under
     TRITON_INTERPRET=1), False = torch foreach ops. `ns_gemm` computes NS's two "a D + L R"
-    products: "torch" (baddbmm, cuBLAS), "triton" (`_addmm_kernel`, no copy of D) or "auto".
+    products: "torch" (baddbmm, cuBLAS), "triton" (`_addmm_kernel`, no copy of D), "auto" (triton
+    on CUDA) or "tune" (on CUDA, the faster of the two for each round shape, timed once when first
+    seen; ranks may choose differently, but every round's result comes from one rank).
     `merge_numel`: a class of tall (rows, cols) blocks with at most this many elements is stored
     transposed in the class of (cols, rows) blocks, one NS call for both (0: never). `pad_flops`:
     wide classes with equal cols are zero-padded into one while that adds at most this many NS
@@ -351,7 +377,7 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon ns_method = {ns_method!r}: use one of {NS_METHODS}")
         if share not in SHARES:
             raise ValueError(f"Muon share = {share!r}: use one of {SHARES}")
-        if triton is None and (fused or ns_gemm == "triton"):  # "auto" falls back to torch
+        if triton is None and (fused or ns_gemm == "triton"):  # "auto" and "tune" fall back to torch
             raise ValueError("Muon fused = True and ns_gemm = 'triton' need triton")
         self.process_group = process_group
         self.batch_numel = batch_numel
@@ -365,6 +391,7 @@ class Muon(torch.optim.Optimizer):
         self._side_streams: dict[torch.device, list] = {}  # device -> CUDA streams, made on first use
         self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
         self._plan_has_dtensor = False
+        self._tuned_gemm: dict[tuple, str] = {}  # ns_gemm="tune": round shape -> the faster GEMM
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
                         adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
@@ -544,8 +571,8 @@ class Muon(torch.optim.Optimizer):
             counts = _partition(len(blocks), world, loads, cost)
             first = sum(counts[:rank])
             if counts[rank]:
-                _orthogonalize_(blocks[first:first + counts[rank]], cls.steps, cls.coefficients, cls.eps,
-                                self._gemm_for(cls), self.ns_method)
+                mine = blocks[first:first + counts[rank]]  # (counts[rank], rows, cols)
+                _orthogonalize_(mine, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls, mine), self.ns_method)
             if cls.shared:
                 self._gather_shares(blocks, counts, rank)
 
@@ -563,16 +590,28 @@ class Muon(torch.optim.Optimizer):
             owner = min(range(world), key=lambda k: (loads[k], k))
             loads[owner] += size * cost
             if owner == rank:
-                _orthogonalize_(blocks, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls), self.ns_method)
+                _orthogonalize_(blocks, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls, blocks),
+                                self.ns_method)
             src = owner if self.process_group is None else dist.get_global_rank(self.process_group, owner)
             pending.append(dist.broadcast(blocks, src=src, group=self.process_group, async_op=True))
         return pending
 
-    def _gemm_for(self, cls) -> str:
-        """The NS GEMM of a shape class: `ns_gemm`, where "auto" picks triton on CUDA."""
-        if self.ns_gemm != "auto":
+    def _gemm_for(self, cls, blocks: Tensor | None = None) -> str:
+        """The NS GEMM for one round `blocks` (n, rows, cols) of a class: `ns_gemm`, where "auto" picks
+        triton on CUDA and "tune" the faster on CUDA, timed on the first round of each shape
+        ("tune" while undecided: no blocks given)."""
+        if self.ns_gemm in ("torch", "triton"):
             return self.ns_gemm
-        return "triton" if triton is not None and cls.device.type == "cuda" else "torch"
+        if triton is None or cls.device.type != "cuda":
+            return "torch"
+        if self.ns_gemm == "auto":
+            return "triton"
+        if blocks is None:
+            return "tune"
+        key = (tuple(blocks.shape), cls.steps, cls.coefficients, cls.eps, self.ns_method, cls.device)
+        if key not in self._tuned_gemm:
+            self._tuned_gemm[key] = _faster_gemm(blocks, cls.steps, cls.coefficients, cls.eps, self.ns_method)
+        return self._tuned_gemm[key]
 
     def _momentum(self, jobs: list[_Job], stack: Tensor, fused: bool) -> None:
         """Update the momentum buffers; write every param's bf16 NS input into its rows of stack."""
