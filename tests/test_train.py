@@ -230,15 +230,20 @@ def test_cuda_compiled_moe_training_matches_eager(corpus, tmp_path, variant):
         assert losses[True][step] == pytest.approx(eager, rel=2e-2), (step, losses)
 
 
-def test_compile_scope_blocks_compiles_each_block_in_place():
+def test_compile_scope_blocks_compiles_each_block_in_place(monkeypatch):
     """compile_scope = blocks: every block gets its own compiled call, the run model is returned
-    unwrapped (DDP's hooks stay outermost); scope = model wraps it; an unknown scope is refused."""
+    unwrapped (DDP's hooks stay outermost), Dynamo may keep 4 variants per block (block kinds x
+    train/eval x mask states; its default 8 would send the rest to eager) and its DDPOptimizer is
+    off; scope = model wraps the model; an unknown scope is refused."""
     from moespeed.model.transformer import Transformer
     from moespeed.train.compiling import compile_for_training
 
-    model = Transformer(tiny_model_config())
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, restored after
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    model = Transformer(tiny_model_config(n_layers=5))
     assert compile_for_training(model, model, "blocks") is model
     assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert torch._dynamo.config.recompile_limit == 20 and torch._dynamo.config.optimize_ddp is False
     other = Transformer(tiny_model_config())
     wrapped = compile_for_training(other, other, "model")
     assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and wrapped._orig_mod is other

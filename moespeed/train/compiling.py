@@ -23,6 +23,11 @@ def compile_for_training(run_model: nn.Module, model: nn.Module, scope: str) -> 
     # Inside DDP's forward Dynamo would hand every block graph to its DDPOptimizer, which splits
     # graphs at bucket boundaries for a whole-model compile; per block that only adds graphs.
     torch._dynamo.config.optimize_ddp = False
+    # One code object (Block.forward) serves every block, and Dynamo specializes it per block kind
+    # (dense or MoE FFN, window slot), per train/eval mode and per state of the context's lazily built
+    # masks: more than the default 8 variants, after which it would silently run blocks eagerly.
+    limit = max(torch._dynamo.config.recompile_limit, 4 * len(model.blocks))
+    torch._dynamo.config.recompile_limit = limit
     for block in model.blocks:
         block.compile()
     return run_model
