@@ -163,7 +163,6 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
-    @torch.no_grad()
     def evaluate(self, model, val_path, bos_id) -> float:
         """Mean val loss over the first eval_batches val batches (the same batches every time).
 
