@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from moespeed import Transformer
 from moespeed.kernels.linear_ce import linear_cross_entropy
+from moespeed.model.attention import flash_kernels_available
 from moespeed.model.transformer import mla_param_count
 
 from helpers import tiny_model_config
@@ -186,6 +187,25 @@ def test_cuda_compiled_gradients_match_eager_with_document_masks(dtype, scope):
                              autocast=dtype == torch.bfloat16, scope=scope)
     tolerance = 1e-2 if dtype == torch.float32 else 1e-1
     assert max(errors.values()) <= tolerance, max(errors.items(), key=lambda item: item[1])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and flash_kernels_available()),
+                    reason="needs a CUDA GPU with flash-attn-4 (flex_kernel = flash)")
+def test_cuda_flash_flex_kernel_gradients_match_eager_with_document_masks_and_windows():
+    """model.flex_kernel = flash (FlashAttention-4 through Flex): compiled bf16 gradients with document
+    masks and sliding windows match the eager model's."""
+    from moespeed.bench.compile_check import gradient_errors
+
+    cfg = tiny_model_config(vocab_size=1000, d_model=256, n_heads=4, q_lora_rank=128, kv_lora_rank=64,
+                            qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=64, d_ff=512, max_seq_len=512,
+                            window_pattern="128,0", flex_kernel="flash")
+    torch.manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tokens = torch.randint(0, 1000, (4, 513), device="cuda", generator=gen)
+    doc_ids = torch.cumsum((torch.rand(4, 512, device="cuda", generator=gen) < 1 / 128).long(), dim=1)  # (B, T)
+    errors = gradient_errors(Transformer(cfg).cuda(), (tokens[:, :-1], tokens[:, 1:], doc_ids),
+                             autocast=True, scope="blocks")
+    assert max(errors.values()) <= 1e-1, max(errors.items(), key=lambda item: item[1])
 
 
 def test_compile_check_reports_agreement_and_its_verdict_can_fail(capsys):

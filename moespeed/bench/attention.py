@@ -48,6 +48,7 @@ def _small_dims() -> tuple[int, int, int]:
 
 
 H, D_QK, D_V = _small_dims()  # MLA heads and dims of the `small` preset (12, 64, 64)
+FLEX_KERNEL = "triton"  # `model.flex_kernel` of the Flex cases and the training step (--flex-kernel)
 
 
 def set_dims(heads: int, d_qk: int, d_v: int) -> None:
@@ -154,7 +155,7 @@ def case_fn(name: str, doc_ids, window: int, T: int):
     torch.cuda.synchronize()
     mask_ms = (time.perf_counter() - t0) / 5 * 1e3
     ctx = AttentionContext(torch.arange(T, device="cuda"), None, None, doc_ids=doc_ids, windows=windows,
-                           backend="flex")  # builds its block mask on the first call and keeps it
+                           backend="flex", flex_kernel=FLEX_KERNEL)  # builds its block mask on the first call and keeps it
     del block
     return (lambda q, k, v: ctx.attend(q, k, v, 0 if window else None, scale)), mask_ms
 
@@ -188,7 +189,8 @@ def bench_op(name: str, T: int) -> dict:
     B = max(1, TOKENS // T)
     row = {"bench": "attention.fwd_bwd", "case": name, "shape": {"B": B, "T": T, "H": H, "d_qk": D_QK, "d_v": D_V,
                                                                  "mean_doc": MEAN_DOC if documents else None,
-                                                                 "window": window or None}}
+                                                                 "window": window or None,
+                                                                 "flex_kernel": FLEX_KERNEL if name.startswith("flex") else None}}
     try:
         torch._dynamo.reset()  # fresh static-shape kernels per case (and no recompile limit)
         row.update(check_case(name, documents, window))
@@ -233,12 +235,13 @@ def bench_train(name: str, T: int, compile_model: bool, steps: int = 5) -> dict:
     documents, pattern, ckpt = TRAIN_CASES[name]
     row = {"bench": "attention.train_step", "case": name,
            "shape": {"preset": "small", "B": 1, "T": T, "window_pattern": pattern, "documents": documents,
-                     "activation_checkpointing": ckpt, "compile": compile_model}}
+                     "activation_checkpointing": ckpt, "compile": compile_model, "flex_kernel": FLEX_KERNEL}}
     model = optimizer = None
     try:
         torch._dynamo.reset()
         cfg = preset_config("small").model
         cfg.vocab_size, cfg.max_seq_len, cfg.window_pattern, cfg.activation_checkpointing = 32768, T, pattern, ckpt
+        cfg.flex_kernel = FLEX_KERNEL
         cfg.validate()
         torch.manual_seed(0)
         model = Transformer(cfg).cuda().train()
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here (BENCHMARKING.md format)")
     parser.add_argument("--quick", action="store_true", help="T = 8K only, no training step")
     parser.add_argument("--seq-lens", default=",".join(map(str, SEQ_LENS)), help="comma-separated T")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated op cases")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated op cases ('' = none)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step part")
     parser.add_argument("--train-cases", default=",".join(TRAIN_CASES), help="comma-separated train cases")
     parser.add_argument("--no-compile", action="store_true", help="training step without torch.compile")
@@ -377,11 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flex-entries", help="with --flex-sweep: comma-separated indices into FLEX_SWEEP")
     parser.add_argument("--flex-cases", default="flex_causal",
                         help="with --flex-sweep: comma-separated Flex op cases to time per entry (default flex_causal)")
+    parser.add_argument("--flex-kernel", choices=("triton", "flash"), default="triton",
+                        help="model.flex_kernel of the Flex cases and the training step (flash: FlashAttention-4)")
     parser.add_argument("--dims", metavar="H,QK,V",
                         help=f"op part: heads, qk and v head dims (default the small preset's {H},{D_QK},{D_V})")
     args = parser.parse_args(argv)
     if args.dims:
         set_dims(*(int(x) for x in args.dims.split(",")))
+    global FLEX_KERNEL
+    FLEX_KERNEL = args.flex_kernel
     flex_cases = args.flex_cases.split(",")
     if any(name not in CASES for name in flex_cases):
         parser.error(f"--flex-cases {args.flex_cases}: choose from {', '.join(CASES)}")
@@ -401,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                   f" {r.get('error', '')}")
         return 0
     seq_lens = [8192] if args.quick else [int(t) for t in args.seq_lens.split(",")]
-    rows = [bench_op(name, T) for T in seq_lens for name in args.cases.split(",")]
+    rows = [bench_op(name, T) for T in seq_lens for name in args.cases.split(",") if name]  # "": training only
     if not (args.quick or args.no_train):
         rows += [bench_train(name, TOKENS, not args.no_compile) for name in args.train_cases.split(",")]
     extras = summarize(rows)

@@ -28,14 +28,20 @@ from torch.nn.attention.flex_attention import BlockMask
 BLOCK_SIZE = 128  # FlexAttention's default tile; kernels on Hopper use tiles that divide it
 
 
-def mask_mod(doc_ids: Tensor | None, window: Tensor | None, seq_len: int):
-    """The element-wise rule as a FlexAttention mask_mod(b, h, q_idx, kv_idx) -> bool."""
+def mask_mod(doc_ids: Tensor | None, window: Tensor | None, seq_len: int, block_size: int = BLOCK_SIZE):
+    """The element-wise rule as a FlexAttention mask_mod(b, h, q_idx, kv_idx) -> bool, for a block mask
+    of block_size tiles (kernels evaluate it on tiles that divide block_size)."""
     last = seq_len - 1
+    # Only a length that is not a multiple of block_size has padded tail tiles, whose indices >= seq_len
+    # must be clamped before indexing doc_ids. Aligned lengths skip the clamp: torch 2.11's CuTe
+    # (flex_kernel = flash) code generator has no `minimum`.
+    padded = seq_len % block_size != 0
 
     def causal_doc_window(b, h, q_idx, kv_idx):
         keep = kv_idx <= q_idx
-        if doc_ids is not None:  # padded tail tiles may ask for indices >= seq_len: clamp them
-            keep = keep & (doc_ids[b, q_idx.clamp(max=last)] == doc_ids[b, kv_idx.clamp(max=last)])
+        if doc_ids is not None:
+            q_pos, kv_pos = (q_idx.clamp(max=last), kv_idx.clamp(max=last)) if padded else (q_idx, kv_idx)
+            keep = keep & (doc_ids[b, q_pos] == doc_ids[b, kv_pos])
         if window is not None:
             keep = keep & (q_idx - kv_idx < window)
         return keep
@@ -66,7 +72,7 @@ def block_mask(doc_ids: Tensor | None, window: Tensor | None, seq_len: int, devi
         every = every & inner[:, None] & inner[None, :]
     partial = some & ~every
     return BlockMask.from_kv_blocks(*_kv_blocks(partial), *_kv_blocks(every), BLOCK_SIZE=block_size,
-                                    mask_mod=mask_mod(doc_ids, window, seq_len), seq_lengths=(seq_len, seq_len))
+                                    mask_mod=mask_mod(doc_ids, window, seq_len, block_size), seq_lengths=(seq_len, seq_len))
 
 
 def _block_doc_ranges(doc_ids: Tensor, n_blocks: int, block_size: int) -> tuple[Tensor, Tensor]:
