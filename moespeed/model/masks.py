@@ -36,14 +36,17 @@ def mask_mod(doc_ids: Tensor | None, window: Tensor | None, seq_len: int, block_
     # must be clamped before indexing doc_ids. Aligned lengths skip the clamp: torch 2.11's CuTe
     # (flex_kernel = flash) code generator has no `minimum`.
     padded = seq_len % block_size != 0
+    # The window as the first visible key of each query, (T,): `q - kv < window` <=> `kv > q - window`.
+    # A per-position load, because torch 2.11's CuTe code generator cannot load a 0-d tensor.
+    before_window = None if window is None else torch.arange(seq_len, device=window.device) - window  # (T,)
 
     def causal_doc_window(b, h, q_idx, kv_idx):
         keep = kv_idx <= q_idx
+        q_pos, kv_pos = (q_idx.clamp(max=last), kv_idx.clamp(max=last)) if padded else (q_idx, kv_idx)
         if doc_ids is not None:
-            q_pos, kv_pos = (q_idx.clamp(max=last), kv_idx.clamp(max=last)) if padded else (q_idx, kv_idx)
             keep = keep & (doc_ids[b, q_pos] == doc_ids[b, kv_pos])
-        if window is not None:
-            keep = keep & (q_idx - kv_idx < window)
+        if before_window is not None:
+            keep = keep & (kv_idx > before_window[q_pos])
         return keep
 
     return causal_doc_window
