@@ -203,6 +203,7 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
     compile: bool = option(False, "torch.compile the model")
+    compile_overlap: bool = option(False, "with train.compile: let Inductor reorder each compiled graph so collectives inside it (expert parallelism's all-gathers and reduce-scatters) overlap computation (torch._inductor.config.reorder_for_compute_comm_overlap)")
     compile_scope: str = option("blocks", "with train.compile: blocks (each transformer block compiled on its own, embedding, head and loss eager: as fast on one GPU, faster under DDP, less memory, quicker to compile) or model (one graph for the whole forward; under DDP, torch splits it at the gradient buckets)", choices=["blocks", "model"])
     profile_steps: str = option("", "profile steps A:B (A <= step < B) with torch.profiler on rank 0: profile.txt and profile_trace.json in the run dir; empty = off")
     threads: int = option(0, "CPU threads for torch; 0 = torch's default")

@@ -250,3 +250,23 @@ def test_compile_scope_blocks_compiles_each_block_in_place(monkeypatch):
     assert all(block._compiled_call_impl is None for block in other.blocks)
     with pytest.raises(ValueError, match="compile scope"):
         compile_for_training(other, other, "layers")
+
+
+def test_compile_overlap_turns_on_inductors_comm_reordering_with_known_passes(monkeypatch):
+    """train.compile_overlap sets Inductor's compute/comm reordering with passes that exist in this
+    torch (a renamed pass would fail only at compile time on GPUs); off, the config is left alone."""
+    import torch._inductor.comms as comms
+
+    from moespeed.model.transformer import Transformer
+    from moespeed.train.compiling import compile_for_training
+
+    inductor = torch._inductor.config
+    monkeypatch.setattr(inductor, "reorder_for_compute_comm_overlap", False)
+    monkeypatch.setattr(inductor, "reorder_for_compute_comm_overlap_passes", [])
+    model = Transformer(tiny_model_config())
+    compile_for_training(model, model, "blocks")
+    assert inductor.reorder_for_compute_comm_overlap is False
+    compile_for_training(model, model, "blocks", overlap=True)
+    assert inductor.reorder_for_compute_comm_overlap is True
+    passes = inductor.reorder_for_compute_comm_overlap_passes
+    assert passes and all(callable(getattr(comms, name, None)) for name in passes)

@@ -424,12 +424,14 @@ class MoE(nn.Module):
         """x: (B, T, D) -> (y: (B, T, D), aux_loss: fp32 scalar, already weighted by the coefs)."""
         b, t, d = x.shape
         x2 = x.reshape(b * t, d)  # (S, D)
+        # EP allgather: the group's tokens start moving now, so the router's work overlaps the gather
+        gathered = self.expert_parallel.prefetch(x2) if self.expert_parallel is not None else None
         r = self.route(x2)
         capacity = self.capacity(b * t)
         aux = self._aux_loss(r, b)
         if self.training:
             self._count(r, capacity)
-        y = self._routed(x2, r, capacity)  # (S, D)
+        y = self._routed(x2, r, capacity, gathered)  # (S, D)
         if self.shared is not None:
             y = y + self.shared(x2)
         return y.view(b, t, d), aux
@@ -473,10 +475,10 @@ class MoE(nn.Module):
             return "grouped_mm" if supported and dtype == torch.bfloat16 else "padded_bmm"
         return mode
 
-    def _routed(self, x2: Tensor, r: Routing, capacity: int) -> Tensor:
-        """Routed experts for all S tokens: (S, D), in the compute dtype."""
+    def _routed(self, x2: Tensor, r: Routing, capacity: int, gathered: Tensor | None = None) -> Tensor:
+        """Routed experts for all S tokens: (S, D), in the compute dtype. gathered: EP's prefetch."""
         if self.expert_parallel is not None:
-            return self.expert_parallel.routed(self, x2, r, capacity)
+            return self.expert_parallel.routed(self, x2, r, capacity, gathered)
         mode, k = self.dispatch_mode(x2), self.cfg.num_experts_per_tok
         dtype = _compute_dtype(x2)
         w1, w2 = self.w1.to(dtype), self.w2.to(dtype)

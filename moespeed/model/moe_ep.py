@@ -18,7 +18,8 @@ path. Every rank routes its own S tokens (N = S*k copies). Two dispatchers move 
 
 "allgather": every rank sees every token of the group and keeps the copies of its own experts.
 
-    1. gather   all-gather x (compute dtype) and [weights | expert ids] (fp32) of the group (P*S, .)
+    1. gather   all-gather x (compute dtype; started before the router, `prefetch`) and
+                [weights | expert ids] (fp32) of the group                                  (P*S, .)
     2. sort     the P*S*k copies by local expert; copies of other ranks' experts go last
                 (a sentinel id); offsets per local expert by searchsorted, on the device       (P*S*k,)
     3. experts  the same grouped-GEMM expert FFN over the sorted rows (weights applied inside) (P*S*k, D)
@@ -149,8 +150,16 @@ class ExpertParallel:
         """(E,) copies per expert summed over the EP group (a functional all-reduce: traceable)."""
         return fc.all_reduce(counts, "sum", self.group)
 
-    def routed(self, moe, x2: Tensor, r, capacity: int) -> Tensor:
-        """The routed experts' output (S, D) for this rank's tokens x2 (S, D) and routing r."""
+    def prefetch(self, x2: Tensor) -> Tensor | None:
+        """allgather: start the all-gather of the group's tokens (P*S, D), compute dtype, before the
+        router runs, so that routing overlaps the transfer (the wait comes at first use); else None."""
+        if self.dispatch != "allgather":
+            return None
+        return _gather_rows(x2.to(_compute_dtype(x2)), self.group)
+
+    def routed(self, moe, x2: Tensor, r, capacity: int, gathered: Tensor | None = None) -> Tensor:
+        """The routed experts' output (S, D) for this rank's tokens x2 (S, D) and routing r;
+        gathered: `prefetch(x2)` where the caller started it."""
         dtype = _compute_dtype(x2)
         weights = (moe.w1.to(dtype), moe.w2.to(dtype), moe.w3.to(dtype) if moe.w3 is not None else None)
         mode, act = moe.dispatch_mode(x2), moe.cfg.activation
@@ -158,7 +167,7 @@ class ExpertParallel:
             x2 = x2.to(dtype)
             keep = _position_in_group(r.sorted_ids, r.counts, r.ends) < capacity if capacity else None  # (N,)
             if self.dispatch == "allgather":
-                return self._routed_allgather(x2, r, keep, mode, weights, act)
+                return self._routed_allgather(x2, r, keep, mode, weights, act, gathered)
             return self._routed_alltoall(x2, r, keep, mode, weights, act)
 
     @torch.compiler.disable  # split sizes go to the host: a graph break (the allgather path compiles)
@@ -189,13 +198,15 @@ class ExpertParallel:
         ys = ys * scale.unsqueeze(-1).to(ys.dtype)
         return _Combine.apply(ys, r.inv_perm, token_idx, k)  # (S, D)
 
-    def _routed_allgather(self, x2: Tensor, r, keep: Tensor | None, mode: str, weights, act: str) -> Tensor:
-        """All-gather the group's tokens, run the local experts on their copies, reduce-scatter back."""
+    def _routed_allgather(self, x2: Tensor, r, keep: Tensor | None, mode: str, weights, act: str,
+                          gathered: Tensor | None = None) -> Tensor:
+        """All-gather the group's tokens (or take `gathered`), run the local experts on their copies,
+        reduce-scatter back."""
         s, k = r.ids.shape
         w = r.weights  # (S, k) fp32
         if keep is not None:  # capacity is per source rank: drop here, before gathering
             w = w * keep[r.inv_perm].view(s, k)
-        xg = _gather_rows(x2, self.group)  # (P*S, D)
+        xg = _gather_rows(x2, self.group) if gathered is None else gathered  # (P*S, D)
         # ids ride along with the weights as fp32 (exact below 2**24): one collective, not two
         meta = _gather_rows(torch.cat([w, r.ids.to(w.dtype)], 1), self.group)  # (P*S, 2k)
         wg, ids = meta[:, :k], meta[:, k:].detach().long() - self.first  # (P*S, k) each, local ids

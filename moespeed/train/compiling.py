@@ -5,9 +5,12 @@ import torch
 from torch import nn
 
 COMPILE_SCOPES = ("model", "blocks")
+# The passes torch's Inductor config recommends for reorder_for_compute_comm_overlap (torch >= 2.9)
+OVERLAP_PASSES = ("reorder_communication_preserving_peak_memory", "sink_waits_iterative",
+                  "reorder_communication_preserving_peak_memory")
 
 
-def compile_for_training(run_model: nn.Module, model: nn.Module, scope: str) -> nn.Module:
+def compile_for_training(run_model: nn.Module, model: nn.Module, scope: str, overlap: bool = False) -> nn.Module:
     """What the training forward should call.
 
     run_model is what the step runs (the model, or its DDP / FSDP2 wrapper); model the plain
@@ -15,9 +18,14 @@ def compile_for_training(run_model: nn.Module, model: nn.Module, scope: str) -> 
     DDPOptimizer splits it at the gradient buckets). "blocks": each of model's blocks is compiled in
     place (`nn.Module.compile`), embedding, head and loss stay eager, and run_model is returned as it
     is: the wrapper's hooks see each block's gradients as soon as its compiled backward ends.
+    overlap: `train.compile_overlap`.
     """
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope {scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
+    if overlap:  # Inductor moves collectives earlier and their waits later, past independent work
+        inductor = torch._inductor.config
+        inductor.reorder_for_compute_comm_overlap = True
+        inductor.reorder_for_compute_comm_overlap_passes = list(OVERLAP_PASSES)
     if scope == "model":
         return torch.compile(run_model)
     # Inside DDP's forward Dynamo would hand every block graph to its DDPOptimizer, which splits

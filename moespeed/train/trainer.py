@@ -206,7 +206,7 @@ class Trainer:
         self.log(f"run {self.run_dir}: {n_params / 1e6:.2f}M parameters, {par.describe()}\n{summary}")
         metrics = MetricsLogger(self.run_dir, enabled=env.is_main)
         metrics.truncate_after(start_step)
-        train_model = compile_for_training(par.train_model, model, tc.compile_scope) if tc.compile else par.train_model
+        train_model = compile_for_training(par.train_model, model, tc.compile_scope, tc.compile_overlap) if tc.compile else par.train_model
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * env.world_size
 
         if start_step == 0:
