@@ -213,6 +213,7 @@ class TrainConfig:
     ddp_bucket_mb: int = option(25, "DDP gradient bucket size in MiB (torch's default 25): larger buckets mean fewer, longer all-reduces, overlapping less of the backward")
     ep_size: int = option(1, "expert parallelism: routed experts split over groups of ep_size ranks (must divide the number of processes and model.moe.n_routed_experts); data parallel over the groups")
     ep_dispatch: str = option("auto", "how expert parallelism moves token copies: alltoall (each copy to its expert's rank and back; one host sync per layer), allgather (all-gather tokens, reduce-scatter outputs; no host sync, ep_size x the expert rows in memory), auto = allgather when model.moe.num_experts_per_tok >= ep_size", choices=EP_DISPATCHERS)
+    ep_chunks: int = option(1, "allgather dispatcher: split each MoE layer's tokens into this many pieces, each gathered, run through the experts and scattered on its own, so one piece's exchange can overlap another's expert FFN; 1 = one piece")
 
     def validate(self) -> None:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every"):
@@ -237,6 +238,7 @@ class TrainConfig:
         _require(self.threads >= 0, f"train.threads = {self.threads}: must be >= 0")
         _require(self.ddp_bucket_mb > 0, f"train.ddp_bucket_mb = {self.ddp_bucket_mb}: must be a positive integer")
         _require(self.ep_size >= 1, f"train.ep_size = {self.ep_size}: must be >= 1 (1 = no expert parallelism)")
+        _require(self.ep_chunks >= 1, f"train.ep_chunks = {self.ep_chunks}: must be >= 1 (1 = no chunking)")
         _require(self.ep_dispatch in EP_DISPATCHERS,
                  f"train.ep_dispatch = {self.ep_dispatch!r}: allowed are {' | '.join(EP_DISPATCHERS)}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

@@ -61,9 +61,11 @@ def _objective(y, aux, dy, n_tokens):
     return (y * dy).sum() / n_tokens + aux
 
 
-# (train.ep_dispatch, model.moe.dispatch): allgather's sentinel rows must not leak into the results,
-# neither as grouped_mm's uninitialized rows nor as padded_bmm's extra blocks
-EP_LAYER_PATHS = [("alltoall", "auto"), ("allgather", "padded_bmm"), ("allgather", "grouped_mm")]
+# (train.ep_dispatch, model.moe.dispatch, train.ep_chunks): allgather's sentinel rows must not leak
+# into the results, neither as grouped_mm's uninitialized rows nor as padded_bmm's extra blocks; in
+# pieces (ep_chunks 3 over 16 tokens: uneven), the same results
+EP_LAYER_PATHS = [("alltoall", "auto", 1), ("allgather", "padded_bmm", 1), ("allgather", "grouped_mm", 1),
+                  ("allgather", "padded_bmm", 3)]
 
 
 def _ep_layer_worker(rank: int, world: int, port: int) -> None:
@@ -74,18 +76,20 @@ def _ep_layer_worker(rank: int, world: int, port: int) -> None:
         # a clear error when the ranks disagree on the config
         with pytest.raises(ConfigError, match="rank 0 has train.steps = 200, rank 3 has train.steps = 300"):
             check_same_config(f"[train]\nsteps = {300 if rank == 3 else 200}\n", DistEnv(rank, world))
-        for ep_dispatch, mode in EP_LAYER_PATHS:
+        for ep_dispatch, mode, chunks in EP_LAYER_PATHS:
             cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
                             activation="swiglu", aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01,
                             dispatch=mode)
             for case in ("random", "rank 1 of each EP group receives nothing"):
-                _check_ep_layer(rank, world, cfg, ep_dispatch, f"{ep_dispatch}/{mode}, {case}", case != "random")
+                _check_ep_layer(rank, world, cfg, ep_dispatch, f"{ep_dispatch}/{mode}/{chunks}, {case}",
+                                case != "random", chunks)
         dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
 
 
-def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, case: str, skewed: bool) -> None:
+def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, case: str, skewed: bool,
+                    chunks: int = 1) -> None:
     """EP=2 x DP=2 layer vs one process: output, aux loss, input, router, shared and expert grads."""
     torch.manual_seed(0)  # the same layer and batch on every rank
     ref = MoE(24, cfg)
@@ -104,7 +108,8 @@ def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, cas
         aux_ref.append(aux.detach())
     y_ref, aux_ref = torch.cat(y_ref), aux_ref[rank // 2]  # (B, T, D), this rank's EP group's aux
     # expert parallel: EP groups {0, 1}, {2, 3}; data parallel over the groups
-    par = parallelize(ep_model, TrainConfig(ep_size=2, ep_dispatch=ep_dispatch), DistEnv(rank, world))
+    par = parallelize(ep_model, TrainConfig(ep_size=2, ep_dispatch=ep_dispatch, ep_chunks=chunks),
+                      DistEnv(rank, world))
     mine = slice(2 * rank, 2 * rank + 2)
     x_ep = x[mine].clone().requires_grad_()
     with par.micro_step(last=False):  # accumulation: DDP skips its all-reduce
@@ -116,6 +121,7 @@ def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, cas
     par.finish_grads()
     moe, shard = ep_model.moe, slice(2 * (rank % 2), 2 * (rank % 2) + 2)
     assert moe.w1.shape[0] == 2 and moe.expert_parallel.dispatch == ep_dispatch
+    assert moe.expert_parallel.chunks == chunks
     assert (ref._load_counts[2:].sum() == 0) == skewed  # nothing for EP rank 1
     close = dict(rtol=1e-4, atol=1e-6, msg=lambda m: f"{case}, rank {rank}: {m}")
     torch.testing.assert_close(y_ep, y_ref[mine], **close)
@@ -147,22 +153,24 @@ def _ep_compile_worker(rank: int, world: int, port: int) -> None:
         cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
                         activation="swiglu", aux_loss_coef=0.1, dispatch="padded_bmm")  # grouped_mm: bf16 CUDA only under compile
         torch.manual_seed(0)
-        models = [_OneMoE(MoE(24, cfg)) for _ in range(2)]
-        models[1].load_state_dict(models[0].state_dict())
-        for model in models:  # EP=2 over both ranks, no data parallelism
-            parallelize(model, TrainConfig(ep_size=2, ep_dispatch="allgather"), DistEnv(rank, world))
+        models = [_OneMoE(MoE(24, cfg)) for _ in range(3)]
+        for model in models[1:]:
+            model.load_state_dict(models[0].state_dict())
+        for model, chunks in zip(models, (1, 1, 2)):  # EP=2 over both ranks, no data parallelism
+            parallelize(model, TrainConfig(ep_size=2, ep_dispatch="allgather", ep_chunks=chunks), DistEnv(rank, world))
         torch.manual_seed(1 + rank)
         x, dy = torch.randn(2, 8, 24), torch.randn(2, 8, 24)
         results = []
-        for model, compiled in zip(models, (False, True)):
+        for model, compiled in zip(models, (False, True, True)):  # the last in 2 pieces
             # fullgraph: the whole layer, collectives included, is one graph (a break raises)
             run = torch.compile(model.moe, backend="aot_eager", fullgraph=True) if compiled else model.moe
             xr = x.clone().requires_grad_()
             y, aux = run(xr)
             _objective(y, aux, dy, 16).backward()
             results.append((y.detach(), xr.grad, model.moe.w1.grad, model.moe.gate.grad))
-        for eager, compiled in zip(*results):
+        for eager, compiled, chunked in zip(*results):
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(chunked, eager, rtol=1e-5, atol=1e-6)
         dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
@@ -170,7 +178,8 @@ def _ep_compile_worker(rank: int, world: int, port: int) -> None:
 
 def test_allgather_expert_parallel_layer_compiles_as_one_graph():
     """The allgather dispatcher has no host sync and uses functional collectives, so torch.compile
-    traces the EP layer whole (fullgraph) and matches eager in outputs and gradients."""
+    traces the EP layer whole (fullgraph), also in 2 pieces (ep_chunks), and matches eager in outputs
+    and gradients."""
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method=method)
 

@@ -18,7 +18,8 @@ path. Every rank routes its own S tokens (N = S*k copies). Two dispatchers move 
 
 "allgather": every rank sees every token of the group and keeps the copies of its own experts.
 
-    1. gather   all-gather x (compute dtype; started before the router, `prefetch`) and
+    1. gather   all-gather x (compute dtype; started before the router, `prefetch`; in `chunks`
+                pieces, steps 1-5 per piece, when asked) and
                 [weights | expert ids] (fp32) of the group                                  (P*S, .)
     2. sort     the P*S*k copies by local expert; copies of other ranks' experts go last
                 (a sentinel id); offsets per local expert by searchsorted, on the device       (P*S*k,)
@@ -130,14 +131,16 @@ class _LocalOrder(NamedTuple):
 class ExpertParallel:
     """Moves each token copy to the EP rank holding its expert and brings the result back."""
 
-    def __init__(self, group, n_experts: int, dispatch: str = "alltoall"):
+    def __init__(self, group, n_experts: int, dispatch: str = "alltoall", chunks: int = 1):
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if n_experts % self.size:
             raise ValueError(f"{n_experts} routed experts cannot be split over {self.size} EP ranks")
         if dispatch not in ("alltoall", "allgather"):
             raise ValueError(f"EP dispatcher {dispatch!r}: use choose_dispatch() to resolve 'auto'")
-        self.dispatch = dispatch
+        if chunks < 1:
+            raise ValueError(f"EP chunks = {chunks}: must be >= 1")
+        self.dispatch, self.chunks = dispatch, chunks  # chunks: allgather only (see `_routed_allgather`)
         self.n_local = n_experts // self.size
         self.first = self.rank * self.n_local  # global id of this rank's first expert
 
@@ -150,14 +153,16 @@ class ExpertParallel:
         """(E,) copies per expert summed over the EP group (a functional all-reduce: traceable)."""
         return fc.all_reduce(counts, "sum", self.group)
 
-    def prefetch(self, x2: Tensor) -> Tensor | None:
-        """allgather: start the all-gather of the group's tokens (P*S, D), compute dtype, before the
-        router runs, so that routing overlaps the transfer (the wait comes at first use); else None."""
+    def prefetch(self, x2: Tensor) -> tuple[Tensor, ...] | None:
+        """allgather: start the all-gathers of the group's tokens, one per chunk ((P*S/chunks, D) each,
+        compute dtype), before the router runs, so that routing overlaps the transfer (the wait comes
+        at first use); else None."""
         if self.dispatch != "allgather":
             return None
-        return _gather_rows(x2.to(_compute_dtype(x2)), self.group)
+        x2 = x2.to(_compute_dtype(x2))
+        return tuple(_gather_rows(piece, self.group) for piece in x2.tensor_split(self.chunks))
 
-    def routed(self, moe, x2: Tensor, r, capacity: int, gathered: Tensor | None = None) -> Tensor:
+    def routed(self, moe, x2: Tensor, r, capacity: int, gathered: tuple[Tensor, ...] | None = None) -> Tensor:
         """The routed experts' output (S, D) for this rank's tokens x2 (S, D) and routing r;
         gathered: `prefetch(x2)` where the caller started it."""
         dtype = _compute_dtype(x2)
@@ -199,28 +204,38 @@ class ExpertParallel:
         return _Combine.apply(ys, r.inv_perm, token_idx, k)  # (S, D)
 
     def _routed_allgather(self, x2: Tensor, r, keep: Tensor | None, mode: str, weights, act: str,
-                          gathered: Tensor | None = None) -> Tensor:
+                          gathered: tuple[Tensor, ...] | None = None) -> Tensor:
         """All-gather the group's tokens (or take `gathered`), run the local experts on their copies,
-        reduce-scatter back."""
+        reduce-scatter back. With chunks > 1 the tokens go in that many pieces, each gathered, computed
+        and scattered on its own: a piece's exchange can overlap another piece's expert FFN."""
         s, k = r.ids.shape
         w = r.weights  # (S, k) fp32
         if keep is not None:  # capacity is per source rank: drop here, before gathering
             w = w * keep[r.inv_perm].view(s, k)
-        xg = _gather_rows(x2, self.group) if gathered is None else gathered  # (P*S, D)
+        if gathered is None:
+            gathered = tuple(_gather_rows(piece, self.group) for piece in x2.tensor_split(self.chunks))
+        pieces = zip(gathered, w.tensor_split(self.chunks), r.ids.tensor_split(self.chunks))
+        out = [self._allgather_piece(xg, wp, ids, mode, weights, act) for xg, wp, ids in pieces]
+        return out[0] if len(out) == 1 else torch.cat(out)  # (S, D)
+
+    def _allgather_piece(self, xg: Tensor, w: Tensor, ids: Tensor, mode: str, weights, act: str) -> Tensor:
+        """One piece of the allgather dispatch: gathered tokens xg (P*s, D), this rank's routing
+        weights w and expert ids (s, k) -> this rank's tokens' routed output (s, D)."""
+        k = ids.shape[1]
         # ids ride along with the weights as fp32 (exact below 2**24): one collective, not two
-        meta = _gather_rows(torch.cat([w, r.ids.to(w.dtype)], 1), self.group)  # (P*S, 2k)
-        wg, ids = meta[:, :k], meta[:, k:].detach().long() - self.first  # (P*S, k) each, local ids
-        mine = (ids >= 0) & (ids < self.n_local)  # (P*S, k)
+        meta = _gather_rows(torch.cat([w, ids.to(w.dtype)], 1), self.group)  # (P*s, 2k)
+        wg, ids = meta[:, :k], meta[:, k:].detach().long() - self.first  # (P*s, k) each, local ids
+        mine = (ids >= 0) & (ids < self.n_local)  # (P*s, k)
         order, live = self._sentinel_order(torch.where(mine, ids, self.n_local))
-        token_idx = order.perm // k  # (P*S*k,) gathered token of each row
-        xs = _Dispatch.apply(xg, token_idx, order.inv_perm, k)  # (P*S*k, D) local expert order
-        column = live.unsqueeze(-1)  # (P*S*k, 1)
+        token_idx = order.perm // k  # (P*s*k,) gathered token of each row
+        xs = _Dispatch.apply(xg, token_idx, order.inv_perm, k)  # (P*s*k, D) local expert order
+        column = live.unsqueeze(-1)  # (P*s*k, 1)
         xs = torch.where(column, xs, 0)  # rows past the last local expert: no grad flows back
-        scale = torch.where(live, wg.reshape(-1)[order.perm], 0)  # (P*S*k,) fp32
-        o = self._experts(mode, xs, scale, order, weights, act)  # (P*S*k, D), garbage past `live`
+        scale = torch.where(live, wg.reshape(-1)[order.perm], 0)  # (P*s*k,) fp32
+        o = self._experts(mode, xs, scale, order, weights, act)  # (P*s*k, D), garbage past `live`
         o = torch.where(column, o, 0)
-        y = _Combine.apply(o, order.inv_perm, token_idx, k)  # (P*S, D) this rank's experts' share
-        return _scatter_rows(y, self.group)  # (S, D) summed over the group's experts
+        y = _Combine.apply(o, order.inv_perm, token_idx, k)  # (P*s, D) this rank's experts' share
+        return _scatter_rows(y, self.group)  # (s, D) summed over the group's experts
 
     def _local_order(self, recv_counts: Tensor, n_rows: int) -> _LocalOrder:
         """Sort of the received rows (source-major, then expert) into local-expert order."""
