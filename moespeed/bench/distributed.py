@@ -3,7 +3,7 @@
     python -m moespeed.bench.distributed --json benchmarks/results/distributed.json
 
 1. EP layer (when an EP case runs), on 2 GPUs (NCCL, bf16 autocast), for each EP dispatcher (`train.ep_dispatch` alltoall
-   and allgather): an EP=2 MoE layer of small-moe's shape against the same layer on one GPU in fp32
+   and allgather, and allgather in 2 pieces, `train.ep_chunks 2`): an EP=2 MoE layer of small-moe's shape against the same layer on one GPU in fp32
    over the EP group's whole batch: relative errors of the output and of every gradient (NaN
    fails); then its forward+backward time (median of fixed iterations, CUDA events; the slowest
    rank) and peak memory, next to the one-GPU layer (all experts) on the same tokens per GPU.
@@ -62,6 +62,8 @@ class _OneMoE(torch.nn.Module):
 
 
 EP_DISPATCHERS = ("alltoall", "allgather")
+LAYER_VARIANTS = {"alltoall": ("alltoall", 1), "allgather": ("allgather", 1),  # layer check: (dispatch, ep_chunks)
+                  "allgather_chunks2": ("allgather", 2)}
 CASES = {  # training run -> (GPUs, extra CLI args)
     "1gpu": (1, ["--train.grad_accum", "2"]),
     "ddp2": (2, []),
@@ -103,7 +105,7 @@ def _layer_step(model, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 
 def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int = 1024) -> None:
-    """Per rank and dispatcher: EP=2 layer (bf16) vs the fp32 one-GPU layer over the whole batch,
+    """Per rank and dispatcher (LAYER_VARIANTS): EP=2 layer (bf16) vs the fp32 one-GPU layer over the whole batch,
     its time and peak memory; the one-GPU bf16 layer on this rank's tokens; rank 0 writes JSON."""
     import torch.distributed as dist
 
@@ -131,9 +133,9 @@ def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int =
     y_ref, aux_ref = ref(x_ref)
     ((y_ref * dy).sum() / dy[..., 0].numel() + aux_ref).backward()
 
-    for dispatch in EP_DISPATCHERS:
+    for variant, (dispatch, chunks) in LAYER_VARIANTS.items():
         model = _OneMoE(copy.deepcopy(layer))
-        par = parallelize(model, TrainConfig(ep_size=env.world_size, ep_dispatch=dispatch), env)
+        par = parallelize(model, TrainConfig(ep_size=env.world_size, ep_dispatch=dispatch, ep_chunks=chunks), env)
         x_ep = x[mine].clone().requires_grad_()
         y_ep = _layer_step(par.train_model, x_ep, dy[mine])
         par.finish_grads()
@@ -144,7 +146,7 @@ def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int =
             full = ref.get_parameter(name).grad
             errors[f"{name}_grad"] = _rel_err(p.grad, full[shard] if name in ("w1", "w2", "w3") else full)
         step, params = functools.partial(_layer_step, par.train_model, x_ep, dy[mine]), [x_ep, *model.parameters()]
-        result[dispatch] = {"rel_err": errors, "layer_ms": _median_ms(step, params),
+        result[variant] = {"rel_err": errors, "layer_ms": _median_ms(step, params),
                             "layer_peak_mib": peak_mib(step, params, x.device)}
     gathered = [None] * env.world_size
     dist.all_gather_object(gathered, result)
@@ -251,18 +253,18 @@ def print_table(check: dict | None, rows: list[dict]) -> None:
 
 
 def print_layer_check(check: dict) -> None:
-    """Step 1: per dispatcher the worst relative error (bf16 EP=2 vs fp32 one GPU), then layer times."""
+    """Step 1: per dispatcher variant the worst relative error (bf16 EP=2 vs fp32 one GPU), then layer times."""
     if not check:
         print("EP=2 layer check: FAILED (see its output above)")
         return
-    for dispatch in EP_DISPATCHERS:
+    for dispatch in LAYER_VARIANTS:
         errors = check.get(dispatch, {}).get("rel_err", {})
         worst = max(errors.values(), default=None)
         print(f"EP=2 layer check, {dispatch} (bf16 vs fp32 one GPU): worst relative error {_fmt(worst, '.1e')} "
               f"({'ok' if worst is not None and worst <= 1e-2 else 'FAIL'}): "
               + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     print(f"{'MoE layer fwd+bwd':>17} {'ms':>7} {'peak MiB':>9}  (same tokens per GPU; the slowest rank)")
-    for case in ("1gpu", *EP_DISPATCHERS):
+    for case in ("1gpu", *LAYER_VARIANTS):
         values = check.get(case, {})
         name = case if case == "1gpu" else f"ep2_{case}"
         print(f"{name:>17} {_fmt(values.get('layer_ms'), '.2f'):>7} {_fmt(values.get('layer_peak_mib'), '.0f'):>9}")
