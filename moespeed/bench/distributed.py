@@ -263,11 +263,11 @@ def print_layer_check(check: dict) -> None:
         print(f"EP=2 layer check, {dispatch} (bf16 vs fp32 one GPU): worst relative error {_fmt(worst, '.1e')} "
               f"({'ok' if worst is not None and worst <= 1e-2 else 'FAIL'}): "
               + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    print(f"{'MoE layer fwd+bwd':>17} {'ms':>7} {'peak MiB':>9}  (same tokens per GPU; the slowest rank)")
+    print(f"{'MoE layer fwd+bwd':>21} {'ms':>7} {'peak MiB':>9}  (same tokens per GPU; the slowest rank)")
     for case in ("1gpu", *LAYER_VARIANTS):
         values = check.get(case, {})
         name = case if case == "1gpu" else f"ep2_{case}"
-        print(f"{name:>17} {_fmt(values.get('layer_ms'), '.2f'):>7} {_fmt(values.get('layer_peak_mib'), '.0f'):>9}")
+        print(f"{name:>21} {_fmt(values.get('layer_ms'), '.2f'):>7} {_fmt(values.get('layer_peak_mib'), '.0f'):>9}")
 
 
 def main(argv: list[str] | None = None) -> None:
