@@ -475,7 +475,7 @@ class MoE(nn.Module):
             return "grouped_mm" if supported and dtype == torch.bfloat16 else "padded_bmm"
         return mode
 
-    def _routed(self, x2: Tensor, r: Routing, capacity: int, gathered: Tensor | None = None) -> Tensor:
+    def _routed(self, x2: Tensor, r: Routing, capacity: int, gathered: tuple[Tensor, ...] | None = None) -> Tensor:
         """Routed experts for all S tokens: (S, D), in the compute dtype. gathered: EP's prefetch."""
         if self.expert_parallel is not None:
             return self.expert_parallel.routed(self, x2, r, capacity, gathered)

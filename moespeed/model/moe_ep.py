@@ -212,8 +212,7 @@ class ExpertParallel:
         w = r.weights  # (S, k) fp32
         if keep is not None:  # capacity is per source rank: drop here, before gathering
             w = w * keep[r.inv_perm].view(s, k)
-        if gathered is None:
-            gathered = tuple(_gather_rows(piece, self.group) for piece in x2.tensor_split(self.chunks))
+        gathered = self.prefetch(x2) if gathered is None else gathered
         pieces = zip(gathered, w.tensor_split(self.chunks), r.ids.tensor_split(self.chunks))
         out = [self._allgather_piece(xg, wp, ids, mode, weights, act) for xg, wp, ids in pieces]
         return out[0] if len(out) == 1 else torch.cat(out)  # (S, D)
