@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from moespeed.bench.common import free_memory, git_commit, package_version, rel_err
+from moespeed.config import FLEX_KERNELS
 from moespeed.model import masks
 from moespeed.model.attention import AttentionContext
 
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flex-entries", help="with --flex-sweep: comma-separated indices into FLEX_SWEEP")
     parser.add_argument("--flex-cases", default="flex_causal",
                         help="with --flex-sweep: comma-separated Flex op cases to time per entry (default flex_causal)")
-    parser.add_argument("--flex-kernel", choices=("triton", "flash"), default="triton",
+    parser.add_argument("--flex-kernel", choices=FLEX_KERNELS, default="triton",
                         help="model.flex_kernel of the Flex cases and the training step (flash: FlashAttention-4)")
     parser.add_argument("--dims", metavar="H,QK,V",
                         help=f"op part: heads, qk and v head dims (default the small preset's {H},{D_QK},{D_V})")
