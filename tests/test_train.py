@@ -230,7 +230,7 @@ def test_cuda_compiled_moe_training_matches_eager(corpus, tmp_path, variant):
         assert losses[True][step] == pytest.approx(eager, rel=2e-2), (step, losses)
 
 
-def test_compile_scope_blocks_compiles_each_block_in_place(monkeypatch):
+def test_compile_scope_blocks_compiles_each_block_in_place():
     """compile_scope = blocks: every block gets its own compiled call, the run model is returned
     unwrapped (DDP's hooks stay outermost), Dynamo may keep 4 variants per block (block kinds x
     train/eval x mask states; its default 8 would send the rest to eager) and its DDPOptimizer is
@@ -238,12 +238,13 @@ def test_compile_scope_blocks_compiles_each_block_in_place(monkeypatch):
     from moespeed.model.transformer import Transformer
     from moespeed.train.compiling import compile_for_training
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, restored after
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    model = Transformer(tiny_model_config(n_layers=5))
-    assert compile_for_training(model, model, "blocks") is model
-    assert all(block._compiled_call_impl is not None for block in model.blocks)
-    assert torch._dynamo.config.recompile_limit == 20 and torch._dynamo.config.optimize_ddp is False
+    # torch's own config.patch restores these afterwards (pytest's monkeypatch would delete them: they
+    # are not in the config module's __dict__)
+    with torch._dynamo.config.patch(recompile_limit=8, optimize_ddp=True):  # torch's defaults
+        model = Transformer(tiny_model_config(n_layers=5))
+        assert compile_for_training(model, model, "blocks") is model
+        assert all(block._compiled_call_impl is not None for block in model.blocks)
+        assert torch._dynamo.config.recompile_limit == 20 and torch._dynamo.config.optimize_ddp is False
     other = Transformer(tiny_model_config())
     wrapped = compile_for_training(other, other, "model")
     assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and wrapped._orig_mod is other
@@ -252,7 +253,7 @@ def test_compile_scope_blocks_compiles_each_block_in_place(monkeypatch):
         compile_for_training(other, other, "layers")
 
 
-def test_compile_overlap_turns_on_inductors_comm_reordering_with_known_passes(monkeypatch):
+def test_compile_overlap_turns_on_inductors_comm_reordering_with_known_passes():
     """train.compile_overlap sets Inductor's compute/comm reordering with passes that exist in this
     torch (a renamed pass would fail only at compile time on GPUs); off, the config is left alone."""
     import torch._inductor.comms as comms
@@ -261,12 +262,13 @@ def test_compile_overlap_turns_on_inductors_comm_reordering_with_known_passes(mo
     from moespeed.train.compiling import compile_for_training
 
     inductor = torch._inductor.config
-    monkeypatch.setattr(inductor, "reorder_for_compute_comm_overlap", False)
-    monkeypatch.setattr(inductor, "reorder_for_compute_comm_overlap_passes", [])
-    model = Transformer(tiny_model_config())
-    compile_for_training(model, model, "blocks")
-    assert inductor.reorder_for_compute_comm_overlap is False
-    compile_for_training(model, model, "blocks", overlap=True)
-    assert inductor.reorder_for_compute_comm_overlap is True
-    passes = inductor.reorder_for_compute_comm_overlap_passes
-    assert passes and all(callable(getattr(comms, name, None)) for name in passes)
+    restore = dict(recompile_limit=torch._dynamo.config.recompile_limit, optimize_ddp=torch._dynamo.config.optimize_ddp)
+    with inductor.patch(reorder_for_compute_comm_overlap=False, reorder_for_compute_comm_overlap_passes=[]), \
+            torch._dynamo.config.patch(**restore):  # all four restored afterwards
+        model = Transformer(tiny_model_config())
+        compile_for_training(model, model, "blocks")
+        assert inductor.reorder_for_compute_comm_overlap is False
+        compile_for_training(model, model, "blocks", overlap=True)
+        assert inductor.reorder_for_compute_comm_overlap is True
+        passes = inductor.reorder_for_compute_comm_overlap_passes
+        assert passes and all(callable(getattr(comms, name, None)) for name in passes)
