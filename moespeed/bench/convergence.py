@@ -42,17 +42,21 @@ def main(argv=None) -> None:
     out = Path(args.out_dir)
     curves: dict[str, dict[float, list]] = {"adamw": {}, "muon": {}}
     for optimizer, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
-        for lr in map(float, lrs.split(",")):
+        for lr in [float(x) for x in lrs.split(",") if x.strip()]:  # "" skips this optimizer
             run_dir = out / f"{optimizer}-lr{lr:g}"
             overrides = [("train.optimizer", optimizer), ("train.lr", lr), ("train.steps", args.steps),
                          ("train.eval_every", args.eval_every), ("train.ckpt_every", args.steps),
                          ("train.run_dir", str(run_dir)), ("train.keep_last", 1)] + [tuple(kv) for kv in args.set]
             Trainer(build_config(args.preset, None, overrides)).fit()
             curves[optimizer][lr] = val_curve(run_dir)
+    curves = {opt: c for opt, c in curves.items() if c}
+    if not curves:
+        raise SystemExit("convergence: --adamw-lrs and --muon-lrs are both empty: give at least one lr")
     best = {opt: min(c, key=lambda lr: c[lr][-1][1]) for opt, c in curves.items()}
-    target = curves["muon"][best["muon"]][-1][1]
-    adamw_steps = steps_to_reach(curves["adamw"][best["adamw"]], target)
-    muon_steps = steps_to_reach(curves["muon"][best["muon"]], curves["adamw"][best["adamw"]][-1][1])
+    adamw_steps = muon_steps = None
+    if len(curves) == 2:  # both optimizers ran: how many steps each needs to reach the other's final loss
+        adamw_steps = steps_to_reach(curves["adamw"][best["adamw"]], curves["muon"][best["muon"]][-1][1])
+        muon_steps = steps_to_reach(curves["muon"][best["muon"]], curves["adamw"][best["adamw"]][-1][1])
     summary = {"preset": args.preset, "steps": args.steps, "best_lr": best,
                "final_val_loss": {o: curves[o][best[o]][-1][1] for o in curves},
                "adamw_steps_to_muon_final": adamw_steps,  # None: AdamW never got there within --steps
@@ -67,7 +71,7 @@ def main(argv=None) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for opt, color in (("adamw", "tab:blue"), ("muon", "tab:red")):
-        for lr, curve in curves[opt].items():
+        for lr, curve in curves.get(opt, {}).items():
             ax.plot(*zip(*curve), color=color, lw=2.5 if lr == best[opt] else 0.8,
                     alpha=1 if lr == best[opt] else 0.5, label=f"{opt} lr={lr:g}")
     ax.set_xlabel("step")
