@@ -5,8 +5,6 @@
 - `_update_fused` / `_update_reference`: decoupled weight decay and the orthogonalized update.
 - `_addmm_triton`: NS's "alpha L @ R + beta D" batched GEMM that reads D in its epilogue (baddbmm
   first copies D into its output).
-- `_syrk_triton`: NS's symmetric products "alpha L @ L^T + beta D" (A = X X^T, and b A + c A^2 as
-  A A^T): only the tiles on and above the diagonal are computed, each mirrored.
 - `_fused_works`: the one-time check, per device, that the fused kernels agree with the references.
 One launch covers a run of tensors whose addresses sit at multiples of 16 elements from the first
 (`_launch_runs`), so a whole shape class is one kernel. On CPU the kernels run only under
@@ -88,11 +86,6 @@ if triton is not None:
         for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
     ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
 
-    _SYRK_CONFIGS = [  # square output tiles (a tile and its mirror have the same shape)
-        triton.Config({"BLOCK": b, "BLOCK_K": 64}, num_warps=w, num_stages=st)
-        for b, w, st in [(128, 8, 3), (64, 4, 4)]
-    ] if not _INTERPRET else [triton.Config({"BLOCK": 32, "BLOCK_K": 32}, num_warps=4)]
-
     @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
@@ -133,51 +126,6 @@ if triton is not None:
         tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, _to_bf16(out, INTERPRET),
                  mask=mask)
 
-    @triton.autotune(configs=_SYRK_CONFIGS, key=["M", "K", "HAS_D"])
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-    @triton.jit
-    def _syrk_kernel(l_ptr, d_ptr, c_ptr, M, K, s_lb, s_lm, s_lk, s_db, s_dm, s_dn, s_cb, s_cm, s_cn,
-                     alpha, beta, HAS_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
-        """C[z] = alpha * L[z] @ L[z]^T + beta * D[z] with D[z] symmetric (M, M): only the tiles on or
-        above the diagonal are computed (half the products of a full GEMM); each off-diagonal tile
-        is also stored transposed in its mirror position. One program per (z, tile row, tile col);
-        those below the diagonal do nothing. bf16 in and out, fp32 accumulation."""
-        tiles = tl.cdiv(M, BLOCK)
-        pid = tl.program_id(0)
-        z = (pid // (tiles * tiles)).to(tl.int64)
-        ti = (pid % (tiles * tiles)) // tiles
-        tj = pid % tiles
-        if ti <= tj:
-            rm = ti * BLOCK + tl.arange(0, BLOCK)
-            rn = tj * BLOCK + tl.arange(0, BLOCK)
-            rk = tl.arange(0, BLOCK_K)
-            a_ptrs = l_ptr + z * s_lb + rm[:, None] * s_lm + rk[None, :] * s_lk  # (BLOCK, BLOCK_K)
-            b_ptrs = l_ptr + z * s_lb + rk[:, None] * s_lk + rn[None, :] * s_lm  # L^T: (BLOCK_K, BLOCK)
-            acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                if EVEN_K:
-                    lhs = tl.load(a_ptrs, mask=rm[:, None] < M, other=0.0)
-                    rhs = tl.load(b_ptrs, mask=rn[None, :] < M, other=0.0)
-                else:
-                    k_left = K - k * BLOCK_K
-                    lhs = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
-                    rhs = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < M), other=0.0)
-                if INTERPRET:
-                    lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
-                acc = tl.dot(lhs, rhs, acc)
-                a_ptrs += BLOCK_K * s_lk
-                b_ptrs += BLOCK_K * s_lk
-            mask = (rm[:, None] < M) & (rn[None, :] < M)
-            out = alpha * acc  # (BLOCK, BLOCK)
-            if HAS_D:
-                d = tl.load(d_ptr + z * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=mask, other=0.0)
-                out += beta * d.to(tl.float32)
-            out = _to_bf16(out, INTERPRET)
-            tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, out, mask=mask)
-            if ti < tj:  # the mirror tile: C[rn, rm] = C[rm, rn]^T
-                tl.store(c_ptr + z * s_cb + rn[None, :] * s_cm + rm[:, None] * s_cn, out, mask=mask)
-
 
 def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
     """Triton: out = alpha * L @ R + beta * D; out (n, M, N) must not overlap L, R or D."""
@@ -189,23 +137,6 @@ def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, ou
 
     _addmm_kernel[grid](L, R, D, out, M, N, K, *L.stride(), *R.stride(), *D.stride(), *out.stride(),
                         float(alpha), float(beta), INTERPRET=_INTERPRET)
-    return out
-
-
-def _syrk_triton(L: Tensor, D: Tensor | None, alpha: float, beta: float, out: Tensor) -> Tensor:
-    """Triton: out = alpha * L @ L^T + beta * D (D symmetric, or None: beta ignored) for a batch
-    L (n, M, K), any strides (L = Y.mT gives Y^T Y); out (n, M, M) must not overlap L or D."""
-    n, M, K = L.shape
-    if D is None:
-        D, has_d = out, False  # not read
-    else:
-        has_d = True
-
-    def grid(meta):
-        return (n * triton.cdiv(M, meta["BLOCK"]) ** 2,)
-
-    _syrk_kernel[grid](L, D, out, M, K, *L.stride(), *D.stride(), *out.stride(), float(alpha), float(beta),
-                       HAS_D=has_d, INTERPRET=_INTERPRET)
     return out
 
 

@@ -124,8 +124,8 @@ try:  # DTensor (FSDP2 params); absent from builds without torch.distributed
 except ImportError:  # pragma: no cover
     DTensor, distribute_tensor = (), None
 
-from ..kernels.muon_triton import (_addmm_triton, _fused_works, _momentum_fused, _momentum_reference, _syrk_triton,
-                                   _update_fused, _update_reference, triton)
+from ..kernels.muon_triton import (_addmm_triton, _fused_works, _momentum_fused, _momentum_reference, _update_fused,
+                                   _update_reference, triton)
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -145,7 +145,6 @@ MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its tran
 # latency-bound ones (H100: (768, 384) x12, (768, 512) x11, (3072, 768) x1), not (3072, 768) x12 (28M)
 PAD_FLOPS = 10**11  # zero-padding that adds at most this many NS FLOPs may merge two classes
 DEFAULT_STREAMS = 3  # CUDA side streams that run shape classes concurrently (streams=None); see below
-SYMMETRIC_PRODUCTS = True  # gemm "triton": A = X X^T and A^2 by `_syrk_triton` (half the tiles); False: full GEMMs
 CALL_FLOPS = 10**11  # scheduling cost of one NS call (~0.3 ms: small NS calls are latency-bound)
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
@@ -173,8 +172,7 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
     Wide blocks: X <- a X + B X with B = b A + c A^2, A = X X^T (rows x rows). Tall blocks: the
     transposed iteration X <- a X + X B with A = X^T X (cols x cols). `gemm` computes the two
     "alpha L R + beta D" products: "torch" = baddbmm (cuBLAS; it first copies D into its output),
-    "triton" = `_addmm_kernel` (reads D in the epilogue), and the symmetric products A and A^2 = A A^T
-    by `_syrk_kernel` (tiles on and above the diagonal only). `method="gram"` runs `_gram_orthogonalize_`
+    "triton" = `_addmm_kernel` (reads D in the epilogue). `method="gram"` runs `_gram_orthogonalize_`
     instead where `gram_pays`. The optimizer calls this on slices of its stack; tests count the calls.
     """
     if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
@@ -183,15 +181,9 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
     a, b, c = coefficients
     tall = X.shape[-2] > X.shape[-1]
     Y = X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # ||Y||_F = 1 per matrix
-    symmetric = gemm == "triton" and SYMMETRIC_PRODUCTS
     for i in range(steps):
-        if symmetric:
-            m = min(X.shape[-2:])
-            A = _syrk_triton(Y.mT if tall else Y, None, 1.0, 0.0, X.new_empty(X.shape[0], m, m))  # (n, m, m)
-            B = _syrk_triton(A, A, c, b, torch.empty_like(A))  # b A + c A A^T = b A + c A^2
-        else:
-            A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
-            B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
+        A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
+        B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
         left, right = (Y, B) if tall else (B, Y)
         if i == steps - 1 and i > 0:  # Y no longer aliases X: write the result into X
             _addmm(left, right, Y, 1.0, a, gemm, out=X)
