@@ -487,6 +487,11 @@ _FUSED_SCRIPT = textwrap.dedent('''
         ref = 0.7 * (L.float() @ R.float()) - 1.3 * D.float()  # (n, m, cols), exact products
         assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-6).all()  # one bf16 rounding
 
+    X = torch.randn(3, 40, 1500, generator=g).bfloat16() * torch.tensor([1.0, 1e-3, 0.0])[:, None, None]
+    ref = X.float() / X.float().norm(dim=(-2, -1), keepdim=True).clamp(min=M.EPS)  # (3, 40, 1500)
+    out = K._normalize_triton(X.clone(), M.EPS)  # 1500 * 40 elements: a partial last program
+    assert ((out.float() - ref).abs() <= 2**-8 * ref.abs()).all() and not out[2].any()
+
     def params():
         g = torch.Generator().manual_seed(1)
         shapes = [(16, 24), (16, 24), (24, 16), (3, 16, 24), (16, 24), (24, 16), (24, 16), (2, 24, 16),

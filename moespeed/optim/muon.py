@@ -124,8 +124,8 @@ try:  # DTensor (FSDP2 params); absent from builds without torch.distributed
 except ImportError:  # pragma: no cover
     DTensor, distribute_tensor = (), None
 
-from ..kernels.muon_triton import (_addmm_triton, _fused_works, _momentum_fused, _momentum_reference, _update_fused,
-                                   _update_reference, triton)
+from ..kernels.muon_triton import (_addmm_triton, _fused_works, _momentum_fused, _momentum_reference,
+                                   _normalize_triton, _update_fused, _update_reference, triton)
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -180,7 +180,7 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
         return
     a, b, c = coefficients
     tall = X.shape[-2] > X.shape[-1]
-    Y = X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # ||Y||_F = 1 per matrix
+    Y = _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix
     for i in range(steps):
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
         B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
@@ -190,6 +190,14 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
             return
         Y = _addmm(left, right, Y, 1.0, a, gemm)  # (n, rows, cols)
     X.copy_(Y)  # steps == 1
+
+
+def _normalize_(X: Tensor, eps: float, gemm: str = "torch") -> Tensor:
+    """X (n, rows, cols) in place: each matrix divided by max(its Frobenius norm, eps). With the
+    Triton GEMMs also a Triton scaling pass (the broadcast division is slow on the GPU)."""
+    if gemm == "triton":
+        return _normalize_triton(X, eps)
+    return X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
 
 
 def _faster_gemm(blocks: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
