@@ -102,11 +102,11 @@ if triton is not None:
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn,
-                      s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, diag, BLOCK_M: tl.constexpr,
+                      s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      HAS_DIAG: tl.constexpr, INTERPRET: tl.constexpr):
-        """C[z] = alpha * L[z] @ R[z] + beta * D[z] (+ diag * I if HAS_DIAG): bf16 in and out, fp32
-        accumulation; one program per (z, output tile), D read in the epilogue (no copy of D into C).
+                      INTERPRET: tl.constexpr):
+        """C[z] = alpha * L[z] @ R[z] + beta * D[z]: bf16 in and out, fp32 accumulation; one
+        program per (z, output tile), D read in the epilogue (no copy of D into C first).
         INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong)."""
         tiles_n = tl.cdiv(N, BLOCK_N)
         tiles = tl.cdiv(M, BLOCK_M) * tiles_n
@@ -135,16 +135,12 @@ if triton is not None:
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         d = tl.load(d_ptr + z * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=mask, other=0.0)
         out = alpha * acc + beta * d.to(tl.float32)  # (BLOCK_M, BLOCK_N)
-        if HAS_DIAG:
-            out += tl.where(rm[:, None] == rn[None, :], diag, 0.0)
         tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, _to_bf16(out, INTERPRET),
                  mask=mask)
 
 
-def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor,
-                  diag: float | None = None) -> Tensor:
-    """Triton: out = alpha * L @ R + beta * D (+ diag * I when given); out (n, M, N) must not overlap
-    L, R or D."""
+def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
+    """Triton: out = alpha * L @ R + beta * D; out (n, M, N) must not overlap L, R or D."""
     n, M, K = L.shape
     N = R.shape[-1]
 
@@ -152,8 +148,7 @@ def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, ou
         return (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _addmm_kernel[grid](L, R, D, out, M, N, K, *L.stride(), *R.stride(), *D.stride(), *out.stride(),
-                        float(alpha), float(beta), float(diag or 0.0), HAS_DIAG=diag is not None,
-                        INTERPRET=_INTERPRET)
+                        float(alpha), float(beta), INTERPRET=_INTERPRET)
     return out
 
 

@@ -172,10 +172,7 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
     Wide blocks: X <- a X + B X with B = b A + c A^2, A = X X^T (rows x rows). Tall blocks: the
     transposed iteration X <- a X + X B with A = X^T X (cols x cols). `gemm` computes the two
     "alpha L R + beta D" products: "torch" = baddbmm (cuBLAS; it first copies D into its output),
-    "triton" = `_addmm_kernel` (reads D in the epilogue) forming P = a I + b A + c A^2, then X <- P X
-    by a plain cuBLAS bmm (no D to read: 84 vs 117-122 us for 235 (256, 768) blocks on an H100,
-    `ns_gemm_sweep.json`; rounding a I into bf16 P costs a relative 2^-9 of the output, like the final
-    rounding). `method="gram"` runs `_gram_orthogonalize_`
+    "triton" = `_addmm_kernel` (reads D in the epilogue). `method="gram"` runs `_gram_orthogonalize_`
     instead where `gram_pays`. The optimizer calls this on slices of its stack; tests count the calls.
     """
     if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
@@ -186,14 +183,6 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
     Y = _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix
     for i in range(steps):
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
-        if gemm == "triton":  # P = a I + b A + c A^2 (small), then X <- P X: a plain cuBLAS bmm
-            P = _addmm_triton(A, A, A, c, b, torch.empty_like(A), diag=a)  # (n, m, m)
-            left, right = (Y, P) if tall else (P, Y)
-            if i == steps - 1 and i > 0:  # Y no longer aliases X: write the result into X
-                torch.bmm(left, right, out=X)
-                return
-            Y = torch.bmm(left, right)  # (n, rows, cols)
-            continue
         B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
         left, right = (Y, B) if tall else (B, Y)
         if i == steps - 1 and i > 0:  # Y no longer aliases X: write the result into X
