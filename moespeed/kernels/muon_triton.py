@@ -93,9 +93,10 @@ if triton is not None:
 
 
 if triton is not None:
-    _GEMM_CONFIGS = [  # Hopper-friendly tiles; one small tile for the interpreter
+    _GEMM_CONFIGS = [  # Hopper-friendly tiles (the last two won NS shapes of `small` in s7_ns_gemm_sweep.json);
+        # one small tile for the interpreter
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
+        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3)]
     ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
 
     @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
