@@ -198,7 +198,7 @@ class TrainConfig:
     eval_batches: int = option(8, "val batches per evaluation")
     ckpt_every: int = option(100, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(2, "checkpoints kept in the run directory")
-    log_every: int = option(10, "write train metrics every N steps")
+    log_every: int = option(10, "write train metrics every N steps (and, when stderr is not a terminal, e.g. a log file, print them as one plain line instead of a progress bar)")
     seed: int = option(1337, "seed of init, data order and dropout")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -216,8 +217,10 @@ class Trainer:
         interval_loss = torch.tensor(counters["interval_loss_sum"], device=self.device)
         interval_start, interval_tokens = time.time(), 0
         expert_loads: list = []
+        # a live bar on a terminal; in a log file (cluster jobs, nohup, pipes) one plain line per log_every
+        interactive = env.is_main and sys.stderr.isatty()
         bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not env.is_main)
+                   disable=not interactive)
         profiler = StepProfiler(tc.profile_steps, self.run_dir, env.is_main, self.device)
 
         def checkpoint_state() -> dict:
@@ -267,6 +270,8 @@ class Trainer:
                     record.update(moe_record)
                     metrics.log(record)
                     bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                    if not interactive:
+                        self.log(progress_line(record, tc.steps))
                     interval_loss.zero_()
                     counters["interval_steps"] = 0
                     interval_start, interval_tokens = time.time(), 0
@@ -298,3 +303,15 @@ class Trainer:
             png = plot_loss_curve(self.run_dir)
             self.log(f"done: {self.run_dir} (loss curve: {png})")
         return self.run_dir
+
+
+def progress_line(record: dict, total_steps: int) -> str:
+    """One plain progress line from a train metrics record (for logs that are not a terminal)."""
+    line = (f"step {record['step']}/{total_steps}: loss {record['train_loss']:.4f}, "
+            f"{record['tokens_per_s']:,.0f} tok/s, lr {record['lr']:.3g}, {record['elapsed_s']:.0f} s")
+    if "mfu" in record:
+        line += f", MFU {record['mfu']:.3f}"
+    if "peak_mem_gib" in record:
+        line += f", peak {record['peak_mem_gib']:.1f} GiB"
+    return line
+
