@@ -214,6 +214,7 @@ class TrainConfig:
     ep_size: int = option(1, "expert parallelism: routed experts split over groups of ep_size ranks (must divide the number of processes and model.moe.n_routed_experts); data parallel over the groups")
     ep_dispatch: str = option("auto", "how expert parallelism moves token copies: alltoall (each copy to its expert's rank and back; one host sync per layer), allgather (all-gather tokens, reduce-scatter outputs; no host sync, ep_size x the expert rows in memory), auto = allgather when model.moe.num_experts_per_tok >= ep_size", choices=EP_DISPATCHERS)
     ep_chunks: int = option(1, "allgather dispatcher: split each MoE layer's tokens into this many pieces, each gathered, run through the experts and scattered on its own, so one piece's exchange can overlap another's expert FFN; 1 = one piece")
+    ep_masked_rows: bool = option(False, "allgather dispatcher: dispatch/combine kernels (Triton on CUDA) that read and write only the rows of this rank's experts, not all ep_size x tokens x top-k rows (not yet measured on GPUs, so off)")
 
     def validate(self) -> None:
         for key in ("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every"):

@@ -1,6 +1,9 @@
 """Small shared builders for the tests: a tiny config, a tiny corpus."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from moespeed.config import ModelConfig, build_config
@@ -41,3 +44,15 @@ def tiny_config(data_dir: Path, run_dir: Path, cache_dir: Path, steps: int = 6):
     pairs = [(args[i][2:], args[i + 1]) for i in range(0, len(args), 2)]
     pairs = [(k, [v] if k == "data.data" else v) for k, v in pairs]
     return build_config("quickstart", None, pairs)
+
+
+def run_interpreted(script: str, marker: str) -> None:
+    """Run a Python script in a subprocess with TRITON_INTERPRET=1 (it must be set before Triton kernels
+    are defined) from the repository root; assert it exits 0 and prints `marker`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and marker in proc.stdout, proc.stdout + proc.stderr[-3000:]
+

@@ -66,6 +66,7 @@ def _objective(y, aux, dy, n_tokens):
 # pieces (ep_chunks 3 over 16 tokens: uneven), the same results
 EP_LAYER_PATHS = [("alltoall", "auto", 1), ("allgather", "padded_bmm", 1), ("allgather", "grouped_mm", 1),
                   ("allgather", "padded_bmm", 3)]
+EP_MASKED_PATHS = [("allgather", "padded_bmm", 1), ("allgather", "grouped_mm", 3)]  # train.ep_masked_rows
 
 
 def _ep_layer_worker(rank: int, world: int, port: int) -> None:
@@ -76,20 +77,21 @@ def _ep_layer_worker(rank: int, world: int, port: int) -> None:
         # a clear error when the ranks disagree on the config
         with pytest.raises(ConfigError, match="rank 0 has train.steps = 200, rank 3 has train.steps = 300"):
             check_same_config(f"[train]\nsteps = {300 if rank == 3 else 200}\n", DistEnv(rank, world))
-        for ep_dispatch, mode, chunks in EP_LAYER_PATHS:
+        paths = [p + (False,) for p in EP_LAYER_PATHS] + [p + (True,) for p in EP_MASKED_PATHS]
+        for ep_dispatch, mode, chunks, masked in paths:
             cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
                             activation="swiglu", aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01,
                             dispatch=mode)
             for case in ("random", "rank 1 of each EP group receives nothing"):
-                _check_ep_layer(rank, world, cfg, ep_dispatch, f"{ep_dispatch}/{mode}/{chunks}, {case}",
-                                case != "random", chunks)
+                _check_ep_layer(rank, world, cfg, ep_dispatch, f"{ep_dispatch}/{mode}/{chunks}/masked={masked}, {case}",
+                                case != "random", chunks, masked)
         dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
 
 
 def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, case: str, skewed: bool,
-                    chunks: int = 1) -> None:
+                    chunks: int = 1, masked: bool = False) -> None:
     """EP=2 x DP=2 layer vs one process: output, aux loss, input, router, shared and expert grads."""
     torch.manual_seed(0)  # the same layer and batch on every rank
     ref = MoE(24, cfg)
@@ -108,8 +110,8 @@ def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, cas
         aux_ref.append(aux.detach())
     y_ref, aux_ref = torch.cat(y_ref), aux_ref[rank // 2]  # (B, T, D), this rank's EP group's aux
     # expert parallel: EP groups {0, 1}, {2, 3}; data parallel over the groups
-    par = parallelize(ep_model, TrainConfig(ep_size=2, ep_dispatch=ep_dispatch, ep_chunks=chunks),
-                      DistEnv(rank, world))
+    par = parallelize(ep_model, TrainConfig(ep_size=2, ep_dispatch=ep_dispatch, ep_chunks=chunks,
+                                            ep_masked_rows=masked), DistEnv(rank, world))
     mine = slice(2 * rank, 2 * rank + 2)
     x_ep = x[mine].clone().requires_grad_()
     with par.micro_step(last=False):  # accumulation: DDP skips its all-reduce
@@ -122,6 +124,7 @@ def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, cas
     moe, shard = ep_model.moe, slice(2 * (rank % 2), 2 * (rank % 2) + 2)
     assert moe.w1.shape[0] == 2 and moe.expert_parallel.dispatch == ep_dispatch
     assert moe.expert_parallel.chunks == chunks
+    assert moe.expert_parallel.masked_rows == masked
     assert (ref._load_counts[2:].sum() == 0) == skewed  # nothing for EP rank 1
     close = dict(rtol=1e-4, atol=1e-6, msg=lambda m: f"{case}, rank {rank}: {m}")
     torch.testing.assert_close(y_ep, y_ref[mine], **close)
@@ -153,24 +156,26 @@ def _ep_compile_worker(rank: int, world: int, port: int) -> None:
         cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
                         activation="swiglu", aux_loss_coef=0.1, dispatch="padded_bmm")  # grouped_mm: bf16 CUDA only under compile
         torch.manual_seed(0)
-        models = [_OneMoE(MoE(24, cfg)) for _ in range(3)]
+        models = [_OneMoE(MoE(24, cfg)) for _ in range(4)]
         for model in models[1:]:
             model.load_state_dict(models[0].state_dict())
-        for model, chunks in zip(models, (1, 1, 2)):  # EP=2 over both ranks, no data parallelism
-            parallelize(model, TrainConfig(ep_size=2, ep_dispatch="allgather", ep_chunks=chunks), DistEnv(rank, world))
+        for model, chunks, masked in zip(models, (1, 1, 2, 2), (False, False, False, True)):  # EP=2, no DP
+            parallelize(model, TrainConfig(ep_size=2, ep_dispatch="allgather", ep_chunks=chunks,
+                                           ep_masked_rows=masked), DistEnv(rank, world))
         torch.manual_seed(1 + rank)
         x, dy = torch.randn(2, 8, 24), torch.randn(2, 8, 24)
         results = []
-        for model, compiled in zip(models, (False, True, True)):  # the last in 2 pieces
+        for model, compiled in zip(models, (False, True, True, True)):  # the last two in 2 pieces, the last masked
             # fullgraph: the whole layer, collectives included, is one graph (a break raises)
             run = torch.compile(model.moe, backend="aot_eager", fullgraph=True) if compiled else model.moe
             xr = x.clone().requires_grad_()
             y, aux = run(xr)
             _objective(y, aux, dy, 16).backward()
             results.append((y.detach(), xr.grad, model.moe.w1.grad, model.moe.gate.grad))
-        for eager, compiled, chunked in zip(*results):
+        for eager, compiled, chunked, masked in zip(*results):
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(chunked, eager, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(masked, eager, rtol=1e-5, atol=1e-6)
         dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
@@ -178,8 +183,8 @@ def _ep_compile_worker(rank: int, world: int, port: int) -> None:
 
 def test_allgather_expert_parallel_layer_compiles_as_one_graph():
     """The allgather dispatcher has no host sync and uses functional collectives, so torch.compile
-    traces the EP layer whole (fullgraph), also in 2 pieces (ep_chunks), and matches eager in outputs
-    and gradients."""
+    traces the EP layer whole (fullgraph), also in 2 pieces (ep_chunks) and with the masked-row custom
+    ops (ep_masked_rows), and matches eager in outputs and gradients."""
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method=method)
 

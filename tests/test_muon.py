@@ -4,8 +4,6 @@ import contextlib
 import importlib.util
 import os
 import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,6 +13,7 @@ import torch.multiprocessing as mp
 
 from moespeed.optim import muon as muon_mod
 from moespeed.optim.muon import SHARES, Muon, lr_scale, muon_eligible, newton_schulz
+from helpers import run_interpreted
 
 HAS_TORCH_MUON = hasattr(torch.optim, "Muon")
 
@@ -530,12 +529,7 @@ _FUSED_SCRIPT = textwrap.dedent('''
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_fused_triton_kernels_match_reference():
     """Triton kernels (CPU interpreter, GPU rounding emulated) vs the reference, alone and in steps."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", _FUSED_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "fused ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    run_interpreted(_FUSED_SCRIPT, "fused ok")
 
 
 # ---------------------------------------------------------------- distributed (2 ranks, gloo)

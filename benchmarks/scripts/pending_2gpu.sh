@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The two-GPU measurements issue #8 still needs, in one call of the device tool's `nvidia-h200-x2`
+# The two-GPU measurements issue #8 still needs, in one or two calls of the device tool's `nvidia-h200-x2`
 # (they could not run in session 7: multi-GPU machines were withheld). From the repository root:
 #   bash benchmarks/scripts/pending_2gpu.sh        # writes $OUT/*.json and $OUT/pending_2gpu.log
 # Each bench run writes its own JSON (BENCHMARKING.md format); set "commit" to the commit that ran.
-# Budget: 4 runs of ~2 min (compile) each; the `--timeout` guards stop a hung run.
+# Budget: 5 calls of ~2-4 min (compile) each: more than one 10-minute device call; split the lines over
+# two calls if needed. The `--timeout` guards stop a hung run.
 set -uo pipefail
 export PYTHONPATH=$PWD
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: no NVLink multicast
@@ -14,3 +15,7 @@ bench --cases 1gpu,ddp2,ep2_allgather --set train.compile_overlap true --json "$
 # the chunked dispatch: one piece's exchange overlaps the other piece's expert FFN
 bench --cases ep2_allgather --set train.compile_overlap true --set train.ep_chunks 2 --json "$OUT/distributed_ep_chunks2.json"
 bench --cases ep2_allgather --set train.ep_chunks 2 --json "$OUT/distributed_ep_chunks2_nooverlap.json"
+# the masked-row dispatch/combine (train.ep_masked_rows; the EP layer check above already times it as
+# ep2_allgather_masked), then with the chunks and reordering if it helps
+bench --cases ep2_allgather --set train.compile_overlap true --set train.ep_masked_rows true --json "$OUT/distributed_ep_masked.json"
+bench --cases ep2_allgather --set train.compile_overlap true --set train.ep_masked_rows true --set train.ep_chunks 2 --json "$OUT/distributed_ep_masked_chunks2.json"

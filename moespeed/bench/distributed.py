@@ -62,8 +62,9 @@ class _OneMoE(torch.nn.Module):
 
 
 EP_DISPATCHERS = ("alltoall", "allgather")
-LAYER_VARIANTS = {"alltoall": ("alltoall", 1), "allgather": ("allgather", 1),  # layer check: (dispatch, ep_chunks)
-                  "allgather_chunks2": ("allgather", 2)}
+LAYER_VARIANTS = {"alltoall": ("alltoall", 1, False), "allgather": ("allgather", 1, False),  # layer check:
+                  "allgather_chunks2": ("allgather", 2, False),  # (dispatch, ep_chunks, ep_masked_rows)
+                  "allgather_masked": ("allgather", 1, True)}
 CASES = {  # training run -> (GPUs, extra CLI args)
     "1gpu": (1, ["--train.grad_accum", "2"]),
     "ddp2": (2, []),
@@ -133,9 +134,10 @@ def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int =
     y_ref, aux_ref = ref(x_ref)
     ((y_ref * dy).sum() / dy[..., 0].numel() + aux_ref).backward()
 
-    for variant, (dispatch, chunks) in LAYER_VARIANTS.items():
+    for variant, (dispatch, chunks, masked) in LAYER_VARIANTS.items():
         model = _OneMoE(copy.deepcopy(layer))
-        par = parallelize(model, TrainConfig(ep_size=env.world_size, ep_dispatch=dispatch, ep_chunks=chunks), env)
+        par = parallelize(model, TrainConfig(ep_size=env.world_size, ep_dispatch=dispatch, ep_chunks=chunks,
+                                             ep_masked_rows=masked), env)
         x_ep = x[mine].clone().requires_grad_()
         y_ep = _layer_step(par.train_model, x_ep, dy[mine])
         par.finish_grads()

@@ -37,6 +37,11 @@ rows of other ranks' experts are allocated but, with `grouped_mm`, not computed)
 gathered tokens. Every rank of the group must pass the same number of tokens S (true in training
 and eval: the batch shape is fixed); ranks that get no copy still join every collective.
 
+`train.ep_masked_rows` (allgather): the dispatch and combine use `moespeed.kernels.masked_rows`,
+which read and write only the live rows (the first ends[-1] of the sort, a count on the device) and
+need no `torch.where` over all P*S*k rows; the unmasked kernels spend 2x their one-GPU time there
+at EP = 2. Off by default until measured on two GPUs.
+
 Garbage rows: `torch._grouped_mm` computes only rows up to offs[-1]; the rows after it (copies of
 other ranks' experts) are uninitialized in the forward output and in the backward's input grads.
 So `torch.where` zeroes them on the FFN's input, its routing weights and its output, which also
@@ -61,6 +66,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
+from ..kernels.masked_rows import masked_combine, masked_dispatch
 from .moe import (_Combine, _Dispatch, _compute_dtype, _position_in_group, _sort_by_expert, grouped_mm_experts,
                   padded_bmm_experts)
 
@@ -131,7 +137,8 @@ class _LocalOrder(NamedTuple):
 class ExpertParallel:
     """Moves each token copy to the EP rank holding its expert and brings the result back."""
 
-    def __init__(self, group, n_experts: int, dispatch: str = "alltoall", chunks: int = 1):
+    def __init__(self, group, n_experts: int, dispatch: str = "alltoall", chunks: int = 1,
+                 masked_rows: bool = False):
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if n_experts % self.size:
@@ -141,6 +148,7 @@ class ExpertParallel:
         if chunks < 1:
             raise ValueError(f"EP chunks = {chunks}: must be >= 1")
         self.dispatch, self.chunks = dispatch, chunks  # chunks: allgather only (see `_routed_allgather`)
+        self.masked_rows = masked_rows  # allgather only: dispatch/combine skip other ranks' rows
         self.n_local = n_experts // self.size
         self.first = self.rank * self.n_local  # global id of this rank's first expert
 
@@ -227,10 +235,16 @@ class ExpertParallel:
         mine = (ids >= 0) & (ids < self.n_local)  # (P*s, k)
         order, live = self._sentinel_order(torch.where(mine, ids, self.n_local))
         token_idx = order.perm // k  # (P*s*k,) gathered token of each row
+        scale = torch.where(live, wg.reshape(-1)[order.perm], 0)  # (P*s*k,) fp32
+        if self.masked_rows:  # kernels that touch only the live rows (grouped_mm never reads the others)
+            n_live, zero_dead = order.ends[-1], mode != "grouped_mm"  # () live rows, on the device
+            xs = masked_dispatch(xg, token_idx, order.inv_perm, k, n_live, zero_dead)  # (P*s*k, D)
+            o = self._experts(mode, xs, scale, order, weights, act)  # (P*s*k, D), garbage past `live`
+            y = masked_combine(o, order.inv_perm, token_idx, k, n_live, zero_dead)  # (P*s, D)
+            return _scatter_rows(y, self.group)  # (s, D) summed over the group's experts
         xs = _Dispatch.apply(xg, token_idx, order.inv_perm, k)  # (P*s*k, D) local expert order
         column = live.unsqueeze(-1)  # (P*s*k, 1)
         xs = torch.where(column, xs, 0)  # rows past the last local expert: no grad flows back
-        scale = torch.where(live, wg.reshape(-1)[order.perm], 0)  # (P*s*k,) fp32
         o = self._experts(mode, xs, scale, order, weights, act)  # (P*s*k, D), garbage past `live`
         o = torch.where(column, o, 0)
         y = _Combine.apply(o, order.inv_perm, token_idx, k)  # (P*s, D) this rank's experts' share

@@ -227,7 +227,8 @@ class Parallel:
         group = self.mesh.get_group("ep")
         for _, moe in self.model.moe_layers():
             dispatch = choose_dispatch(self.tc.ep_dispatch, moe.cfg.num_experts_per_tok, self.ep_size)
-            moe.expert_parallel = ExpertParallel(group, moe.cfg.n_routed_experts, dispatch, self.tc.ep_chunks)
+            moe.expert_parallel = ExpertParallel(group, moe.cfg.n_routed_experts, dispatch, self.tc.ep_chunks,
+                                                 self.tc.ep_masked_rows)
             rows = moe.expert_parallel.expert_slice()
             for name in ("w1", "w2", "w3"):
                 full = getattr(moe, name)
