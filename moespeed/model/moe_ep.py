@@ -236,19 +236,19 @@ class ExpertParallel:
         order, live = self._sentinel_order(torch.where(mine, ids, self.n_local))
         token_idx = order.perm // k  # (P*s*k,) gathered token of each row
         scale = torch.where(live, wg.reshape(-1)[order.perm], 0)  # (P*s*k,) fp32
-        if self.masked_rows:  # kernels that touch only the live rows (grouped_mm never reads the others)
-            n_live, zero_dead = order.ends[-1], mode != "grouped_mm"  # () live rows, on the device
-            xs = masked_dispatch(xg, token_idx, order.inv_perm, k, n_live, zero_dead)  # (P*s*k, D)
-            o = self._experts(mode, xs, scale, order, weights, act)  # (P*s*k, D), garbage past `live`
-            y = masked_combine(o, order.inv_perm, token_idx, k, n_live, zero_dead)  # (P*s, D)
-            return _scatter_rows(y, self.group)  # (s, D) summed over the group's experts
-        xs = _Dispatch.apply(xg, token_idx, order.inv_perm, k)  # (P*s*k, D) local expert order
         column = live.unsqueeze(-1)  # (P*s*k, 1)
-        xs = torch.where(column, xs, 0)  # rows past the last local expert: no grad flows back
+        # masked rows: kernels that touch only the live rows (grouped_mm never reads the others)
+        n_live, zero_dead = order.ends[-1], mode != "grouped_mm"  # () live rows, on the device
+        if self.masked_rows:
+            xs = masked_dispatch(xg, token_idx, order.inv_perm, k, n_live, zero_dead)  # (P*s*k, D)
+        else:  # rows past the last local expert zeroed: no grad flows back
+            xs = torch.where(column, _Dispatch.apply(xg, token_idx, order.inv_perm, k), 0)  # (P*s*k, D)
         o = self._experts(mode, xs, scale, order, weights, act)  # (P*s*k, D), garbage past `live`
-        o = torch.where(column, o, 0)
-        y = _Combine.apply(o, order.inv_perm, token_idx, k)  # (P*s, D) this rank's experts' share
-        return _scatter_rows(y, self.group)  # (s, D) summed over the group's experts
+        if self.masked_rows:
+            y = masked_combine(o, order.inv_perm, token_idx, k, n_live, zero_dead)  # (P*s, D)
+        else:
+            y = _Combine.apply(torch.where(column, o, 0), order.inv_perm, token_idx, k)  # (P*s, D)
+        return _scatter_rows(y, self.group)  # (s, D) this rank's experts' share, summed over the group
 
     def _local_order(self, recv_counts: Tensor, n_rows: int) -> _LocalOrder:
         """Sort of the received rows (source-major, then expert) into local-expert order."""
