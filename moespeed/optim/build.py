@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .muon import Muon, muon_eligible
+from .muon import NS_COEFFICIENTS, Muon, muon_eligible
+from .polar_express import polar_express_coefficients
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
@@ -93,10 +94,14 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
     if muon:
         check_muon_device(tc, muon[0].device)
         muon_lr = tc.muon_lr or tc.lr
+        coefficients = (polar_express_coefficients(tc.muon_ns_steps, tc.muon_ns_lowest)
+                        if tc.muon_ns_coefficients == "polar_express" else NS_COEFFICIENTS)
         optimizers["muon"] = Muon([{"params": muon, "base_lr": muon_lr}], lr=muon_lr, weight_decay=tc.weight_decay,
-                                  momentum=tc.muon_momentum, ns_steps=tc.muon_ns_steps, adjust_lr_fn=tc.muon_adjust_lr,
+                                  momentum=tc.muon_momentum, ns_steps=tc.muon_ns_steps, ns_coefficients=coefficients,
+                                  adjust_lr_fn=tc.muon_adjust_lr,
                                   ns_gemm=tc.muon_ns_gemm, streams=tc.muon_streams,
                                   ns_method=tc.muon_ns_method, share=tc.muon_share)
-        lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}: {len(muon)} tensors, "
+        lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}, {tc.muon_ns_steps} NS steps "
+                        f"({tc.muon_ns_coefficients}): {len(muon)} tensors, "
                         f"{sum(p.numel() for p in muon) / 1e6:.2f}M params")
     return OptimizerSet(optimizers), "optimizer groups:\n" + "\n".join(lines)

@@ -11,7 +11,8 @@ How a step works, per parameter `p` with gradient `g` (the math of `torch.optim.
 NS is the quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X with A = X X^T, run in bf16 on
 X = u / ||u||_F (so every singular value starts in (0, 1]); the default coefficients
 (3.4445, -4.7750, 2.0315) with 5 steps push singular values into roughly [0.7, 1.2], not exactly 1,
-which works as well in practice. A tall block (rows > cols) runs the transposed iteration
+which works as well in practice. `ns_coefficients` may also give one (a, b, c) per step, e.g. the
+minimax schedule of moespeed/optim/polar_express.py (`train.muon_ns_coefficients = polar_express`). A tall block (rows > cols) runs the transposed iteration
 X <- a X + X (b A + c A^2) with A = X^T X, so the Gram matrix is always the smaller side and the
 result needs no transpose. `scale` makes updates of rectangular matrices comparable:
 "original" = sqrt(max(1, rows / cols)) (Keller Jordan), "match_rms_adamw" = 0.2 * sqrt(max(rows, cols))
@@ -152,10 +153,10 @@ _EXCLUDED_SUBSTRINGS = ("embed", "norm", "bias")
 _EXCLUDED_COMPONENTS = ("lm_head", "head", "router", "gate")
 
 
-def newton_schulz(G: Tensor, steps: int = NS_STEPS,
-                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = EPS) -> Tensor:
+def newton_schulz(G: Tensor, steps: int = NS_STEPS, coefficients=NS_COEFFICIENTS, eps: float = EPS) -> Tensor:
     """Orthogonalize each matrix of `G` (..., rows, cols) with the quintic Newton–Schulz iteration.
 
+    coefficients: one (a, b, c) for every step, or a sequence of `steps` triples (one per step).
     Runs in bf16 and returns a new bf16 tensor of G's shape; every matrix is normalized on its own.
     """
     rows, cols = G.shape[-2:]
@@ -165,7 +166,18 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS,
     return X.view(G.shape)
 
 
-def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+def step_coefficients(coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each NS step: one triple repeated, or one given per step (`steps` of them)."""
+    if len(coefficients) == 3 and all(isinstance(x, (int, float)) for x in coefficients):
+        return [tuple(float(x) for x in coefficients)] * steps
+    per_step = [tuple(float(x) for x in abc) for abc in coefficients]
+    if len(per_step) != steps or any(len(abc) != 3 for abc in per_step):
+        raise ValueError(f"Muon ns_coefficients: give three numbers (a, b, c) or {steps} triples, one per "
+                         f"step; got {coefficients!r}")
+    return per_step
+
+
+def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
                     gemm: str = "torch", method: str = "standard") -> None:
     """Newton–Schulz in place: a contiguous bf16 batch X (n, rows, cols) becomes NS(X).
 
@@ -178,10 +190,9 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, flo
     if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
         _gram_orthogonalize_(X, steps, coefficients, eps)
         return
-    a, b, c = coefficients
     tall = X.shape[-2] > X.shape[-1]
     Y = _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix
-    for i in range(steps):
+    for i, (a, b, c) in enumerate(step_coefficients(coefficients, steps)):
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
         B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
         left, right = (Y, B) if tall else (B, Y)
@@ -200,7 +211,7 @@ def _normalize_(X: Tensor, eps: float, gemm: str = "torch") -> Tensor:
     return X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
 
 
-def _faster_gemm(blocks: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+def _faster_gemm(blocks: Tensor, steps: int, coefficients, eps: float,
                  method: str) -> str:
     """"torch" or "triton", whichever orthogonalizes copies of `blocks` faster on their CUDA device:
     one warm-up call each (Triton autotunes there), then TUNE_REPEATS timed calls (CUDA events; the
@@ -226,7 +237,7 @@ def gram_pays(rows: int, cols: int) -> bool:
     return max(rows, cols) >= 2 * min(rows, cols)
 
 
-def _gram_orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+def _gram_orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
                          restart: int = GRAM_RESTART) -> None:
     """Newton–Schulz in place on X (n, rows, cols), iterating on the small m x m Gram matrix.
 
@@ -239,7 +250,7 @@ def _gram_orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float
     restart 3: 8 m^2 n + 28 m^3 vs 20 m^2 n + 10 m^3 (768 x 256: 26% fewer; 3072 x 768: 33% fewer),
     and X is read or written 7 times instead of 15.
     """
-    a, b, c = coefficients
+    per_step = step_coefficients(coefficients, steps)
     tall = X.shape[-2] > X.shape[-1]
     X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # ||X||_F = 1 per matrix
 
@@ -250,7 +261,7 @@ def _gram_orthogonalize_(X: Tensor, steps: int, coefficients: tuple[float, float
         return X @ Q if tall else Q @ X
 
     A, Q = gram(X), None
-    for k in range(steps):
+    for k, (a, b, c) in enumerate(per_step):
         if k == restart and Q is not None:
             X.copy_(apply(Q))
             A, Q = gram(X), None
@@ -329,7 +340,7 @@ class _BlockClass:
     rows: int
     cols: int
     steps: int
-    coefficients: tuple[float, float, float]
+    coefficients: tuple  # (a, b, c), or one such triple per step
     eps: float
     device: torch.device
     shared: bool  # work split across the ranks of the process group
@@ -368,7 +379,7 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS,
                  ns_steps: int = NS_STEPS, eps: float = EPS, adjust_lr_fn: str | None = "original",
                  split: int = 1, replicated: bool = True, *, process_group=None,
                  batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
@@ -401,13 +412,17 @@ class Muon(torch.optim.Optimizer):
         self._plan_has_dtensor = False
         self._tuned_gemm: dict[tuple, str] = {}  # ns_gemm="tune": round shape -> the faster GEMM
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
+                        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
                         adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        _check_group(group)
+        coefficients = group["ns_coefficients"]  # made hashable: it is part of a class key
+        one_triple = all(isinstance(x, (int, float)) for x in coefficients)
+        group["ns_coefficients"] = tuple(coefficients) if one_triple else tuple(map(tuple, coefficients))
 
     def _world(self) -> tuple[int, int]:
         """(world size, rank) of the group that shares work; (1, 0) when not distributed."""
@@ -855,8 +870,9 @@ def _check_group(group: dict) -> None:
             raise ValueError(f"Muon {key} = {group[key]}: must be >= 0")
     if group["adjust_lr_fn"] not in (None, *ADJUST_LR_FNS):
         raise ValueError(f"Muon adjust_lr_fn = {group['adjust_lr_fn']!r}: use one of {ADJUST_LR_FNS}")
-    if not 0 < group["ns_steps"] < 100 or len(group["ns_coefficients"]) != 3:
-        raise ValueError("Muon needs 0 < ns_steps < 100 and three ns_coefficients (a, b, c)")
+    if not 0 < group["ns_steps"] < 100:
+        raise ValueError(f"Muon ns_steps = {group['ns_steps']}: must be in 1..99")
+    step_coefficients(group["ns_coefficients"], group["ns_steps"])  # raises ValueError if malformed
     for p in group["params"]:
         if p.ndim not in (2, 3):
             raise ValueError(f"Muon trains 2-D and 3-D params; got shape {tuple(p.shape)}: "
