@@ -9,10 +9,12 @@ out=${OUT:-.}
 for spec in "$@"; do
   IFS=: read -r name coefficients steps lowest <<<"$spec"
   start=$(date +%s)
+  dir="/tmp/pe_${name}_seed${seed}"
+  rm -rf "$dir"
   python -m moespeed.bench.convergence --preset small --steps 500 --eval-every 50 --adamw-lrs "" --muon-lrs 3e-3 \
     --set data.batch_size 8 --set train.eval_batches 10 --set train.seed "$seed" --set data.cache_dir /tmp/pe_cache \
     --set train.muon_ns_coefficients "$coefficients" --set train.muon_ns_steps "$steps" --set train.muon_ns_lowest "$lowest" \
-    --out-dir "/tmp/pe_$name" > "/tmp/pe_$name.log" 2>&1 || { tail -20 "/tmp/pe_$name.log"; exit 1; }
-  cp "/tmp/pe_$name/convergence.json" "$out/convergence_${name}_seed${seed}.json"
-  echo "$name seed $seed: $(tail -1 /tmp/pe_$name.log) ($(( $(date +%s) - start )) s)"
+    --out-dir "$dir" > "$dir.log" 2>&1 || { tail -20 "$dir.log"; exit 1; }
+  cp "$dir/convergence.json" "$out/convergence_${name}_seed${seed}.json"
+  echo "$name seed $seed: $(tail -1 "$dir.log") ($(( $(date +%s) - start )) s)"
 done
