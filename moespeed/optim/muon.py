@@ -170,7 +170,10 @@ def step_coefficients(coefficients, steps: int) -> list[tuple[float, float, floa
     """The (a, b, c) of each NS step: one triple repeated, or one given per step (`steps` of them)."""
     if len(coefficients) == 3 and all(isinstance(x, (int, float)) for x in coefficients):
         return [tuple(float(x) for x in coefficients)] * steps
-    per_step = [tuple(float(x) for x in abc) for abc in coefficients]
+    try:
+        per_step = [tuple(float(x) for x in abc) for abc in coefficients]
+    except TypeError:
+        per_step = []
     if len(per_step) != steps or any(len(abc) != 3 for abc in per_step):
         raise ValueError(f"Muon ns_coefficients: give three numbers (a, b, c) or {steps} triples, one per "
                          f"step; got {coefficients!r}")
