@@ -345,10 +345,12 @@ def test_ddp_bf16_gradient_reduction_stays_close_to_one_process(runs):
 def test_ddp_trains_peer_tables_like_one_process(runs):
     """PEER layers (dense table gradients, all-reduced by DDP) on 2 processes = one process.
 
-    Parameters are compared by the relative norm of their difference (<= 1e-2 after 4 steps): the
+    Parameters are compared by the relative norm of their difference (<= 2e-2 after 4 steps): the
     batch split changes fp32 summation orders, a near-tie in a head's top-k then picks another
     expert, and AdamW's per-element normalization turns the tiny gradients of such rows into
-    differences of up to ~lr per step (measured: 1e-3 to 3e-3 relative on single tensors).
+    differences of up to ~lr per step (measured: 1e-3 to 3e-3 relative on single tensors, and once
+    1.12e-2 on a PEER table, `blocks.1.mlp.down`, where more rows flipped). A reduction that sums
+    instead of averaging, or drops a rank, is off by O(1).
     The losses, all-reduced over the ranks, must agree to 1e-5."""
     _, _, root = runs
     a, b = _losses(root / "ddp-peer"), _losses(root / "ref-peer")
@@ -357,7 +359,7 @@ def test_ddp_trains_peer_tables_like_one_process(runs):
     pa, pb = _params(root / "ddp-peer"), _params(root / "ref-peer")
     for key in pb:
         diff = (pa[key].float() - pb[key].float()).norm() / pb[key].float().norm().clamp(min=1e-12)
-        assert diff < 1e-2, (key, diff.item())
+        assert diff < 2e-2, (key, diff.item())
 
 
 @pytest.mark.parametrize("run, dispatch", [("ep", "alltoall"), ("ep-allgather", "allgather")])

@@ -139,3 +139,17 @@ def test_config_default_builds_the_polar_express_schedule():
                                             ("train.muon_ns_steps", "5")])
     opt, _ = build_optimizer(Transformer(cfg.model), cfg.train)
     assert opt.optimizers["muon"].param_groups[0]["ns_coefficients"] == muon_mod.NS_COEFFICIENTS
+
+
+def test_schedule_survives_a_state_dict_round_trip_with_lists():
+    """A checkpoint format may turn tuples into lists: the loaded optimizer still steps."""
+    params = [torch.nn.Parameter(torch.randn(8, 12))]
+    params[0].grad = torch.randn(8, 12)
+    opt = Muon(params, ns_steps=4, ns_coefficients=polar_express_coefficients(4))
+    opt.step()
+    state = opt.state_dict()
+    state["param_groups"][0]["ns_coefficients"] = [list(abc) for abc in state["param_groups"][0]["ns_coefficients"]]
+    loaded = Muon(params, ns_steps=4, ns_coefficients=polar_express_coefficients(4))
+    loaded.load_state_dict(state)
+    loaded.step()
+    assert torch.isfinite(params[0]).all()

@@ -9,10 +9,12 @@ How a step works, per parameter `p` with gradient `g` (the math of `torch.optim.
     p  -= lr * scale(rows, cols) * O
 
 NS is the quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X with A = X X^T, run in bf16 on
-X = u / ||u||_F (so every singular value starts in (0, 1]); the default coefficients
-(3.4445, -4.7750, 2.0315) with 5 steps push singular values into roughly [0.7, 1.2], not exactly 1,
-which works as well in practice. `ns_coefficients` may also give one (a, b, c) per step, e.g. the
-minimax schedule of moespeed/optim/polar_express.py (`train.muon_ns_coefficients = polar_express`). A tall block (rows > cols) runs the transposed iteration
+X = u / ||u||_F (so every singular value starts in (0, 1]); this class's default coefficients
+(3.4445, -4.7750, 2.0315, torch.optim.Muon's) with 5 steps push singular values into roughly
+[0.7, 1.2], not exactly 1, which works as well in practice. `ns_coefficients` may also give one
+(a, b, c) per step: the trainer's default is 4 steps of the minimax schedule of
+moespeed/optim/polar_express.py (band ~[0.79, 1.21]; same loss per step as 5 standard steps on
+`small`, 20% fewer NS FLOPs). A tall block (rows > cols) runs the transposed iteration
 X <- a X + X (b A + c A^2) with A = X^T X, so the Gram matrix is always the smaller side and the
 result needs no transpose. `scale` makes updates of rectangular matrices comparable:
 "original" = sqrt(max(1, rows / cols)) (Keller Jordan), "match_rms_adamw" = 0.2 * sqrt(max(rows, cols))
@@ -72,7 +74,8 @@ iteration on CPU (observed), within the same bf16 rounding on CUDA; a padded blo
 products plus exact zeros (GEMM kernels of another shape may sum in another order: within the same
 rounding). Streams change no arithmetic.
 
-Performance: floors on one H100 (computed; `python -m moespeed.bench.muon` measures them).
+Performance: floors on one H100 (computed; `python -m moespeed.bench.muon` measures them), for 5 NS
+steps (the trainer's default 4 steps do 4/5 of the NS work).
   * NS matmul FLOPs (5 steps; per block 5 (4 m^2 n + 2 m^3), m <= n its sides): preset `small`
     1.27 TFLOP (80M params in 84 matrices, 7 block shapes) -> 2.1-3.2 ms at 600-400 TFLOP/s;
     `small-moe` 2.14 TFLOP (313M params; 1.65 TFLOP are the 1408 expert blocks of 768 x 256)
@@ -423,9 +426,7 @@ class Muon(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group)
-        coefficients = group["ns_coefficients"]  # made hashable: it is part of a class key
-        one_triple = all(isinstance(x, (int, float)) for x in coefficients)
-        group["ns_coefficients"] = tuple(coefficients) if one_triple else tuple(map(tuple, coefficients))
+        group["ns_coefficients"] = _hashable(group["ns_coefficients"])  # part of a class key
 
     def _world(self) -> tuple[int, int]:
         """(world size, rank) of the group that shares work; (1, 0) when not distributed."""
@@ -509,7 +510,7 @@ class Muon(torch.optim.Optimizer):
         Cached: rebuilt only when the params, their NS options or which grads exist change.
         """
         key = (distributed, self.merge_numel, self.pad_flops,
-               tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"], g["replicated"],
+               tuple((id(g), g["ns_steps"], _hashable(g["ns_coefficients"]), g["eps"], g["split"], g["replicated"],
                       tuple((id(p), p.grad is None) for p in g["params"])) for g in self.param_groups))
         if key == self._plan_key:
             return self._plan
@@ -520,7 +521,7 @@ class Muon(torch.optim.Optimizer):
                 if p.numel() == 0 or (p.grad is None and not (shared or isinstance(p, DTensor))):
                     continue  # nothing to do, and no collective depends on it (like torch.optim.Muon)
                 n = _split(p, group)
-                cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], group["ns_coefficients"],
+                cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], _hashable(group["ns_coefficients"]),
                            group["eps"], _compute_device(p), shared)
                 members = shapes.setdefault(cls_key, [])
                 members.append((g, p.numel(), len(members), p, group))
@@ -730,6 +731,13 @@ class Muon(torch.optim.Optimizer):
                           *scalars[(id(run[0].group), run[0].rows, run[0].cols)])
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
+
+
+def _hashable(coefficients) -> tuple:
+    """ns_coefficients as nested tuples (a loaded state dict may hold lists): (a, b, c) or ((a, b, c), ...)."""
+    if all(isinstance(x, (int, float)) for x in coefficients):
+        return tuple(coefficients)
+    return tuple(map(tuple, coefficients))
 
 
 def _job_runs(jobs: list[_Job], indices: list[int]) -> list[list[_Job]]:
