@@ -25,7 +25,7 @@ def test_presets_are_valid_and_small_is_about_100m_parameters():
     ("model.qk_norm", "maybe", "must be true or false"),
     ("train.schedule", "linear", "train.schedule = 'linear': must be one of cosine, wsd"),
     ("train.muon_ns_lowest", "0", "train.muon_ns_lowest = 0.0: must be in (0, 1)"),
-    ("train.muon_ns_coefficients", "quintic", "train.muon_ns_coefficients = 'quintic': must be one of polar_express, standard"),
+    ("train.muon_ns_coefficients", "quintic", "train.muon_ns_coefficients = 'quintic': must be one of standard, polar_express"),
     ("data.val_fraction", "1.5", "data.val_fraction = 1.5: must be in (0, 1)"),
     ("model.ffn_pattern", "dense,sparse", "model.ffn_pattern"),
     ("model.peer.num_experts", "100", "model.peer.num_experts = 100"),

@@ -127,16 +127,17 @@ def test_optimizer_with_a_schedule_matches_per_param_newton_schulz():
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
 
 
-def test_config_default_builds_the_polar_express_schedule():
-    cfg = build_config("quickstart", None, [("model.vocab_size", "256")])
-    assert (cfg.train.muon_ns_coefficients, cfg.train.muon_ns_steps) == ("polar_express", 4)
-    model = Transformer(cfg.model)
-    opt, summary = build_optimizer(model, cfg.train)
-    group = opt.optimizers["muon"].param_groups[0]
-    assert group["ns_coefficients"] == polar_express_coefficients(4, cfg.train.muon_ns_lowest)
+def test_small_presets_build_the_polar_express_schedule_and_quickstart_the_standard_one():
+    for preset in ("small", "small-moe"):
+        tc = build_config(preset, None, []).train
+        assert (tc.muon_ns_coefficients, tc.muon_ns_steps) == ("polar_express", 4)
+    cfg = build_config("quickstart", None, [("model.vocab_size", "256"), ("train.muon_ns_coefficients", "polar_express"),
+                                            ("train.muon_ns_steps", "4")])
+    opt, summary = build_optimizer(Transformer(cfg.model), cfg.train)
+    assert opt.optimizers["muon"].param_groups[0]["ns_coefficients"] == polar_express_coefficients(4, cfg.train.muon_ns_lowest)
     assert "4 NS steps (polar_express)" in summary
-    cfg = build_config("quickstart", None, [("model.vocab_size", "256"), ("train.muon_ns_coefficients", "standard"),
-                                            ("train.muon_ns_steps", "5")])
+    cfg = build_config("quickstart", None, [("model.vocab_size", "256")])
+    assert (cfg.train.muon_ns_coefficients, cfg.train.muon_ns_steps) == ("standard", 5)
     opt, _ = build_optimizer(Transformer(cfg.model), cfg.train)
     assert opt.optimizers["muon"].param_groups[0]["ns_coefficients"] == muon_mod.NS_COEFFICIENTS
 

@@ -12,9 +12,9 @@ NS is the quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X with A = 
 X = u / ||u||_F (so every singular value starts in (0, 1]); this class's default coefficients
 (3.4445, -4.7750, 2.0315, torch.optim.Muon's) with 5 steps push singular values into roughly
 [0.7, 1.2], not exactly 1, which works as well in practice. `ns_coefficients` may also give one
-(a, b, c) per step: the trainer's default is 4 steps of the minimax schedule of
+(a, b, c) per step: the `small` presets run 4 steps of the minimax schedule of
 moespeed/optim/polar_express.py (band ~[0.79, 1.21]; same loss per step as 5 standard steps on
-`small`, 20% fewer NS FLOPs). A tall block (rows > cols) runs the transposed iteration
+`small`, 20% fewer NS FLOPs; 0.01 worse on `quickstart`). A tall block (rows > cols) runs the transposed iteration
 X <- a X + X (b A + c A^2) with A = X^T X, so the Gram matrix is always the smaller side and the
 result needs no transpose. `scale` makes updates of rectangular matrices comparable:
 "original" = sqrt(max(1, rows / cols)) (Keller Jordan), "match_rms_adamw" = 0.2 * sqrt(max(rows, cols))
@@ -75,7 +75,7 @@ products plus exact zeros (GEMM kernels of another shape may sum in another orde
 rounding). Streams change no arithmetic.
 
 Performance: floors on one H100 (computed; `python -m moespeed.bench.muon` measures them), for 5 NS
-steps (the trainer's default 4 steps do 4/5 of the NS work).
+steps (the small presets' 4 steps do 4/5 of the NS work).
   * NS matmul FLOPs (5 steps; per block 5 (4 m^2 n + 2 m^3), m <= n its sides): preset `small`
     1.27 TFLOP (80M params in 84 matrices, 7 block shapes) -> 2.1-3.2 ms at 600-400 TFLOP/s;
     `small-moe` 2.14 TFLOP (313M params; 1.65 TFLOP are the 1408 expert blocks of 768 x 256)
