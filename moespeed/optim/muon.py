@@ -14,8 +14,8 @@ X = u / ||u||_F (so every singular value starts in (0, 1]); this class's default
 [0.7, 1.2], not exactly 1, which works as well in practice. `ns_coefficients` may also give one
 (a, b, c) per step: the `small` presets run 4 steps of the minimax schedule of
 moespeed/optim/polar_express.py (band ~[0.79, 1.21]; same loss per step as 5 standard steps on
-`small`, 20% fewer NS FLOPs; 0.01 worse on `quickstart`). A tall block (rows > cols) runs the transposed iteration
-X <- a X + X (b A + c A^2) with A = X^T X, so the Gram matrix is always the smaller side and the
+`small`, 20% fewer NS FLOPs; 0.01 worse on `quickstart`). A tall block (rows > cols) runs the
+transposed iteration X <- a X + X (b A + c A^2) with A = X^T X, so the Gram matrix is always the smaller side and the
 result needs no transpose. `scale` makes updates of rectangular matrices comparable:
 "original" = sqrt(max(1, rows / cols)) (Keller Jordan), "match_rms_adamw" = 0.2 * sqrt(max(rows, cols))
 (Moonshot; update RMS ~0.2 like AdamW's, so AdamW learning rate and weight decay carry over).
@@ -171,7 +171,7 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS, coefficients=NS_COEFFICIENTS
 
 def step_coefficients(coefficients, steps: int) -> list[tuple[float, float, float]]:
     """The (a, b, c) of each NS step: one triple repeated, or one given per step (`steps` of them)."""
-    if len(coefficients) == 3 and all(isinstance(x, (int, float)) for x in coefficients):
+    if _one_triple(coefficients):
         return [tuple(float(x) for x in coefficients)] * steps
     try:
         per_step = [tuple(float(x) for x in abc) for abc in coefficients]
@@ -428,6 +428,11 @@ class Muon(torch.optim.Optimizer):
         _check_group(group)
         group["ns_coefficients"] = _hashable(group["ns_coefficients"])  # part of a class key
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a saved state may hold the coefficients as lists
+            group["ns_coefficients"] = _hashable(group["ns_coefficients"])
+
     def _world(self) -> tuple[int, int]:
         """(world size, rank) of the group that shares work; (1, 0) when not distributed."""
         if not (dist.is_available() and dist.is_initialized()):
@@ -510,7 +515,7 @@ class Muon(torch.optim.Optimizer):
         Cached: rebuilt only when the params, their NS options or which grads exist change.
         """
         key = (distributed, self.merge_numel, self.pad_flops,
-               tuple((id(g), g["ns_steps"], _hashable(g["ns_coefficients"]), g["eps"], g["split"], g["replicated"],
+               tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"], g["replicated"],
                       tuple((id(p), p.grad is None) for p in g["params"])) for g in self.param_groups))
         if key == self._plan_key:
             return self._plan
@@ -521,7 +526,7 @@ class Muon(torch.optim.Optimizer):
                 if p.numel() == 0 or (p.grad is None and not (shared or isinstance(p, DTensor))):
                     continue  # nothing to do, and no collective depends on it (like torch.optim.Muon)
                 n = _split(p, group)
-                cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], _hashable(group["ns_coefficients"]),
+                cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], group["ns_coefficients"],
                            group["eps"], _compute_device(p), shared)
                 members = shapes.setdefault(cls_key, [])
                 members.append((g, p.numel(), len(members), p, group))
@@ -733,11 +738,14 @@ class Muon(torch.optim.Optimizer):
             _update_reference(params, updates, decay, alpha)
 
 
+def _one_triple(coefficients) -> bool:
+    """True for one (a, b, c) of numbers, False for a per-step sequence of triples."""
+    return len(coefficients) == 3 and all(isinstance(x, (int, float)) for x in coefficients)
+
+
 def _hashable(coefficients) -> tuple:
-    """ns_coefficients as nested tuples (a loaded state dict may hold lists): (a, b, c) or ((a, b, c), ...)."""
-    if all(isinstance(x, (int, float)) for x in coefficients):
-        return tuple(coefficients)
-    return tuple(map(tuple, coefficients))
+    """ns_coefficients as nested tuples, as class keys need: (a, b, c) or ((a, b, c), ...)."""
+    return tuple(coefficients) if _one_triple(coefficients) else tuple(map(tuple, coefficients))
 
 
 def _job_runs(jobs: list[_Job], indices: list[int]) -> list[list[_Job]]:

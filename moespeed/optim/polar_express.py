@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import math
 
+import torch
+
 LOWEST = 1e-3  # smallest singular value (of X / ||X||_F) the schedule aims at
 CUSHION = 0.02  # a step never fits p below this fraction of the interval's top
 SAFETY = 1.01  # headroom for bf16 rounding above the interval's top
@@ -30,21 +32,6 @@ SAFETY = 1.01  # headroom for bf16 rounding above the interval's top
 
 def _quintic(a: float, b: float, c: float, s: float) -> float:
     return a * s + b * s**3 + c * s**5
-
-
-def _solve4(m: list[list[float]], rhs: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting for a 4 x 4 system."""
-    m = [row[:] + [r] for row, r in zip(m, rhs)]
-    for col in range(4):
-        pivot = max(range(col, 4), key=lambda r: abs(m[r][col]))
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(col + 1, 4):
-            f = m[r][col] / m[col][col]
-            m[r] = [x - f * y for x, y in zip(m[r], m[col])]
-    out = [0.0] * 4
-    for r in range(3, -1, -1):
-        out[r] = (m[r][4] - sum(m[r][k] * out[k] for k in range(r + 1, 4))) / m[r][r]
-    return out
 
 
 def optimal_quintic(lo: float, hi: float, tol: float = 1e-15, max_iter: int = 100) -> tuple[float, float, float, float]:
@@ -64,7 +51,8 @@ def optimal_quintic(lo: float, hi: float, tol: float = 1e-15, max_iter: int = 10
     err_old = math.inf
     for _ in range(max_iter):
         points, signs = (lo, q, r, hi), (1.0, -1.0, 1.0, -1.0)  # p(s) + sign * err = 1
-        a, b, c, err = _solve4([[s, s**3, s**5, sign] for s, sign in zip(points, signs)], [1.0] * 4)
+        system = torch.tensor([[s, s**3, s**5, sign] for s, sign in zip(points, signs)], dtype=torch.float64)
+        a, b, c, err = torch.linalg.solve(system, torch.ones(4, dtype=torch.float64)).tolist()
         disc = 9 * b * b - 20 * a * c  # p'(s) = a + 3 b y + 5 c y^2 with y = s^2
         if disc <= 0 or c == 0:
             break
