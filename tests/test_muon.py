@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from moespeed.optim import muon as muon_mod
 from moespeed.optim.muon import SHARES, Muon, lr_scale, muon_eligible, newton_schulz
+from moespeed.optim.polar_express import polar_express_coefficients
 from helpers import run_interpreted
 
 HAS_TORCH_MUON = hasattr(torch.optim, "Muon")
@@ -88,12 +89,12 @@ def test_newton_schulz_random_rectangular_band():
         assert sv.min() > 0.65 and sv.max() < 1.25
 
 
-@pytest.mark.parametrize("method", ["standard", "gram"])
-def test_newton_schulz_zero_block_stays_zero(method):
+@pytest.mark.parametrize("method,gemm", [("standard", "torch"), ("gram", "torch"), ("standard", "poly")])
+def test_newton_schulz_zero_block_stays_zero(method, gemm):
     G = torch.randn(3, 16, 8)
     G[1] = 0  # an expert that got no tokens
     O = G.bfloat16()
-    muon_mod._orthogonalize_(O, 5, muon_mod.NS_COEFFICIENTS, muon_mod.EPS, "torch", method)
+    muon_mod._orthogonalize_(O, 5, muon_mod.NS_COEFFICIENTS, muon_mod.EPS, gemm, method)
     assert torch.isfinite(O).all() and (O[1] == 0).all() and (O[0] != 0).any()
 
 
@@ -106,6 +107,26 @@ def test_newton_schulz_one_step_and_input_untouched():
     expected = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
     assert torch.equal(newton_schulz(G, steps=1), expected)
     assert torch.equal(G, G0)  # the public function copies; only the optimizer's stack is in place
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 96), (3, 96, 32)])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_poly_gemm_is_the_standard_iteration(shape, steps):
+    """ns_gemm="poly" (X <- (a I + b A + c A^2) X, or X P for tall blocks) is the same map as the
+    baddbmm path: equal in float64, and in bf16 about as close to the float64 result."""
+    G = _low_rank_plus_noise(shape)
+    coefficients = polar_express_coefficients(steps, 3e-3)
+    exact = G.double()
+    muon_mod._orthogonalize_(exact, steps, coefficients, muon_mod.EPS, "torch")
+    poly64 = G.double()
+    muon_mod._orthogonalize_(poly64, steps, coefficients, muon_mod.EPS, "poly")
+    torch.testing.assert_close(poly64, exact, rtol=1e-9, atol=1e-12)
+    errs = {}
+    for gemm in ("torch", "poly"):
+        X = G.bfloat16()
+        muon_mod._orthogonalize_(X, steps, coefficients, muon_mod.EPS, gemm)
+        errs[gemm] = ((X.double() - exact).norm() / exact.norm()).item()
+    assert errs["poly"] < 1.5 * errs["torch"] + 2e-3, errs
 
 
 def _low_rank_plus_noise(shape, seed=0):
@@ -503,7 +524,8 @@ _FUSED_SCRIPT = textwrap.dedent('''
 
     pad = dict(pad_flops=10**9)  # CPU: no padding unless asked for
     variants = [dict(fused=False, merge_numel=0, pad_flops=0), dict(fused=False, **pad), dict(fused=True, **pad),
-                dict(fused=True, ns_gemm="triton", **pad), dict(fused=True, merge_numel=0)]  # reference first
+                dict(fused=True, ns_gemm="triton", **pad), dict(fused=True, ns_gemm="poly", **pad),
+                dict(fused=True, merge_numel=0)]  # reference first
     runs = [params() for _ in variants]
     start = [p.detach().clone() for p in runs[0]]
     opts = [M.Muon(ps, lr=0.02, ns_steps=2, **kw) for ps, kw in zip(runs, variants)]  # 2: fast, in place
@@ -669,5 +691,5 @@ def test_ns_gemm_tune_times_each_round_shape_once(monkeypatch):
 def test_faster_gemm_leaves_its_input_and_names_a_gemm():
     blocks = torch.randn(6, 64, 192, device="cuda").bfloat16()
     before = blocks.clone()
-    assert muon_mod._faster_gemm(blocks, 5, muon_mod.NS_COEFFICIENTS, muon_mod.EPS, "standard") in ("torch", "triton")
+    assert muon_mod._faster_gemm(blocks, 5, muon_mod.NS_COEFFICIENTS, muon_mod.EPS, "standard") in ("torch", "triton", "poly")
     assert torch.equal(blocks, before)

@@ -3,7 +3,8 @@
     python -m moespeed.bench.train_step --presets small,small-moe --optimizers adamw,muon --json out.json
 
 Synthetic tokens (uniform over the vocabulary) with document ids of ~1K-token documents, the
-preset's batch, sequence length, compile setting and bf16 autocast. Each step is timed with CUDA
+preset's batch, sequence length, `train.grad_accum` (micro-batches per optimizer step), compile
+setting and bf16 autocast. Each step is timed with CUDA
 events in two parts, forward+backward and optimizer step (plus MoE bias updates); the table reports
 medians over the timed steps and the optimizer's share of the step.
 """
@@ -41,16 +42,17 @@ def bench(preset: str, optimizer: str, steps: int, warmup: int, overrides: list[
     model = Transformer(cfg.model).to(device)
     opt, _ = build_optimizer(model, cfg.train)
     run = compile_for_training(model, model, cfg.train.compile_scope) if cfg.train.compile else model
-    B, T = cfg.data.batch_size, cfg.data.seq_len
+    B, T, micro = cfg.data.batch_size, cfg.data.seq_len, cfg.train.grad_accum
     fwd_bwd, opt_ms = [], []
     torch.cuda.reset_peak_memory_stats()
     for step in range(warmup + steps):
-        tokens, targets, doc_ids = synthetic_batch(B, T, cfg.data.vocab_size, device)
+        batches = [synthetic_batch(B, T, cfg.data.vocab_size, device) for _ in range(micro)]
         e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         e0.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = run(tokens, targets, doc_ids)
-        loss.backward()
+        for tokens, targets, doc_ids in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = run(tokens, targets, doc_ids)
+            (loss / micro).backward()
         e1.record()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -61,9 +63,9 @@ def bench(preset: str, optimizer: str, steps: int, warmup: int, overrides: list[
             fwd_bwd.append(e0.elapsed_time(e1))
             opt_ms.append(e1.elapsed_time(e2))
     fb, om = statistics.median(fwd_bwd), statistics.median(opt_ms)
-    tok_s = B * T / ((fb + om) / 1e3)
+    tok_s = micro * B * T / ((fb + om) / 1e3)
     return {"bench": f"train_step.{preset}.{optimizer}",
-            "shape": {"batch": B, "seq_len": T, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "shape": {"batch": B, "seq_len": T, "grad_accum": micro, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                       "compile": cfg.train.compile and cfg.train.compile_scope},
             "fwd_bwd_ms": fb, "optimizer_ms": om, "ours_ms": fb + om, "optimizer_share": om / (fb + om),
             "tokens_per_s": tok_s, "mfu": flops_per_token(model, T) * tok_s / peak_flops(device),

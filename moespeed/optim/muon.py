@@ -138,9 +138,10 @@ NS_METHODS = ("standard", "gram")  # gram: Gram Newton–Schulz for blocks with 
 GRAM_RESTART = 3  # the Gram iteration re-anchors X at this step (bf16 drift; see _gram_orthogonalize_)
 EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
-NS_GEMMS = ("torch", "triton", "auto", "tune")  # auto: triton on CUDA. H100 train step (train_step_muon_triton_*.json):
+NS_GEMMS = ("torch", "triton", "poly", "auto", "tune")  # auto: triton on CUDA. H100 train step (train_step_muon_triton_*.json):
 # triton for every class beat triton for classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams).
-# tune: on CUDA, time both on the first NS call of each round shape, keep the faster (per-class times
+# poly: X <- P X with P = a I + b A + c A^2 formed first (plain cuBLAS bmm; see _orthogonalize_).
+# tune: on CUDA, time the three on the first NS call of each round shape, keep the fastest (per-class times
 # in muon_gram_classes.json favour cuBLAS for some small classes, e.g. (1344, 128) x12: 0.46 vs 1.03 ms)
 TUNE_REPEATS = 3  # timed NS calls per GEMM choice when ns_gemm = "tune" (after one warm-up call)
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
@@ -190,7 +191,10 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     Wide blocks: X <- a X + B X with B = b A + c A^2, A = X X^T (rows x rows). Tall blocks: the
     transposed iteration X <- a X + X B with A = X^T X (cols x cols). `gemm` computes the two
     "alpha L R + beta D" products: "torch" = baddbmm (cuBLAS; it first copies D into its output),
-    "triton" = `_addmm_kernel` (reads D in the epilogue). `method="gram"` runs `_gram_orthogonalize_`
+    "triton" = `_addmm_kernel` (reads D in the epilogue); or "poly" forms P = a I + b A + c A^2
+    first (baddbmm on the small m x m side, a diagonal add) and then X <- P X with a plain bmm that
+    writes its output and reads X once (same map, P rounded to bf16 once more: 1.04e-2 vs 0.90e-2
+    relative to fp32 NS on (256, 768) blocks, ns_poly_probe.json). `method="gram"` runs `_gram_orthogonalize_`
     instead where `gram_pays`. The optimizer calls this on slices of its stack; tests count the calls.
     """
     if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
@@ -200,6 +204,14 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     Y = _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix
     for i, (a, b, c) in enumerate(step_coefficients(coefficients, steps)):
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
+        if gemm == "poly":
+            P = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, (n, m, m)
+            P.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
+            out = X if i == steps - 1 and i > 0 else None  # Y no longer aliases X
+            Y = torch.bmm(Y, P, out=out) if tall else torch.bmm(P, Y, out=out)  # (n, rows, cols)
+            if out is not None:
+                return
+            continue
         B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
         left, right = (Y, B) if tall else (B, Y)
         if i == steps - 1 and i > 0:  # Y no longer aliases X: write the result into X
@@ -212,19 +224,19 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
 def _normalize_(X: Tensor, eps: float, gemm: str = "torch") -> Tensor:
     """X (n, rows, cols) in place: each matrix divided by max(its Frobenius norm, eps). With the
     Triton GEMMs also a Triton scaling pass (the broadcast division is slow on the GPU)."""
-    if gemm == "triton":
+    if gemm == "triton" or (gemm == "poly" and X.is_cuda and triton is not None):
         return _normalize_triton(X, eps)
     return X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
 
 
 def _faster_gemm(blocks: Tensor, steps: int, coefficients, eps: float,
                  method: str) -> str:
-    """"torch" or "triton", whichever orthogonalizes copies of `blocks` faster on their CUDA device:
+    """"torch", "triton" or "poly", whichever orthogonalizes copies of `blocks` faster on their CUDA device:
     one warm-up call each (Triton autotunes there), then TUNE_REPEATS timed calls (CUDA events; the
     host waits once). `blocks` itself is not touched."""
     trial = torch.empty_like(blocks)
     times = {}
-    for gemm in ("torch", "triton"):
+    for gemm in ("torch", "triton", "poly"):
         trial.copy_(blocks)
         _orthogonalize_(trial, steps, coefficients, eps, gemm, method)  # warm-up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -366,9 +378,10 @@ class Muon(torch.optim.Optimizer):
     `fused` picks the elementwise kernels: None = Triton on CUDA when it passes a one-time check
     against the foreach path (else a warning and foreach), True = Triton (CUDA, or CPU under
     TRITON_INTERPRET=1), False = torch foreach ops. `ns_gemm` computes NS's two "a D + L R"
-    products: "torch" (baddbmm, cuBLAS), "triton" (`_addmm_kernel`, no copy of D), "auto" (triton
-    on CUDA) or "tune" (on CUDA, the faster of the two for each round shape, timed once when first
-    seen; ranks may choose differently, but every round's result comes from one rank).
+    products: "torch" (baddbmm, cuBLAS), "triton" (`_addmm_kernel`, no copy of D), "poly" (P = a I
+    + b A + c A^2 first, then X <- P X as one plain bmm), "auto" (triton on CUDA) or "tune" (on
+    CUDA, the fastest of the three for each round shape, timed once when first seen; ranks may
+    choose differently, but every round's result comes from one rank).
     `merge_numel`: a class of tall (rows, cols) blocks with at most this many elements is stored
     transposed in the class of (cols, rows) blocks, one NS call for both (0: never). `pad_flops`:
     wide classes with equal cols are zero-padded into one while that adds at most this many NS
