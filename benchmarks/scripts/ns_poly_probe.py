@@ -44,7 +44,11 @@ def poly(X, fold: bool, tri_b: bool):
     for i, (a, b, c) in enumerate(COEF):
         if A is None:
             A = Y.mT @ Y if tall else Y @ Y.mT
-        if tri_b:
+        if tri_b == "AT":  # P = A (c A + b I) + a I: one scaling pass and a plain bmm instead of baddbmm
+            T = A.mul(c)
+            T.diagonal(dim1=-2, dim2=-1).add_(b)
+            P = torch.bmm(A, T)
+        elif tri_b:
             P = K._addmm_triton(A, A, A, c, b, torch.empty_like(A))
         else:
             P = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -63,6 +67,7 @@ VARIANTS = {
     "current_torch": lambda X: M._orthogonalize_(X, STEPS, COEF, EPS, "torch"),
     "poly_bmm": lambda X: poly(X, False, False),
     "poly_tritonB": lambda X: poly(X, False, True),
+    "poly_AT": lambda X: poly(X, False, "AT"),
     "poly_bmm_fold": lambda X: poly(X, True, False),
     "poly_tritonB_fold": lambda X: poly(X, True, True),
 }
