@@ -7,9 +7,6 @@ through the same operator the CUDA kernel compiles. The CPU forward never looks 
 structure, so the block masks are checked separately against the dense mask, tile by tile.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,7 +20,7 @@ from moespeed.model import masks
 from moespeed.model.attention import AttentionContext
 from moespeed.model.transformer import attention_param_count
 
-from helpers import tiny_model_config
+from helpers import run_interpreted, tiny_model_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -308,11 +305,7 @@ TRITON_CHECK = textwrap.dedent("""
 @pytest.mark.skipif(not decode_kernels.HAS_TRITON, reason="triton is not installed")
 def test_decode_kernel_interpreted_matches_reference():
     """Runs in a subprocess: TRITON_INTERPRET=1 must be set before the kernel is defined."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "TRITON_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    run_interpreted(TRITON_CHECK, "TRITON_OK")
 
 
 # ------------------------------------------------------------------------------------ config

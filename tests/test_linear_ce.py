@@ -1,8 +1,6 @@
 """Tests for moespeed.kernels.linear_ce: every backend against the fp32 reference, on CPU."""
 import importlib.util
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +15,7 @@ from moespeed.kernels.linear_ce import (
     memory_settings,
     reference_linear_cross_entropy,
 )
+from helpers import run_interpreted
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 OPTIONS = [  # (reduction, z_loss, softcap)
@@ -224,11 +223,7 @@ TRITON_CHECK = textwrap.dedent("""
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernel_interpreted_matches_torch():
     """Runs in a subprocess: TRITON_INTERPRET=1 must be set before the kernel is defined."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "TRITON_OK" in proc.stdout, proc.stdout + proc.stderr
+    run_interpreted(TRITON_CHECK, "TRITON_OK")
 
 
 @pytest.mark.gpu

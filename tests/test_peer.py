@@ -4,8 +4,6 @@ TRITON_INTERPRET=1 in a subprocess, so the kernels are interpreted whatever othe
 imported first)."""
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from moespeed.errors import ConfigError
 from moespeed.model.peer import MAX_PENDING_BACKWARDS, PEER, PEERConfig, PEERTableOptimizer, product_key_topk
 from moespeed.kernels.peer_triton import HAS_TRITON, TableGradFactors, activation_fn, table_step_reference
+from helpers import run_interpreted
 
 
 def small_cfg(**kw) -> PEERConfig:
@@ -348,13 +347,8 @@ _KERNEL_CHECK = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_triton_kernels_match_references_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_interpreted(_KERNEL_CHECK, '"pk_shared"')
+    out = json.loads(stdout.strip().splitlines()[-1])
     for name in ("pk_shared", "pk_pools", "pk_k_eq_n"):
         res = out[name]
         assert res.pop("ids_equal"), name
