@@ -44,6 +44,7 @@ import torch
 
 from moespeed.bench.common import free_memory, git_commit, peak_mib
 from moespeed.optim import muon as muon_mod
+from moespeed.optim import newton_schulz as newton_schulz_mod
 from moespeed.optim.muon import Muon, muon_eligible, ns_flops
 
 HP = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
@@ -166,15 +167,16 @@ def _expert_views(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return views
 
 
-PATHS = ("_orthogonalize_", "_addmm_triton", "_momentum_fused", "_momentum_reference", "_update_fused",
-         "_update_reference")  # muon module functions whose calls `_counted_step` counts
+PATHS = {"_orthogonalize_": muon_mod, "_addmm_triton": newton_schulz_mod, "_momentum_fused": muon_mod,
+         "_momentum_reference": muon_mod, "_update_fused": muon_mod,
+         "_update_reference": muon_mod}  # functions whose calls `_counted_step` counts, and the module calling them
 
 
 def _counted_step(opt: Muon) -> dict:
     """opt.step() once; how often it called each of PATHS, its NS classes, transposed and padded
     params and side streams (the evidence that two configurations ran different code)."""
     counts = dict.fromkeys(PATHS, 0)
-    real = {name: getattr(muon_mod, name) for name in PATHS}
+    real = {name: getattr(module, name) for name, module in PATHS.items()}
 
     def counting(name):
         def call(*args, **kwargs):
@@ -183,12 +185,12 @@ def _counted_step(opt: Muon) -> dict:
         return call
 
     try:
-        for name in PATHS:
-            setattr(muon_mod, name, counting(name))
+        for name, module in PATHS.items():
+            setattr(module, name, counting(name))
         opt.step()
     finally:
         for name, fn in real.items():
-            setattr(muon_mod, name, fn)
+            setattr(PATHS[name], name, fn)
     plan = opt._block_classes(False)
     jobs = [(c, job) for c in plan for job in c.jobs]
     counts.update(classes=len(plan), transposed_params=sum(job.transposed for _, job in jobs),
