@@ -7,7 +7,7 @@ steps) per variant; errors are relative Frobenius distances to the same iteratio
 """
 import json, os, torch
 from moespeed.kernels import muon_triton as K
-from moespeed.optim import muon as M
+from moespeed.optim import newton_schulz as M
 from moespeed.optim.polar_express import polar_express_coefficients
 
 STEPS = 4
