@@ -21,8 +21,9 @@ NS_STEPS = 5
 NS_METHODS = ("standard", "gram")  # gram: Gram Newton–Schulz for blocks with a long side >= 2x the short one
 GRAM_RESTART = 3  # the Gram iteration re-anchors X at this step (bf16 drift; see _gram_orthogonalize_)
 EPS = 1e-7
-NS_GEMMS = ("torch", "triton", "poly", "auto", "tune")  # auto: triton on CUDA. H100 train step (train_step_muon_triton_*.json):
-# triton for every class beat triton for classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams).
+# auto: triton on CUDA. H100 train step (train_step_muon_triton_*.json): triton for every class beat
+# triton for classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams).
+NS_GEMMS = ("torch", "triton", "poly", "auto", "tune")
 # poly: X <- P X with P = a I + b A + c A^2 formed first (plain cuBLAS bmm; see _orthogonalize_).
 # tune: on CUDA, time the three on the first NS call of each round shape, keep the fastest (per-class times
 # in muon_gram_classes.json favour cuBLAS for some small classes, e.g. (1344, 128) x12: 0.46 vs 1.03 ms)
@@ -66,8 +67,8 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     "triton" = `_addmm_kernel` (reads D in the epilogue); or "poly" forms P = a I + b A + c A^2
     first (baddbmm on the small m x m side, a diagonal add) and then X <- P X with a plain bmm that
     writes its output and reads X once (same map, P rounded to bf16 once more: 1.04e-2 vs 0.90e-2
-    relative to fp32 NS on (256, 768) blocks, ns_poly_probe.json). `method="gram"` runs `_gram_orthogonalize_`
-    instead where `gram_pays`. The optimizer calls this on slices of its stack; tests count the calls.
+    relative to fp32 NS on (256, 768) blocks, s9_ns_poly_probe.json). `method="gram"` runs
+    `_gram_orthogonalize_` instead where `gram_pays`. The optimizer calls this on slices of its stack; tests count the calls.
     """
     if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
         _gram_orthogonalize_(X, steps, coefficients, eps)
