@@ -8,17 +8,17 @@ How a step works, per parameter `p` with gradient `g` (the math of `torch.optim.
     p  *= 1 - lr * weight_decay                               # decoupled weight decay
     p  -= lr * scale(rows, cols) * O
 
-NS (moespeed/optim/newton_schulz.py) is the quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X with A = X X^T, run in bf16 on
-X = u / ||u||_F (so every singular value starts in (0, 1]); this class's default coefficients
-(3.4445, -4.7750, 2.0315, torch.optim.Muon's) with 5 steps push singular values into roughly
-[0.7, 1.2], not exactly 1, which works as well in practice. `ns_coefficients` may also give one
-(a, b, c) per step: the `small` presets run 4 steps of the minimax schedule of
-moespeed/optim/polar_express.py (band ~[0.79, 1.21]; same loss per step as 5 standard steps on
-`small`, 20% fewer NS FLOPs; 0.01 worse on `quickstart`). A tall block (rows > cols) runs the
-transposed iteration X <- a X + X (b A + c A^2) with A = X^T X, so the Gram matrix is always the smaller side and the
-result needs no transpose. `scale` makes updates of rectangular matrices comparable:
-"original" = sqrt(max(1, rows / cols)) (Keller Jordan), "match_rms_adamw" = 0.2 * sqrt(max(rows, cols))
-(Moonshot; update RMS ~0.2 like AdamW's, so AdamW learning rate and weight decay carry over).
+NS (moespeed/optim/newton_schulz.py) is the quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X
+with A = X X^T, run in bf16 on X = u / ||u||_F (so every singular value starts in (0, 1]); this class's
+default coefficients (3.4445, -4.7750, 2.0315, torch.optim.Muon's) with 5 steps push singular values
+into roughly [0.7, 1.2], not exactly 1, which works as well in practice. `ns_coefficients` may also
+give one (a, b, c) per step: the `small` presets run 4 steps of the minimax schedule of
+moespeed/optim/polar_express.py (band ~[0.79, 1.21]; same loss per step as 5 standard steps on `small`,
+20% fewer NS FLOPs; 0.01 worse on `quickstart`). A tall block (rows > cols) runs the transposed
+iteration X <- a X + X (b A + c A^2) with A = X^T X, so the Gram matrix is always the smaller side and
+the result needs no transpose. `scale` makes updates of rectangular matrices comparable: "original" =
+sqrt(max(1, rows / cols)) (Keller Jordan), "match_rms_adamw" = 0.2 * sqrt(max(rows, cols)) (Moonshot;
+update RMS ~0.2 like AdamW's, so AdamW learning rate and weight decay carry over).
 
 Shapes. Muon orthogonalizes *blocks*, the last two dims of a param, which are (rows, cols) as in an
 `nn.Linear` weight (out_features, in_features):

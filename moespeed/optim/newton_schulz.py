@@ -68,7 +68,8 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     first (baddbmm on the small m x m side, a diagonal add) and then X <- P X with a plain bmm that
     writes its output and reads X once (same map, P rounded to bf16 once more: 1.04e-2 vs 0.90e-2
     relative to fp32 NS on (256, 768) blocks, s9_ns_poly_probe.json). `method="gram"` runs
-    `_gram_orthogonalize_` instead where `gram_pays`. The optimizer calls this on slices of its stack; tests count the calls.
+    `_gram_orthogonalize_` instead where `gram_pays`. The optimizer calls this on slices of its
+    stack; tests count the calls.
     """
     if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
         _gram_orthogonalize_(X, steps, coefficients, eps)
