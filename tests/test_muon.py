@@ -433,6 +433,32 @@ def test_weight_decay_is_decoupled_and_missing_grads_are_skipped():
     assert len(Muon([b]).state) == 0
 
 
+def test_bf16_momentum_buffers_track_fp32_ones_and_survive_a_checkpoint():
+    """momentum_dtype=bfloat16: bf16 buffers (also after load_state_dict, which casts state to the
+    params' dtype), a trajectory close to fp32 momentum's, and a resume equal to an unbroken run."""
+    shapes = [(16, 24), (3, 24, 16)]
+    start = [p.detach().clone() for p in _params(shapes)]
+    wide, low = _params(shapes), _params(shapes)
+    ref = _run(wide, Muon(wide, lr=0.02))
+    opt = Muon(low, lr=0.02, momentum_dtype=torch.bfloat16)
+    ours = _run(low, opt)
+    assert all(opt.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in low)
+    for a, b, p0 in zip(ours, ref, start):  # updates differ by bf16 rounding of the momentum, not more
+        diff, size = (a - b).norm(), (b - p0).norm()
+        assert 0 < diff < 0.05 * size, (diff, size)
+
+    resumed = [torch.nn.Parameter(p.clone()) for p in ours]
+    again = Muon(resumed, lr=0.02, momentum_dtype=torch.bfloat16)
+    again.load_state_dict(opt.state_dict())
+    assert all(again.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in resumed)
+    for params, o in ((low, opt), (resumed, again)):
+        _set_grads(params, 7)
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(low, resumed))
+    with pytest.raises(ValueError, match="momentum_dtype"):
+        Muon(low, momentum_dtype=torch.float16)
+
+
 def test_hyperparameters_per_group():
     a, b = _params([(8, 16), (8, 16)])
     a0, b0 = a.detach().clone(), b.detach().clone()
@@ -496,6 +522,15 @@ _FUSED_SCRIPT = textwrap.dedent('''
         # one bf16 ulp (2^-8 to 2^-7 relative): a rounding flip where the fp32 values differ by an ulp
         torch.testing.assert_close(out.float(), ref_out.float(), rtol=2**-7, atol=0)
     assert [(a, b) for a, b, _ in K._launch_runs(grads, bufs)] == [(0, 2), (2, 4)]
+    low, ref_low = ([b.bfloat16() for b in bufs] for _ in range(2))  # bf16 momentum buffers
+    wide = [b.bfloat16().float() for b in bufs]  # the same start in fp32 buffers
+    K._momentum_fused(grads, low, out, 0.95, True)
+    K._momentum_reference(grads, ref_low, list(ref_out), 0.95, True)
+    K._momentum_reference(grads, wide, list(torch.empty_like(ref_out)), 0.95, True)
+    for a, b, w in zip(low, ref_low, wide):  # fp32 lerps rounded to bf16 alike (a flip is one bf16 ulp)
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
+        torch.testing.assert_close(a.float(), w, rtol=2**-8, atol=0)  # = the fp32 buffer, rounded
     ps = [torch.randn(3000, generator=g) for _ in range(3)]
     ref_ps = [p.clone() for p in ps]
     upd = torch.randn(3, 3000, generator=g).bfloat16()

@@ -50,11 +50,12 @@ if triton is not None:
 
     @triton.jit
     def _momentum_kernel(grad_ptr, buf_ptr, u_ptr, offs_ptr, n, w_buf, w_u, SMALL_BUF: tl.constexpr,
-                         SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
-                         INTERPRET: tl.constexpr):
+                         SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BUF_BF16: tl.constexpr,
+                         BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
         """Tensor j = program_id(1) of a run: buf.lerp_(g, w_buf); u = g.lerp(buf, w_u) if NESTEROV
         else buf, stored as bf16. g and buf start 16 * offs[j] and 16 * offs[jobs + j] elements
-        after grad_ptr and buf_ptr, u at j * n after u_ptr; every tensor has n elements."""
+        after grad_ptr and buf_ptr, u at j * n after u_ptr; every tensor has n elements. The lerps
+        run in fp32; a bf16 buf (BUF_BF16) is stored rounded and u reads the rounded value."""
         j = tl.program_id(1)
         g_off = tl.load(offs_ptr + j) * 16  # a known multiple of 16: vector loads
         b_off = tl.load(offs_ptr + tl.num_programs(1) + j) * 16
@@ -62,7 +63,11 @@ if triton is not None:
         mask = offs < n
         g = tl.load(grad_ptr + g_off + offs, mask=mask).to(tl.float32)
         buf = tl.load(buf_ptr + b_off + offs, mask=mask).to(tl.float32)
-        buf = _lerp(buf, g, w_buf, SMALL_BUF).to(buf_ptr.dtype.element_ty)
+        buf = _lerp(buf, g, w_buf, SMALL_BUF)
+        if BUF_BF16:
+            buf = _to_bf16(buf, INTERPRET)
+        else:
+            buf = buf.to(buf_ptr.dtype.element_ty)
         tl.store(buf_ptr + b_off + offs, buf, mask=mask)
         u = buf.to(tl.float32)
         if NESTEROV:
@@ -174,7 +179,7 @@ def _momentum_fused(grads: list[Tensor], bufs: list[Tensor], out: Tensor, moment
         _momentum_kernel[(triton.cdiv(n, _BLOCK), last - first)](
             grads[first], bufs[first], out.view(-1)[first * n:], offsets, n, 1 - momentum, momentum,
             SMALL_BUF=abs(1 - momentum) < 0.5, SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov),
-            BLOCK=_BLOCK, INTERPRET=_INTERPRET)
+            BUF_BF16=bufs[first].dtype == torch.bfloat16, BLOCK=_BLOCK, INTERPRET=_INTERPRET)
 
 
 def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: float) -> None:
@@ -230,9 +235,16 @@ def _find_runs(*lists: list[Tensor]):
 def _momentum_reference(grads: list[Tensor], bufs: list[Tensor], slots: list[Tensor], momentum: float,
                         nesterov: bool) -> None:
     """torch.optim.Muon's momentum ops with foreach: update bufs, write the NS inputs into slots
-    (each of its tensor's numel, maybe another shape, e.g. (blocks, rows, cols) of a 2-D param)."""
-    torch._foreach_lerp_(bufs, grads, 1 - momentum)
-    us = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    (each of its tensor's numel, maybe another shape, e.g. (blocks, rows, cols) of a 2-D param).
+    Buffers of another dtype than the grads (bf16 momentum) take the same ops in fp32, stored rounded."""
+    if bufs and bufs[0].dtype != grads[0].dtype:
+        grads = [g.float() for g in grads]
+        torch._foreach_copy_(bufs, torch._foreach_lerp([b.float() for b in bufs], grads, 1 - momentum))
+        rounded = [b.float() for b in bufs]
+        us = torch._foreach_lerp(grads, rounded, momentum) if nesterov else rounded
+    else:
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        us = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
     torch._foreach_copy_(slots, [u.reshape(s.shape) for u, s in zip(us, slots)])  # casts to bf16
 
 
@@ -267,6 +279,11 @@ def _check_fused(device: torch.device) -> bool:
         torch.testing.assert_close(torch.stack(bufs), ref, rtol=1e-6, atol=2**-22 * ref.abs().max().item())
         torch.testing.assert_close(out.float(), ref_out.float(), rtol=2**-7, atol=0)
         torch.testing.assert_close(torch.stack(ps), torch.stack(ref_ps), rtol=1e-5, atol=1e-7)
+        low, ref_low = ([b.bfloat16() for b in ref_bufs] for _ in range(2))  # bf16 momentum buffers
+        _momentum_fused(grads, low, out, 0.95, True)
+        _momentum_reference(grads, ref_low, list(ref_out), 0.95, True)
+        torch.testing.assert_close(torch.stack(low).float(), torch.stack(ref_low).float(), rtol=2**-7, atol=0)
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=2**-7, atol=0)
         return True
     except Exception as exc:  # noqa: BLE001 - any failure means: use the foreach path
         warnings.warn(f"Muon: fused Triton kernels disabled on {device} ({exc!r}); using foreach ops")

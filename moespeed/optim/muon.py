@@ -144,6 +144,7 @@ MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its tran
 PAD_FLOPS = 10**11  # zero-padding that adds at most this many NS FLOPs may merge two classes
 DEFAULT_STREAMS = 3  # CUDA side streams that run shape classes concurrently (streams=None); see below
 CALL_FLOPS = 10**11  # scheduling cost of one NS call (~0.3 ms: small NS calls are latency-bound)
+MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16)  # None: the grads' dtype
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
 _EXCLUDED_SUBSTRINGS = ("embed", "norm", "bias")
@@ -233,6 +234,8 @@ class Muon(torch.optim.Optimizer):
     0 = all on the current stream; ignored on CPU, with DTensors and with more than one rank).
     `ns_method`: "standard" Newton–Schulz, or "gram" (`_gram_orthogonalize_`: iterates on the m x m
     Gram matrix for blocks whose long side is >= 2x the short one; other blocks run the standard one).
+    `momentum_dtype`: the momentum buffers' dtype (None = the grads'; torch.bfloat16 halves their
+    memory and traffic, the lerps still run in fp32, as DeepSeek-V3 keeps AdamW's moments in bf16).
     `share` (several ranks, replicated params): "blocks" splits every NS round into one share per
     rank and all-gathers them (balanced GPU work, but every rank launches every class's kernels);
     "rounds" gives each round of at most `batch_numel` elements whole to the least loaded rank, which
@@ -246,7 +249,8 @@ class Muon(torch.optim.Optimizer):
                  split: int = 1, replicated: bool = True, *, process_group=None,
                  batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
                  merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None,
-                 ns_method: str = "standard", share: str = "blocks") -> None:
+                 ns_method: str = "standard", share: str = "blocks",
+                 momentum_dtype: torch.dtype | None = None) -> None:
         if batch_numel < 1:
             raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
         if min(merge_numel, pad_flops or 0, streams or 0) < 0:
@@ -258,6 +262,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon ns_method = {ns_method!r}: use one of {NS_METHODS}")
         if share not in SHARES:
             raise ValueError(f"Muon share = {share!r}: use one of {SHARES}")
+        if momentum_dtype not in MOMENTUM_DTYPES:
+            raise ValueError(f"Muon momentum_dtype = {momentum_dtype}: use one of {MOMENTUM_DTYPES}")
         if triton is None and (fused or ns_gemm == "triton"):  # "auto" and "tune" fall back to torch
             raise ValueError("Muon fused = True and ns_gemm = 'triton' need triton")
         self.process_group = process_group
@@ -266,6 +272,7 @@ class Muon(torch.optim.Optimizer):
         self.ns_gemm = ns_gemm
         self.ns_method = ns_method
         self.share = share
+        self.momentum_dtype = momentum_dtype
         self.merge_numel = merge_numel
         self.pad_flops = pad_flops
         self.streams = DEFAULT_STREAMS if streams is None else streams
@@ -285,9 +292,13 @@ class Muon(torch.optim.Optimizer):
         group["ns_coefficients"] = _hashable(group["ns_coefficients"])  # part of a class key
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # (casts the momentum buffers to their params' dtype)
         for group in self.param_groups:  # a saved state may hold the coefficients as lists
             group["ns_coefficients"] = _hashable(group["ns_coefficients"])
+        if self.momentum_dtype is not None:
+            for state in self.state.values():
+                if "momentum_buffer" in state:
+                    state["momentum_buffer"] = state["momentum_buffer"].to(self.momentum_dtype)
 
     def _world(self) -> tuple[int, int]:
         """(world size, rank) of the group that shares work; (1, 0) when not distributed."""
@@ -536,7 +547,8 @@ class Muon(torch.optim.Optimizer):
     def _buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=self.momentum_dtype,
+                                                        memory_format=torch.preserve_format)
         return state["momentum_buffer"]
 
     def _dtensor_input(self, p: Tensor, group: dict) -> Tensor:
@@ -544,9 +556,9 @@ class Muon(torch.optim.Optimizer):
         if p.grad is None:
             u = torch.zeros_like(p, dtype=torch.bfloat16)
         else:
-            buf = self._buffer(p)
-            buf.lerp_(p.grad, 1 - group["momentum"])
-            u = (p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf).bfloat16()
+            buf, grad = self._buffer(p), p.grad.float()
+            buf.copy_(buf.float().lerp_(grad, 1 - group["momentum"]))  # fp32 math, stored in buf's dtype
+            u = (grad.lerp(buf.float(), group["momentum"]) if group["nesterov"] else buf).bfloat16()
         return u.full_tensor()
 
     def _gather_shares(self, blocks: Tensor, counts: list[int], rank: int) -> None:
