@@ -115,7 +115,7 @@ def cmd_generate(args) -> None:
 def cmd_eval(args) -> None:
     import torch
 
-    from .data.loader import TokenLoader
+    from .data.loader import val_loader
     from .data.prepare import prepare_data
     from .run import load, read_run_config, resolve_checkpoint
 
@@ -125,7 +125,7 @@ def cmd_eval(args) -> None:
     cfg = read_run_config(run_dir)
     cfg.data.tokenizer = str(run_dir / "tokenizer.json")
     data = prepare_data(cfg.data, log=lambda m: print(m, file=sys.stderr))
-    loader = TokenLoader(data.val_path, cfg.data.batch_size, cfg.data.seq_len, data.bos_id, shuffle=False)
+    loader = val_loader(data.val_path, cfg.data.batch_size, cfg.data.seq_len, data.bos_id)
     n_batches = min(args.batches, max(1, loader.n_windows // cfg.data.batch_size))
     total = 0.0
     with torch.no_grad():

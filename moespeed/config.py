@@ -198,7 +198,7 @@ class TrainConfig:
     beta2: float = option(0.95, "AdamW beta2")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")
     eval_every: int = option(100, "evaluate on the val split every N steps (and at step 0 and the end)")
-    eval_batches: int = option(8, "val batches per evaluation")
+    eval_batches: int = option(8, "val batches per evaluation (a fixed random sample of windows from the whole val split, the same every time)")
     ckpt_every: int = option(100, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(2, "checkpoints kept in the run directory")
     log_every: int = option(10, "write train metrics every N steps (and, when stderr is not a terminal, e.g. a log file, print them as one plain line instead of a progress bar)")

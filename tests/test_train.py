@@ -28,7 +28,7 @@ def _interrupted_fit(cfg, monkeypatch, after_batches: int) -> None:
     real_next, calls = TokenLoader.next_batch, {"n": 0}
 
     def next_batch(self, device=None):
-        if self.shuffle:  # the train loader (eval loaders do not shuffle)
+        if Path(self.shard_path).name == "train.bin":  # the train loader, not an eval's
             calls["n"] += 1
             if calls["n"] > after_batches:
                 raise KeyboardInterrupt

@@ -18,7 +18,7 @@ from .shards import read_shard
 class TokenLoader:
     def __init__(self, shard_path, batch_size: int, seq_len: int, bos_id: int, seed: int = 0,
                  shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        self.tokens = read_shard(shard_path)
+        self.shard_path, self.tokens = shard_path, read_shard(shard_path)
         self.batch_size, self.seq_len, self.bos_id = batch_size, seq_len, bos_id
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.n_windows = (self.tokens.size - 1) // seq_len
@@ -75,3 +75,14 @@ class TokenLoader:
     def __iter__(self):
         while True:
             yield self.next_batch()
+
+
+VAL_SAMPLE_SEED = 0  # the val windows' order: one fixed permutation, so every evaluation sees the same batches
+
+
+def val_loader(shard_path, batch_size: int, seq_len: int, bos_id: int, rank: int = 0,
+               world_size: int = 1) -> TokenLoader:
+    """The loader evaluations read: its first N batches are a fixed random sample of windows from
+    the whole val split (the first windows in file order would all come from its first documents)."""
+    return TokenLoader(shard_path, batch_size, seq_len, bos_id, seed=VAL_SAMPLE_SEED, shuffle=True,
+                       rank=rank, world_size=world_size)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, to_toml
-from ..data.loader import TokenLoader
+from ..data.loader import TokenLoader, val_loader
 from ..data.prepare import prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..kernels.linear_ce import check_backend as check_loss_backend
@@ -165,7 +165,8 @@ class Trainer:
     # -------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self, model, val_path, bos_id) -> float:
-        """Mean val loss over the first eval_batches val batches (the same batches every time).
+        """Mean val loss over eval_batches val batches: a fixed random sample of windows from the whole
+        val split (`val_loader`), the same batches every time.
 
         Under torch.distributed the ranks share the batches (ceil(eval_batches / world) each, the
         same batches as one process when the world size divides eval_batches) and average.
@@ -173,8 +174,8 @@ class Trainer:
         model.eval()
         env = self.env
         n_batches = math.ceil(self.cfg.train.eval_batches / env.world_size)
-        loader = TokenLoader(val_path, self.cfg.data.batch_size, self.cfg.data.seq_len, bos_id, shuffle=False,
-                             rank=env.rank, world_size=env.world_size)
+        loader = val_loader(val_path, self.cfg.data.batch_size, self.cfg.data.seq_len, bos_id,
+                            rank=env.rank, world_size=env.world_size)
         total = torch.zeros((), device=self.device)
         for _ in range(n_batches):
             tokens, targets, doc_ids = loader.next_batch(self.device)
