@@ -557,7 +557,10 @@ class Muon(torch.optim.Optimizer):
             u = torch.zeros_like(p, dtype=torch.bfloat16)
         else:
             buf, grad = self._buffer(p), p.grad.float()
-            buf.copy_(buf.float().lerp_(grad, 1 - group["momentum"]))  # fp32 math, stored in buf's dtype
+            wide = buf.float()  # buf itself when fp32
+            wide.lerp_(grad, 1 - group["momentum"])
+            if wide is not buf:  # a bf16 buffer stores the fp32 result rounded
+                buf.copy_(wide)
             u = (grad.lerp(buf.float(), group["momentum"]) if group["nesterov"] else buf).bfloat16()
         return u.full_tensor()
 

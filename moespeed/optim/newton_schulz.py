@@ -23,10 +23,10 @@ GRAM_RESTART = 3  # the Gram iteration re-anchors X at this step (bf16 drift; se
 EPS = 1e-7
 # auto: triton on CUDA. H100 train step (train_step_muon_triton_*.json): triton for every class beat
 # triton for classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams).
-NS_GEMMS = ("torch", "triton", "poly", "auto", "tune")
 # poly: X <- P X with P = a I + b A + c A^2 formed first (plain cuBLAS bmm; see _orthogonalize_).
 # tune: on CUDA, time the three on the first NS call of each round shape, keep the fastest (per-class times
 # in muon_gram_classes.json favour cuBLAS for some small classes, e.g. (1344, 128) x12: 0.46 vs 1.03 ms)
+NS_GEMMS = ("torch", "triton", "poly", "auto", "tune")
 TUNE_REPEATS = 3  # timed NS calls per GEMM choice when ns_gemm = "tune" (after one warm-up call)
 
 
@@ -78,21 +78,23 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     Y = _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix
     for i, (a, b, c) in enumerate(step_coefficients(coefficients, steps)):
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
+        out = X if i == steps - 1 and i > 0 else None  # the last step writes into X (Y no longer aliases it)
         if gemm == "poly":
-            P = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, (n, m, m)
-            P.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
-            out = X if i == steps - 1 and i > 0 else None  # Y no longer aliases X
+            P = _polynomial(A, a, b, c)  # (n, m, m)
             Y = torch.bmm(Y, P, out=out) if tall else torch.bmm(P, Y, out=out)  # (n, rows, cols)
-            if out is not None:
-                return
-            continue
-        B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
-        left, right = (Y, B) if tall else (B, Y)
-        if i == steps - 1 and i > 0:  # Y no longer aliases X: write the result into X
-            _addmm(left, right, Y, 1.0, a, gemm, out=X)
-            return
-        Y = _addmm(left, right, Y, 1.0, a, gemm)  # (n, rows, cols)
-    X.copy_(Y)  # steps == 1
+        else:
+            B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
+            left, right = (Y, B) if tall else (B, Y)
+            Y = _addmm(left, right, Y, 1.0, a, gemm, out=out)  # (n, rows, cols)
+    if Y is not X:  # steps == 1
+        X.copy_(Y)
+
+
+def _polynomial(A: Tensor, a: float, b: float, c: float) -> Tensor:
+    """P = a I + b A + c A^2 for a batch of square A (n, m, m): the map one NS step applies."""
+    P = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+    P.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
+    return P
 
 
 def _normalize_(X: Tensor, eps: float, gemm: str = "torch") -> Tensor:
@@ -157,8 +159,7 @@ def _gram_orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
         if k == restart and Q is not None:
             X.copy_(apply(Q))
             A, Q = gram(X), None
-        P = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        P.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
+        P = _polynomial(A, a, b, c)
         Q = P if Q is None else P @ Q
         if k + 1 < steps and k + 1 != restart:  # the next step needs A; a restart recomputes it
             A = P @ (A @ P)
