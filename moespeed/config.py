@@ -181,7 +181,7 @@ class TrainConfig:
     lr: float = option(3e-3, "peak learning rate (AdamW; also Muon's with muon_adjust_lr = match_rms_adamw)")
     muon_lr: float = option(0.0, "Muon's peak learning rate; 0 = the same as lr")
     muon_momentum: float = option(0.95, "Muon's momentum")
-    muon_momentum_dtype: str = option("float32", "dtype of Muon's momentum buffers: bfloat16 halves their memory and traffic (the lerps still run in fp32; DeepSeek-V3 keeps AdamW's moments in bf16); not yet timed on a GPU", choices=["float32", "bfloat16"])
+    muon_momentum_dtype: str = option("float32", "dtype of Muon's momentum buffers: bfloat16 halves their memory and traffic (the lerps still run in fp32; DeepSeek-V3 keeps AdamW's moments in bf16); the small presets' choice: H200 small-moe Muon 7.16 vs 7.40 ms per step, 590 MiB less peak memory, val loss unchanged (3 seeds on small)", choices=["float32", "bfloat16"])
     muon_ns_steps: int = option(5, "Newton-Schulz iterations of Muon (each costs the same; the small presets run 4 polar_express steps: on small they converged like 5 standard ones, 0.004 lower val loss on each of 3 seeds, Muon 2.84 vs 3.33 ms of a 63 ms H200 step; on quickstart they ended 0.007-0.012 higher)")
     muon_ns_coefficients: str = option("standard", "Muon's Newton-Schulz coefficients: standard (one quintic, (3.4445, -4.7750, 2.0315), every step: torch.optim.Muon's) or polar_express (a minimax-optimal quintic per step for the singular values in [muon_ns_lowest, 1]: a tighter band at the same cost per step; moespeed/optim/polar_express.py; the small presets' choice, with 4 steps)", choices=["standard", "polar_express"])
     muon_ns_lowest: float = option(3e-3, "polar_express: the smallest singular value of the Frobenius-normalized momentum that the schedule aims at (smaller ones still grow, more slowly; 1e-3 widens the band 4 steps reach to ~[0.43, 1.57]); ignored by standard")
@@ -315,7 +315,10 @@ _SMALL = {
     "train": dict(steps=2000, lr=1e-3, muon_lr=3e-3, warmup_steps=100, eval_every=250, eval_batches=20, ckpt_every=500,
                   log_every=10, compile=True,
                   # 4 Polar Express NS steps: small's val loss as with 5 standard steps (3 seeds), 15% less Muon time
-                  muon_ns_coefficients="polar_express", muon_ns_steps=4),
+                  muon_ns_coefficients="polar_express", muon_ns_steps=4,
+                  # bf16 Muon momentum: small val loss 3.6413 vs 3.6414 (mean of 3 seeds), small-moe -0.24 ms and
+                  # -590 MiB per step on an H200 (BENCHMARKS.md, session 10)
+                  muon_momentum_dtype="bfloat16"),
 }
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quickstart": _QUICKSTART,
