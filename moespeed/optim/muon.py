@@ -83,7 +83,9 @@ steps (the small presets' 4 steps do 4/5 of the NS work).
   * Memory outside NS with fp32 params, grads and momentum: at least 20 B per element (read g,
     read + write buf, read + write p): small 1.60 GB = 0.53 ms, small-moe 6.27 GB = 2.09 ms at
     3.0 TB/s. This module moves 24 B (plus the bf16 NS input written and the bf16 update read):
-    0.64 ms and 2.51 ms.
+    0.64 ms and 2.51 ms; 20 B with bf16 momentum buffers (`momentum_dtype`, the small presets').
+    Measured on an H200 (session 10): the momentum and update kernels run at the 4.3 TB/s copy
+    ceiling, and NS (5.5 of small-moe's 7.5 ms of GPU work) at ~310 TFLOP/s.
   * Sum: ~2.7-3.8 ms (small) and ~5.7-7.9 ms (small-moe). The goal "optimizer <= 5% of the train
     step" (~4.4 / ~5.2 ms at the measured fwd+bwd) fits `small`, but not `small-moe` as long as NS
     is 5 bf16 steps on fp32 state on one GPU.
