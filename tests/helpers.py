@@ -31,7 +31,8 @@ def write_corpus(folder: Path, n_files: int = 24) -> Path:
 
 
 def tiny_train_args(data_dir: Path, run_dir: Path, cache_dir: Path, steps: int = 6) -> list[str]:
-    """CLI arguments for a few-second training run on the tiny corpus."""
+    """CLI arguments for a few-second training run on the tiny corpus, on the CPU (also on a GPU
+    machine: its head dims are below the GPU Flex kernel's least, and the tests compare CPU numbers)."""
     return ["--data.data", str(data_dir), "--data.cache_dir", str(cache_dir), "--data.vocab_size", "300",
             "--data.seq_len", "32", "--data.batch_size", "4", "--data.val_fraction", "0.2",
             "--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--model.kv_lora_rank", "16",
@@ -39,7 +40,7 @@ def tiny_train_args(data_dir: Path, run_dir: Path, cache_dir: Path, steps: int =
             "--model.d_ff", "64", "--model.max_seq_len", "64",
             "--train.steps", str(steps), "--train.eval_every", "3", "--train.eval_batches", "2",
             "--train.ckpt_every", "3", "--train.log_every", "1", "--train.warmup_steps", "2",
-            "--train.run_dir", str(run_dir)]
+            "--train.device", "cpu", "--train.run_dir", str(run_dir)]
 
 
 def tiny_config(data_dir: Path, run_dir: Path, cache_dir: Path, steps: int = 6):

@@ -35,6 +35,13 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="needs torch.distributed with gloo")
 
 
+def _start_method() -> str:
+    """fork (fast: no re-import) unless this process already uses CUDA, which a forked child cannot
+    (earlier tests on a GPU machine initialize it); then spawn."""
+    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    return "fork" if fork else "spawn"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,8 +151,7 @@ def test_expert_parallel_layer_matches_single_process():
     one-process layer's."""
     # fork: the children inherit the imported modules (a spawn pays ~5 s of imports per process);
     # each child first drops to one thread, so no OpenMP pool is used across the fork
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method=method)
+    mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method=_start_method())
 
 
 def _ep_compile_worker(rank: int, world: int, port: int) -> None:
@@ -185,8 +191,7 @@ def test_allgather_expert_parallel_layer_compiles_as_one_graph():
     """The allgather dispatcher has no host sync and uses functional collectives, so torch.compile
     traces the EP layer whole (fullgraph), also in 2 pieces (ep_chunks) and with the masked-row custom
     ops (ep_masked_rows), and matches eager in outputs and gradients."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method=method)
+    mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method=_start_method())
 
 
 def test_deferred_peer_tables_are_refused_with_several_processes():
@@ -428,7 +433,7 @@ def test_squared_norm_matches_the_sum_of_squares():
 
 
 def test_distributed_bench_smoke_on_cpu(tmp_path):
-    """`bench.distributed --allow-cpu`: one process vs DDP on 2 gloo processes, tiny model and corpus.
+    """`bench.distributed --cpu`: one process vs DDP on 2 gloo processes, tiny model and corpus.
     The JSON has both rows, their launch commands, matching losses and a speedup."""
     import json
 
@@ -443,7 +448,7 @@ def test_distributed_bench_smoke_on_cpu(tmp_path):
             "--model.max_seq_len"}
     sets = [x for i in range(0, len(tiny), 2) if tiny[i] in keep for x in ("--set", tiny[i][2:], tiny[i + 1])]
     out = tmp_path / "dist.json"
-    main(["--allow-cpu", "--preset", "quickstart", "--cases", "1gpu,ddp2", "--steps", "2", "--log-every", "1",
+    main(["--cpu", "--preset", "quickstart", "--cases", "1gpu,ddp2", "--steps", "2", "--log-every", "1",
           "--no-compile", "--timeout", "240", "--work-dir", str(tmp_path / "work"), "--json", str(out), *sets])
     rows = {r["bench"]: r for r in json.loads(out.read_text())["results"]}
     one, ddp = rows["distributed.1gpu"], rows["distributed.ddp2"]

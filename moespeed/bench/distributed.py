@@ -197,7 +197,9 @@ def launch(args: list[str], gpus: int, timeout: int, log: Path | None = None) ->
     The whole output goes to `log` when given."""
     cmd = command(args, gpus)
     env = {**os.environ, "OMP_NUM_THREADS": "4"}
-    if torch.cuda.is_available():
+    if "--train.device" in args and args[args.index("--train.device") + 1] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # --cpu: torchrun's processes use gloo even on a GPU machine
+    elif torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     start = time.time()
     try:
@@ -225,8 +227,8 @@ def summarize(run_dir: Path) -> dict:
             "routed_expert_mib_per_gpu": expert_bytes / 2**20, "layout": info}
 
 
-def environment() -> dict:
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+def environment(cpu: bool = False) -> dict:
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not cpu else "cpu"
     return {"device": name, "torch": torch.__version__, "triton": package_version("triton"), "commit": git_commit(),
             "date": datetime.date.today().isoformat(),
             "command": "python -m moespeed.bench.distributed " + " ".join(sys.argv[1:])}
@@ -287,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="extra config key for every run, e.g. --set data.batch_size 16")
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated training runs (default all: {','.join(CASES)}); 1gpu is the speedup base")
-    p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on CPU (gloo), no GPU needed")
+    p.add_argument("--cpu", action="store_true",
+                   help="smoke-test the script on the CPU (gloo; 2 processes stand in for 2 GPUs), even where GPUs exist")
     p.add_argument("--ep-check", metavar="OUT", help=argparse.SUPPRESS)  # internal: the torchrun worker of step 1
     args = p.parse_args(argv)
     if args.ep_check:
@@ -298,12 +301,13 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="moespeed-bench-dist-"))
     work.mkdir(parents=True, exist_ok=True)
-    devices = torch.cuda.device_count() or (2 if args.allow_cpu else 0)
+    devices = 2 if args.cpu else torch.cuda.device_count()
     overrides = ["--data.cache_dir", str(work / "cache"), "--data.tokenizer_train_chars", str(TOKENIZER_CHARS)]
+    overrides += ["--train.device", "cpu"] if args.cpu else []
     overrides += [x for key, value in args.set for x in (f"--{key}", value)]
 
     ep_cases = any(name.startswith("ep") for name in cases)  # the EP layer check serves only them
-    check = run_ep_check(work, args) if torch.cuda.device_count() >= 2 and ep_cases else None
+    check = run_ep_check(work, args) if not args.cpu and torch.cuda.device_count() >= 2 and ep_cases else None
     t0 = time.time()
     prepare(args.preset, overrides)
     print(f"data prepared in {time.time() - t0:.0f}s ({work / 'cache'})", flush=True)
@@ -324,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({**environment(), "ep_layer": check, "results": rows}, fh, indent=1)
+            json.dump({**environment(args.cpu), "ep_layer": check, "results": rows}, fh, indent=1)
     print_table(check, rows)
 
 
