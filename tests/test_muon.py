@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moespeed.optim import muon as muon_mod
+from moespeed.optim import muon_plan
 from moespeed.optim.muon import SHARES, Muon, lr_scale, muon_eligible, newton_schulz
 from moespeed.optim.polar_express import polar_express_coefficients
 from helpers import run_interpreted
@@ -300,9 +301,9 @@ def test_zero_padding_leaves_newton_schulz_unchanged():
 def test_pad_classes_rule():
     blocks = {(8, 32, 5): 2, (16, 32, 5): 1, (64, 32, 5): 4, (4, 16, 5): 1}  # (rows, cols, ns_steps)
     extra = 2 * (muon_mod.ns_flops(16, 32) - muon_mod.ns_flops(8, 32))  # padding the 2 blocks of 8 rows
-    assert muon_mod._pad_classes(blocks, extra) == {(8, 32, 5): (16, 32, 5), (16, 32, 5): (16, 32, 5),
+    assert muon_plan.pad_classes(blocks, extra) == {(8, 32, 5): (16, 32, 5), (16, 32, 5): (16, 32, 5),
                                                     (4, 16, 5): (4, 16, 5)}  # tall (64, 32): never padded
-    assert all(k == v for k, v in muon_mod._pad_classes(blocks, extra - 1).items())
+    assert all(k == v for k, v in muon_plan.pad_classes(blocks, extra - 1).items())
 
 
 def test_padded_class_equals_unpadded(monkeypatch):
@@ -324,8 +325,8 @@ def test_padded_class_equals_unpadded(monkeypatch):
 
 
 def test_assign_lanes_largest_first_to_least_loaded():
-    assert muon_mod._assign_lanes([1, 10, 3, 3], 2) == [(1, 0), (2, 1), (3, 1), (0, 1)]
-    assert muon_mod._assign_lanes([5, 5], 4) == [(0, 0), (1, 1)]
+    assert muon_plan.assign_lanes([1, 10, 3, 3], 2) == [(1, 0), (2, 1), (3, 1), (0, 1)]
+    assert muon_plan.assign_lanes([5, 5], 4) == [(0, 0), (1, 1)]
 
 
 class _FakeStream:
@@ -369,7 +370,7 @@ def test_streams_on_cpu_are_a_no_op_and_the_stream_path_matches(monkeypatch):
         _set_grads(faked, 100 + step)
         fake_opt.step()
         plan = fake_opt._block_classes(False)
-        lanes = muon_mod._assign_lanes([muon_mod._class_cost(c, fake_opt.batch_numel) for c in plan], 2)
+        lanes = muon_plan.assign_lanes([muon_plan.class_cost(c, fake_opt.batch_numel) for c in plan], 2)
         assert classes == [plan[i] for i, _ in lanes]  # every class once, largest first
         assert log == [("wait", 0, "current"), ("wait", 1, "current")] \
             + [("enter", lane) for _, lane in lanes] + [("wait", "current", 0), ("wait", "current", 1)]

@@ -44,6 +44,7 @@ import torch
 
 from moespeed.bench.common import free_memory, git_commit, peak_mib
 from moespeed.optim import muon as muon_mod
+from moespeed.optim import muon_plan
 from moespeed.optim import newton_schulz as newton_schulz_mod
 from moespeed.optim.muon import Muon, muon_eligible, ns_flops
 
@@ -245,7 +246,7 @@ def ns_by_class(classes: dict, device, batch_numel: int, notes: list[str]) -> li
     out = []
     NS = muon_mod.NS_STEPS, muon_mod.NS_COEFFICIENTS, muon_mod.EPS
     for (rows, cols), (n, gemm_used) in classes.items():
-        per_call = muon_mod._round_sizes(n, max(1, batch_numel // (rows * cols)))[0]
+        per_call = muon_plan.round_sizes(n, max(1, batch_numel // (rows * cols)))[0]
         X0 = torch.randn(per_call, rows, cols, device=device).bfloat16()  # (per_call, rows, cols)
         ns, results = {}, {}
         for gemm in ("torch", "triton") if device.type == "cuda" else ("torch",):
@@ -402,7 +403,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
         row["mem_floor_ms"] = row["min_bytes"] / ceilings["gbps"] / 1e6
         row["floor_ms"] = row["ns_floor_ms"] + row["mem_floor_ms"]
     (rows, cols), n = max(classes.items(), key=lambda kv: ns_flops(*kv[0]) * kv[1])
-    n = muon_mod._round_sizes(n, max(1, muon_mod.BATCH_NUMEL // (rows * cols)))[0]
+    n = muon_plan.round_sizes(n, max(1, muon_mod.BATCH_NUMEL // (rows * cols)))[0]
     try:
         row["ns_parts"] = ns_parts(rows, cols, n, device)
     except Exception as exc:  # noqa: BLE001 - a diagnostic only

@@ -20,26 +20,13 @@ the result needs no transpose. `scale` makes updates of rectangular matrices com
 sqrt(max(1, rows / cols)) (Keller Jordan), "match_rms_adamw" = 0.2 * sqrt(max(rows, cols)) (Moonshot;
 update RMS ~0.2 like AdamW's, so AdamW learning rate and weight decay carry over).
 
-Shapes. Muon orthogonalizes *blocks*, the last two dims of a param, which are (rows, cols) as in an
-`nn.Linear` weight (out_features, in_features):
-  * 2-D `[rows, cols]`: one block.
-  * 3-D `[E, rows, cols]` (stacked expert weights): E blocks, one per expert.
-  * split: a param with attribute `p._muon_split = n` (or in a group with option `split=n`; the
-    attribute wins) is cut into n row-blocks of `[rows / n, cols]`, e.g. a query projection
-    `[n_heads * head_dim, d_model]` orthogonalized per head. Only row-blocks are supported.
-`scale` uses the block shape. All blocks of equal shape (and equal NS settings) across all params and
-groups form a *class* (the grouping is cached until params or their grads' presence change; a class
-bigger than 4 * `batch_numel` elements is cut between params). Merging: NS of a tall block is NS of
-its transpose, transposed back, so a class of tall (r, c) blocks with at most `merge_numel`
-elements joins the class of wide (c, r) blocks, if there is one, stored transposed: one batched NS
-call instead of two (small classes are latency-bound: ~0.4 ms each on an H100 whatever their size).
-Its params keep their own `scale` (of (r, c)); the fused kernels write and read them through one
-transposing copy per run of params (4 extra bytes per element, hence the bound). Padding: zero rows
-change nothing in NS of the other rows (A = X X^T, b A + c A^2 and its product with X get zero rows
-and columns; the norm is the same), so wide classes with equal cols are zero-padded to one shape
-while that costs at most `pad_flops` extra NS FLOPs (`_pad_classes`), e.g. (144, 768) blocks join
-(256, 768) ones: again one call fewer, at a copy per run like a transposed one. A step handles one
-class after another:
+Shapes. Muon orthogonalizes *blocks*, the last two dims of a param ((rows, cols) as in an
+`nn.Linear` weight; a 3-D expert stack [E, rows, cols] has E of them; `split` cuts a param into
+row-blocks, e.g. per head). `scale` uses the block shape. All blocks of equal shape and NS settings
+form a *class*, one batched NS call per round; small tall classes are merged into their transposed
+wide class and small wide classes zero-padded into bigger ones (moespeed/optim/muon_plan.py says how
+and why; the plan is cached until params or their grads' presence change). A step handles one class
+after another:
   1. momentum: every param writes its NS input `u` (bf16) straight into its slot of one
      `(blocks, rows, cols)` stack (no torch.cat, no per-param copies);
   2. NS runs in place on slices of the stack, batched, at most `batch_numel` elements per rank and
@@ -120,8 +107,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -136,16 +121,13 @@ from ..kernels.muon_triton import (_fused_works, _momentum_fused, _momentum_refe
 from .newton_schulz import (EPS, GRAM_RESTART, NS_COEFFICIENTS, NS_GEMMS, NS_METHODS, NS_STEPS,  # noqa: F401
                             TUNE_REPEATS, _faster_gemm, _gram_orthogonalize_, _hashable, _orthogonalize_,
                             gram_pays, newton_schulz, ns_flops, step_coefficients)  # re-exported: Muon's API
+from .muon_plan import (MERGE_NUMEL, BlockClass, Job, assign_lanes, class_cost, job_runs, partition,
+                        plan_classes, round_sizes, split_of, stack_slot, zero_padding)
 
 SHARES = ("blocks", "rounds")  # how ranks split the NS work of replicated params (see Muon's docstring)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 BATCH_NUMEL = 2**26  # elements per batched NS call per rank (128 MiB of bf16 input)
-STACK_BATCHES = 4  # a stack holds at most this many batch_numel elements (or one bigger param)
-MERGE_NUMEL = 2**23  # a tall class of at most this many elements joins its transposed wide class:
-# latency-bound ones (H100: (768, 384) x12, (768, 512) x11, (3072, 768) x1), not (3072, 768) x12 (28M)
-PAD_FLOPS = 10**11  # zero-padding that adds at most this many NS FLOPs may merge two classes
 DEFAULT_STREAMS = 3  # CUDA side streams that run shape classes concurrently (streams=None); see below
-CALL_FLOPS = 10**11  # scheduling cost of one NS call (~0.3 ms: small NS calls are latency-bound)
 MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16)  # None: the grads' dtype
 
 # Name components (split on ".") that keep a 2-D/3-D param out of Muon; see `muon_eligible`.
@@ -184,35 +166,6 @@ def muon_eligible(name: str, p: torch.nn.Parameter) -> bool:
 
 # ---------------------------------------------------------------- the optimizer
 
-@dataclass(eq=False)
-class _Job:
-    """One param: its group and where its blocks lie in its class's stack."""
-
-    param: Tensor
-    group: dict
-    start: int  # first block in the stack
-    blocks: int  # matrices to orthogonalize: E * split (3-D) or split (2-D)
-    rows: int  # the param's block shape (its class may store it transposed or zero-padded)
-    cols: int
-    transposed: bool = False  # tall blocks stored transposed in a class of wide ones
-
-
-@dataclass(eq=False)
-class _BlockClass:
-    """All blocks of one shape and NS setting, stacked as (n_blocks, rows, cols) in a step."""
-
-    rows: int
-    cols: int
-    steps: int
-    coefficients: tuple  # (a, b, c), or one such triple per step
-    eps: float
-    device: torch.device
-    shared: bool  # work split across the ranks of the process group
-    jobs: list[_Job] = field(default_factory=list)
-    n_blocks: int = 0
-    padded: bool = False  # some jobs' blocks are smaller: the rest of their slots is zeros
-
-
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D and 3-D params; batched over equal block shapes; work split across ranks.
 
@@ -231,7 +184,7 @@ class Muon(torch.optim.Optimizer):
     `merge_numel`: a class of tall (rows, cols) blocks with at most this many elements is stored
     transposed in the class of (cols, rows) blocks, one NS call for both (0: never). `pad_flops`:
     wide classes with equal cols are zero-padded into one while that adds at most this many NS
-    FLOPs (see `_pad_classes`; None = PAD_FLOPS on CUDA and no padding elsewhere, 0: never).
+    FLOPs (see `muon_plan.pad_classes`; None = muon_plan.PAD_FLOPS on CUDA and no padding elsewhere, 0: never).
     `streams`: CUDA side streams that run shape classes concurrently (None = DEFAULT_STREAMS,
     0 = all on the current stream; ignored on CPU, with DTensors and with more than one rank).
     `ns_method`: "standard" Newton–Schulz, or "gram" (`_gram_orthogonalize_`: iterates on the m x m
@@ -340,7 +293,7 @@ class Muon(torch.optim.Optimizer):
                 self._finish_class(*pending)
         return loss
 
-    def _streams_for(self, plan: list[_BlockClass], world: int) -> list:
+    def _streams_for(self, plan: list[BlockClass], world: int) -> list:
         """This step's CUDA side streams; none off CUDA, for params on several devices, with DTensors
         or with more than one rank (their collectives stay in one order on the current stream)."""
         devices = {cls.device for cls in plan}
@@ -353,7 +306,7 @@ class Muon(torch.optim.Optimizer):
             self._side_streams[device] = [torch.cuda.Stream(device) for _ in range(self.streams)]
         return self._side_streams[device]
 
-    def _step_on_streams(self, plan: list[_BlockClass], streams: list) -> None:
+    def _step_on_streams(self, plan: list[BlockClass], streams: list) -> None:
         """One process: classes on side streams, largest first, each on the least loaded stream.
 
         The side streams wait for the current stream, which waits for all of them at the end, so the
@@ -371,83 +324,37 @@ class Muon(torch.optim.Optimizer):
             current = torch.cuda.current_stream(device)
             for stream in streams:
                 stream.wait_stream(current)
-            costs = [_class_cost(cls, self.batch_numel) for cls in plan]
-            for i, lane in _assign_lanes(costs, len(streams)):
+            costs = [class_cost(cls, self.batch_numel) for cls in plan]
+            for i, lane in assign_lanes(costs, len(streams)):
                 with torch.cuda.stream(streams[lane]):
                     self._step_class(plan[i], 1, 0, [0])
             for stream in streams:
                 current.wait_stream(stream)
 
-    def _block_classes(self, distributed: bool) -> list[_BlockClass]:
-        """This step's params, grouped by (block shape, NS settings, device, shared).
-
-        Cached: rebuilt only when the params, their NS options or which grads exist change.
-        """
+    def _block_classes(self, distributed: bool) -> list[BlockClass]:
+        """This step's classes (`plan_classes`), cached: rebuilt only when the params, their NS options
+        or which grads exist change."""
         key = (distributed, self.merge_numel, self.pad_flops,
                tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"], g["replicated"],
                       tuple((id(p), p.grad is None) for p in g["params"])) for g in self.param_groups))
-        if key == self._plan_key:
-            return self._plan
-        shapes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
-        for g, group in enumerate(self.param_groups):
-            shared = distributed and group["replicated"]
-            for p in group["params"]:
-                if p.numel() == 0 or (p.grad is None and not (shared or isinstance(p, DTensor))):
-                    continue  # nothing to do, and no collective depends on it (like torch.optim.Muon)
-                n = _split(p, group)
-                cls_key = (p.shape[-2] // n, p.shape[-1], group["ns_steps"], group["ns_coefficients"],
-                           group["eps"], _compute_device(p), shared)
-                members = shapes.setdefault(cls_key, [])
-                members.append((g, p.numel(), len(members), p, group))
-        target = self._class_targets(shapes)
-        classes: dict[tuple, list] = {}  # class key -> [(group, transposed, rows, cols, numel, order, param, group)]
-        for (rows, cols, *rest), members in shapes.items():
-            cls_key, flip = target[(rows, cols, *rest)]
-            classes.setdefault(cls_key, []).extend((g, flip, rows, cols, *m) for g, *m in members)
-        self._plan = []
-        for cls_key, members in classes.items():
-            block_numel, cls = cls_key[0] * cls_key[1], None
-            for _, flip, rows, cols, _, _, p, group in sorted(members, key=lambda m: m[:6]):  # equal shapes
-                blocks = _blocks(p, group)                                                     # side by side
-                if cls is None or (cls.n_blocks + blocks) * block_numel > STACK_BATCHES * self.batch_numel:
-                    cls = _BlockClass(*cls_key)  # a new stack: bounds the memory of one
-                    self._plan.append(cls)
-                cls.jobs.append(_Job(p, group, cls.n_blocks, blocks, rows, cols, flip))
-                cls.n_blocks += blocks
-                cls.padded |= ((cols, rows) if flip else (rows, cols)) != cls_key[:2]
-        self._plan_has_dtensor = any(isinstance(job.param, DTensor) for cls in self._plan for job in cls.jobs)
-        self._plan_key = key
+        if key != self._plan_key:
+            self._plan = plan_classes(self.param_groups, distributed, self.merge_numel, self.pad_flops,
+                                      self.batch_numel)
+            self._plan_has_dtensor = any(isinstance(job.param, DTensor) for cls in self._plan for job in cls.jobs)
+            self._plan_key = key
         return self._plan
 
-    def _class_targets(self, shapes: dict[tuple, list]) -> dict[tuple, tuple[tuple, bool]]:
-        """Block shape key -> (key of its class, stored transposed). A tall shape of at most
-        merge_numel elements joins its transposed wide shape; then wide shapes are padded into
-        bigger ones (`_pad_classes`)."""
-        target, blocks = {}, {}  # blocks: class key -> blocks in it
-        for (rows, cols, *rest), members in shapes.items():
-            flip = rows > cols and (cols, rows, *rest) in shapes \
-                and sum(m[1] for m in members) <= self.merge_numel  # stored transposed, NS as wide blocks
-            cls_key = (cols, rows, *rest) if flip else (rows, cols, *rest)
-            target[(rows, cols, *rest)] = (cls_key, flip)
-            blocks[cls_key] = blocks.get(cls_key, 0) + sum(_blocks(p, group) for *_, p, group in members)
-        pad_flops = self.pad_flops
-        if pad_flops is None:  # CUDA classes only: on a CPU, FLOPs cost more than calls
-            blocks = {key: n for key, n in blocks.items() if key[-2].type == "cuda"}  # key[-2]: device
-            pad_flops = PAD_FLOPS
-        padded = _pad_classes(blocks, pad_flops)
-        return {raw: (padded.get(cls_key, cls_key), flip) for raw, (cls_key, flip) in target.items()}
-
-    def _step_class(self, cls: _BlockClass, world: int, rank: int, loads: list[int]) -> None:
+    def _step_class(self, cls: BlockClass, world: int, rank: int, loads: list[int]) -> None:
         """Momentum into the stack, NS in place (this rank's shares, then the others'), updates."""
         self._finish_class(*self._start_class(cls, world, rank, loads))
 
-    def _start_class(self, cls: _BlockClass, world: int, rank: int,
-                     loads: list[int]) -> tuple[_BlockClass, Tensor, list]:
+    def _start_class(self, cls: BlockClass, world: int, rank: int,
+                     loads: list[int]) -> tuple[BlockClass, Tensor, list]:
         """Momentum into a new stack and NS in place; (cls, stack, pending collectives)."""
         stack = torch.empty(cls.n_blocks, cls.rows, cls.cols, dtype=torch.bfloat16,
                             device=cls.device)  # (n_blocks, rows, cols)
         if cls.padded:
-            _zero_padding(stack, cls.jobs)
+            zero_padding(stack, cls.jobs)
         self._momentum(cls.jobs, stack, self._fused_on(cls.device))
         w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
         cost = ns_flops(cls.rows, cls.cols, cls.steps)
@@ -456,20 +363,20 @@ class Muon(torch.optim.Optimizer):
         self._rounds_split(cls, stack, w, r, w_loads, cost)
         return cls, stack, []
 
-    def _finish_class(self, cls: _BlockClass, stack: Tensor, pending: list) -> None:
+    def _finish_class(self, cls: BlockClass, stack: Tensor, pending: list) -> None:
         """Wait for the class's collectives (the current stream waits, not the host), then update."""
         for work in pending:
             work.wait()
         self._update(cls, stack, self._fused_on(cls.device))
 
-    def _rounds_split(self, cls: _BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
+    def _rounds_split(self, cls: BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
                       cost: int) -> None:
         """share="blocks" (and one rank): every NS round split into one share per rank, all-gathered."""
         start = 0
-        for size in _round_sizes(cls.n_blocks, world * max(1, self.batch_numel // (cls.rows * cls.cols))):
+        for size in round_sizes(cls.n_blocks, world * max(1, self.batch_numel // (cls.rows * cls.cols))):
             blocks = stack[start:start + size]  # (size, rows, cols): this round
             start += size
-            counts = _partition(len(blocks), world, loads, cost)
+            counts = partition(len(blocks), world, loads, cost)
             first = sum(counts[:rank])
             if counts[rank]:
                 mine = blocks[first:first + counts[rank]]  # (counts[rank], rows, cols)
@@ -477,7 +384,7 @@ class Muon(torch.optim.Optimizer):
             if cls.shared:
                 self._gather_shares(blocks, counts, rank)
 
-    def _rounds_by_owner(self, cls: _BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
+    def _rounds_by_owner(self, cls: BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
                          cost: int) -> list:
         """share="rounds": each NS round goes whole to the least loaded rank, which broadcasts it.
 
@@ -485,7 +392,7 @@ class Muon(torch.optim.Optimizer):
         with its next round while another rank's result arrives, so the ranks' rounds overlap.
         """
         start, pending = 0, []
-        for size in _round_sizes(cls.n_blocks, max(1, self.batch_numel // (cls.rows * cls.cols))):
+        for size in round_sizes(cls.n_blocks, max(1, self.batch_numel // (cls.rows * cls.cols))):
             blocks = stack[start:start + size]  # (size, rows, cols): this round
             start += size
             owner = min(range(world), key=lambda k: (loads[k], k))
@@ -514,13 +421,13 @@ class Muon(torch.optim.Optimizer):
             self._tuned_gemm[key] = _faster_gemm(blocks, cls.steps, cls.coefficients, cls.eps, self.ns_method)
         return self._tuned_gemm[key]
 
-    def _momentum(self, jobs: list[_Job], stack: Tensor, fused: bool) -> None:
+    def _momentum(self, jobs: list[Job], stack: Tensor, fused: bool) -> None:
         """Update the momentum buffers; write every param's bf16 NS input into its rows of stack."""
         reference: dict[int, tuple[dict, list, list, list]] = {}  # id(group) -> group, foreach lists
         triton_jobs = []  # indices into jobs
         for i, job in enumerate(jobs):
             p, group, grad = job.param, job.group, job.param.grad
-            slot = _slot(stack, job)  # (blocks, block rows, block cols) of p, maybe a transposed view
+            slot = stack_slot(stack, job)  # (blocks, block rows, block cols) of p, maybe a transposed view
             if grad is not None and (grad.is_sparse or torch.is_complex(grad)):
                 raise RuntimeError("Muon supports only dense real gradients")
             if isinstance(p, DTensor):
@@ -534,9 +441,9 @@ class Muon(torch.optim.Optimizer):
                 lists[1].append(grad)
                 lists[2].append(self._buffer(p))
                 lists[3].append(slot)
-        for run in _job_runs(jobs, triton_jobs):
+        for run in job_runs(jobs, triton_jobs):
             group, params = run[0].group, [job.param for job in run]
-            slots = _slot(stack, run[0], run[-1])  # (run blocks, block rows, block cols)
+            slots = stack_slot(stack, run[0], run[-1])  # (run blocks, block rows, block cols)
             out = slots if slots.is_contiguous() else torch.empty(slots.shape, dtype=torch.bfloat16,
                                                                   device=slots.device)
             _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params], out,
@@ -581,7 +488,7 @@ class Muon(torch.optim.Optimizer):
                 blocks[offset:offset + count] = out[k, :count]
             offset += count
 
-    def _update(self, cls: _BlockClass, stack: Tensor, fused: bool) -> None:
+    def _update(self, cls: BlockClass, stack: Tensor, fused: bool) -> None:
         """Decay and update every param that has a grad from its orthogonalized rows of stack."""
         scalars: dict[tuple, tuple[float, float]] = {}  # (id(group), rows, cols) -> (decay, alpha)
         reference: dict[tuple, tuple[float, float, list, list]] = {}  # same key -> scalars, lists
@@ -594,7 +501,7 @@ class Muon(torch.optim.Optimizer):
             if fused and p.is_contiguous() and not isinstance(p, DTensor):
                 triton_jobs.append(i)
                 continue
-            update = _slot(stack, job).reshape(p.shape)  # a copy if transposed or padded
+            update = stack_slot(stack, job).reshape(p.shape)  # a copy if transposed or padded
             if isinstance(p, DTensor):
                 update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
                 p.mul_(decay)
@@ -603,108 +510,18 @@ class Muon(torch.optim.Optimizer):
                 lists = reference.setdefault(key, (decay, alpha, [], []))
                 lists[2].append(p)
                 lists[3].append(update)
-        for run in _job_runs(cls.jobs, triton_jobs):
-            updates = _slot(stack, run[0], run[-1]).contiguous()  # a copy if transposed or padded
+        for run in job_runs(cls.jobs, triton_jobs):
+            updates = stack_slot(stack, run[0], run[-1]).contiguous()  # a copy if transposed or padded
             _update_fused([job.param for job in run], updates,
                           *scalars[(id(run[0].group), run[0].rows, run[0].cols)])
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
 
 
-def _job_runs(jobs: list[_Job], indices: list[int]) -> list[list[_Job]]:
-    """Split jobs[i] for sorted `indices` into runs of neighbours (adjacent rows of the stack) with
-    the same group, size and orientation: each run is one fused launch (or a few, see `_launch_runs`)."""
-    runs: list[list[_Job]] = []
-    for k, i in enumerate(indices):
-        job = jobs[i]
-        prev = jobs[indices[k - 1]] if k else None
-        if prev is not None and indices[k - 1] == i - 1 and prev.group is job.group \
-                and prev.param.numel() == job.param.numel() \
-                and (prev.rows, prev.cols, prev.transposed) == (job.rows, job.cols, job.transposed):
-            runs[-1].append(job)
-        else:
-            runs.append([job])
-    return runs
-
-
 def _scalars(group: dict, rows: int, cols: int) -> tuple[float, float]:
     """(decay, alpha) of a group's params with (rows, cols) blocks: p <- decay * p + alpha * update."""
     lr = float(group["lr"])
     return 1 - lr * group["weight_decay"], -lr * lr_scale(group["adjust_lr_fn"], rows, cols)
-
-
-def _slot(stack: Tensor, first: _Job, last: _Job | None = None) -> Tensor:
-    """The blocks of jobs first..last (one shape) in the stack, oriented like their params:
-    (blocks, block rows, block cols); a view, not contiguous if transposed or padded."""
-    last = last or first
-    rows, cols = (first.cols, first.rows) if first.transposed else (first.rows, first.cols)  # as stored
-    blocks = stack[first.start:last.start + last.blocks, :rows, :cols]  # (blocks, rows, cols) in the class
-    return blocks.mT if first.transposed else blocks
-
-
-def _zero_padding(stack: Tensor, jobs: list[_Job]) -> None:
-    """Zero the rows below smaller (padded) blocks in the stack, one fill per span of equal blocks."""
-    spans: list[list[int]] = []  # [first block, end block, stored rows]
-    for job in jobs:
-        rows = job.cols if job.transposed else job.rows  # as stored; only rows are padded
-        if rows == stack.shape[1]:
-            continue
-        if spans and spans[-1][1] == job.start and spans[-1][2] == rows:
-            spans[-1][1] = job.start + job.blocks
-        else:
-            spans.append([job.start, job.start + job.blocks, rows])
-    for first, end, rows in spans:
-        stack[first:end, rows:].zero_()
-
-
-def _blocks(p: Tensor, group: dict) -> int:
-    """Matrices NS orthogonalizes in param p: E * split (3-D) or split (2-D)."""
-    return (p.shape[0] if p.ndim == 3 else 1) * _split(p, group)
-
-
-def _pad_classes(blocks: dict[tuple, int], pad_flops: int) -> dict[tuple, tuple]:
-    """Wide class key -> key of the class it joins by zero-padding its blocks' rows (itself if none).
-
-    Among wide classes (rows <= cols) with equal cols and NS settings, in ascending rows, a class
-    joins the next bigger one while padding all the blocks gathered so far adds at most `pad_flops`
-    NS FLOPs: one NS call fewer for a few cheap FLOPs. Zero rows leave NS of the other rows unchanged
-    (A = X X^T, b A + c A^2 and its product with X get zero rows and columns), and stay zero.
-    """
-    sides: dict[tuple, list] = {}  # (cols, NS settings...) -> wide class keys
-    for key in blocks:
-        if key[0] <= key[1]:
-            sides.setdefault(key[1:], []).append(key)
-    target = {}
-    for keys in sides.values():
-        keys.sort(key=lambda k: k[0])
-        runs, n = [[keys[0]]], blocks[keys[0]]  # runs of keys padded to the last one's rows; blocks in it
-        for key in keys[1:]:
-            rows, cols, steps = key[:3]
-            if n * (ns_flops(rows, cols, steps) - ns_flops(runs[-1][-1][0], cols, steps)) <= pad_flops:
-                runs[-1].append(key)
-                n += blocks[key]
-            else:
-                runs.append([key])
-                n = blocks[key]
-        target.update((k, run[-1]) for run in runs for k in run)
-    return target
-
-
-def _class_cost(cls: _BlockClass, batch_numel: int) -> int:
-    """Scheduling cost of a class's NS: its FLOPs plus a latency per batched call."""
-    calls = len(_round_sizes(cls.n_blocks, max(1, batch_numel // (cls.rows * cls.cols))))
-    return ns_flops(cls.rows, cls.cols, cls.steps) * cls.n_blocks + CALL_FLOPS * calls
-
-
-def _assign_lanes(costs: list[int], lanes: int) -> list[tuple[int, int]]:
-    """(task, lane) pairs, largest cost first, each task on the lane with the least load so far."""
-    load = [0] * lanes
-    out = []
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        lane = min(range(lanes), key=lambda k: (load[k], k))
-        load[lane] += costs[i]
-        out.append((i, lane))
-    return out
 
 
 def _on_device(device: torch.device):
@@ -714,35 +531,9 @@ def _on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _split(p: Tensor, group: dict) -> int:
-    return getattr(p, "_muon_split", None) or group["split"]
-
-
-def _round_sizes(n_blocks: int, most: int) -> list[int]:
-    """The fewest rounds of at most `most` blocks, as equal as possible (e.g. 10, 4 -> 4, 3, 3)."""
-    rounds = -(-n_blocks // most)
-    base, extra = divmod(n_blocks, rounds)
-    return [base + 1] * extra + [base] * (rounds - extra)
-
-
-def _partition(n_blocks: int, world: int, loads: list[int], cost: int) -> list[int]:
-    """Blocks per rank for `n_blocks` equal blocks: balanced, remainder to the least loaded ranks."""
-    base, extra = divmod(n_blocks, world)
-    counts = [base] * world
-    for k in sorted(range(world), key=lambda k: (loads[k], k))[:extra]:
-        counts[k] += 1
-    for k in range(world):
-        loads[k] += counts[k] * cost
-    return counts
-
-
 def _all_gather(out: Tensor, inp: Tensor, group) -> None:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13
     gather(out, inp, group=group)
-
-
-def _compute_device(p: Tensor) -> torch.device:
-    return p.to_local().device if isinstance(p, DTensor) else p.device
 
 
 def _check_group(group: dict) -> None:
@@ -759,6 +550,6 @@ def _check_group(group: dict) -> None:
         if p.ndim not in (2, 3):
             raise ValueError(f"Muon trains 2-D and 3-D params; got shape {tuple(p.shape)}: "
                              "give it to AdamW (see muon_eligible)")
-        n = _split(p, group)
+        n = split_of(p, group)
         if n < 1 or p.shape[-2] % n:
             raise ValueError(f"Muon split = {n} must divide the rows of shape {tuple(p.shape)}")
