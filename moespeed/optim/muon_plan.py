@@ -164,10 +164,12 @@ def blocks_of(p: Tensor, group: dict) -> int:
 
 
 def split_of(p: Tensor, group: dict) -> int:
+    """Row-blocks per matrix of param p: its `_muon_split` attribute, else its group's `split`."""
     return getattr(p, "_muon_split", None) or group["split"]
 
 
 def compute_device(p: Tensor) -> torch.device:
+    """Where p's NS runs: its local shard's device for a DTensor."""
     return p.to_local().device if isinstance(p, DTensor) else p.device
 
 
@@ -197,7 +199,8 @@ def zero_padding(stack: Tensor, jobs: list[Job]) -> None:
 
 def job_runs(jobs: list[Job], indices: list[int]) -> list[list[Job]]:
     """Split jobs[i] for sorted `indices` into runs of neighbours (adjacent rows of the stack) with
-    the same group, size and orientation: each run is one fused launch (or a few, see muon_triton._launch_runs)."""
+    the same group, size and orientation: each run is one fused launch (or a few: see
+    `_launch_runs` in moespeed/kernels/muon_triton.py)."""
     runs: list[list[Job]] = []
     for k, i in enumerate(indices):
         job = jobs[i]
