@@ -192,13 +192,14 @@ def command(args: list[str], gpus: int, shown: bool = False) -> list[str]:
     return [*launcher, "--standalone", "--nproc_per_node", str(gpus), "-m", "moespeed", *args]
 
 
-def launch(args: list[str], gpus: int, timeout: int, log: Path | None = None) -> tuple[bool, str, float]:
+def launch(args: list[str], gpus: int, timeout: int, log: Path | None = None,
+           cpu: bool = False) -> tuple[bool, str, float]:
     """Run `moespeed ARGS` on 1 GPU (python) or several (torchrun); (ok, output tail, seconds).
-    The whole output goes to `log` when given."""
+    The whole output goes to `log` when given. `cpu`: the processes see no GPU (gloo)."""
     cmd = command(args, gpus)
     env = {**os.environ, "OMP_NUM_THREADS": "4"}
-    if "--train.device" in args and args[args.index("--train.device") + 1] == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # --cpu: torchrun's processes use gloo even on a GPU machine
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     elif torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     start = time.time()
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated training runs (default all: {','.join(CASES)}); 1gpu is the speedup base")
     p.add_argument("--cpu", action="store_true",
-                   help="smoke-test the script on the CPU (gloo; 2 processes stand in for 2 GPUs), even where GPUs exist")
+                   help="smoke-test the script on the CPU (gloo; 2 processes stand in for 2 GPUs), "
+                        "even where GPUs exist")
     p.add_argument("--ep-check", metavar="OUT", help=argparse.SUPPRESS)  # internal: the torchrun worker of step 1
     args = p.parse_args(argv)
     if args.ep_check:
@@ -360,7 +362,7 @@ def run_case(name: str, n_gpus: int, devices: int, cmd_args: list[str], args) ->
         return row
     run_dir = Path(cmd_args[cmd_args.index("--train.run_dir") + 1])
     row["run_command"] = shlex.join(command(cmd_args, n_gpus, shown=True))
-    ok, tail, row["wall_s"] = launch(cmd_args, n_gpus, args.timeout, log=run_dir.with_suffix(".log"))
+    ok, tail, row["wall_s"] = launch(cmd_args, n_gpus, args.timeout, log=run_dir.with_suffix(".log"), cpu=args.cpu)
     if not ok:
         lines = tail.strip().splitlines()
         row["notes"] = "failed: " + (lines[-1][:300] if lines else "")
