@@ -36,9 +36,10 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 
 def _start_method() -> str:
-    """fork (fast: no re-import) unless this process already uses CUDA, which a forked child cannot
-    (earlier tests on a GPU machine initialize it); then spawn."""
-    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    """fork (fast: no re-import) on a machine without CUDA; spawn where CUDA is available: a forked
+    child cannot use CUDA once the parent has touched it, and torch.compile in a child queries the
+    GPU even for CPU tensors (seen on the GPU box: "Cannot re-initialize CUDA in forked subprocess")."""
+    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
     return "fork" if fork else "spawn"
 
 
