@@ -5,9 +5,11 @@
 - `_update_fused` / `_update_reference`: decoupled weight decay and the orthogonalized update.
 - `_addmm_triton`: NS's "alpha L @ R + beta D" batched GEMM that reads D in its epilogue (baddbmm
   first copies D into its output).
+- `_addmm_triton`'s optional per-matrix `scale` and `_normalize_gram_triton` (A / trace(A), 1 / sqrt(
+  trace(A)) for A = X X^T): the Triton NS normalizes through its first Gram matrix, not by a pass over X.
 - `_normalize_triton`: each matrix of an NS batch divided by its Frobenius norm (the broadcast
   `X.div_(norms)` runs a slow non-vectorized kernel: 0.94 ms of a small-moe Muon step on an H100,
-  this pass 0.37 ms; s7_muon_kernel_profile*.txt).
+  this pass 0.37 ms; s7_muon_kernel_profile*.txt); "poly" still uses it.
 - `_fused_works`: the one-time check, per device, that the fused kernels agree with the references.
 One launch covers a run of tensors whose addresses sit at multiples of 16 elements from the first
 (`_launch_runs`), so a whole shape class is one kernel. On CPU the kernels run only under
@@ -97,6 +99,23 @@ if triton is not None:
         x = tl.load(x_ptr + z * numel + offs, mask=mask).to(tl.float32)
         tl.store(x_ptr + z * numel + offs, _to_bf16(x / norm, INTERPRET), mask=mask)
 
+    @triton.jit
+    def _gram_scale_kernel(a_ptr, out_ptr, inv_ptr, m, numel, eps, BLOCK: tl.constexpr, M_POW2: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+        """Matrix z = program_id(1) of a contiguous batch of (m, m) Gram matrices: inv = 1 / max(sqrt(
+        trace), eps) (each program sums the diagonal itself); out = a * inv^2 for this program's
+        elements; program 0 stores inv[z]."""
+        z = tl.program_id(1).to(tl.int64)
+        diag = tl.arange(0, M_POW2)
+        trace = tl.sum(tl.load(a_ptr + z * numel + diag * (m + 1), mask=diag < m, other=0.0).to(tl.float32))
+        inv = 1.0 / tl.maximum(tl.sqrt(trace), eps)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        a = tl.load(a_ptr + z * numel + offs, mask=mask).to(tl.float32)
+        tl.store(out_ptr + z * numel + offs, _to_bf16(a * (inv * inv), INTERPRET), mask=mask)
+        if tl.program_id(0) == 0:
+            tl.store(inv_ptr + z, inv)
+
 
 if triton is not None:
     _GEMM_CONFIGS = [  # Hopper-friendly tiles (the last two won NS shapes of `small` in s7_ns_gemm_sweep.json);
@@ -108,13 +127,13 @@ if triton is not None:
     @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
-    def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn,
-                      s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      INTERPRET: tl.constexpr):
-        """C[z] = alpha * L[z] @ R[z] + beta * D[z]: bf16 in and out, fp32 accumulation; one
-        program per (z, output tile), D read in the epilogue (no copy of D into C first).
-        INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong)."""
+    def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, scale_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn,
+                      s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, SCALED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+        """C[z] = alpha * L[z] @ R[z] + beta * D[z], times scale[z] (fp32) if SCALED: bf16 in and
+        out, fp32 accumulation; one program per (z, output tile), D read in the epilogue (no copy of
+        D into C first). INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong)."""
         tiles_n = tl.cdiv(N, BLOCK_N)
         tiles = tl.cdiv(M, BLOCK_M) * tiles_n
         pid = tl.program_id(0)
@@ -142,21 +161,38 @@ if triton is not None:
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         d = tl.load(d_ptr + z * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=mask, other=0.0)
         out = alpha * acc + beta * d.to(tl.float32)  # (BLOCK_M, BLOCK_N)
+        if SCALED:
+            out = out * tl.load(scale_ptr + z)
         tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, _to_bf16(out, INTERPRET),
                  mask=mask)
 
 
-def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
-    """Triton: out = alpha * L @ R + beta * D; out (n, M, N) must not overlap L, R or D."""
+def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor,
+                  scale: Tensor | None = None) -> Tensor:
+    """Triton: out = alpha * L @ R + beta * D, each matrix z times scale[z] if given (n,) fp32;
+    out (n, M, N) must not overlap L, R or D."""
     n, M, K = L.shape
     N = R.shape[-1]
 
     def grid(meta):
         return (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _addmm_kernel[grid](L, R, D, out, M, N, K, *L.stride(), *R.stride(), *D.stride(), *out.stride(),
-                        float(alpha), float(beta), INTERPRET=_INTERPRET)
+    _addmm_kernel[grid](L, R, D, out, out if scale is None else scale, M, N, K, *L.stride(), *R.stride(),
+                        *D.stride(), *out.stride(), float(alpha), float(beta), SCALED=scale is not None,
+                        INTERPRET=_INTERPRET)
     return out
+
+
+def _normalize_gram_triton(A: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Triton: for Gram matrices A = X X^T (n, m, m), contiguous bf16, of unnormalized X: (A / s^2,
+    1 / s) per matrix, s = max(||X||_F, eps) = max(sqrt(trace A), eps). Newton–Schulz's first step
+    uses them instead of a normalization pass over X (which reads X twice and writes it once)."""
+    n, m = A.shape[0], A.shape[-1]
+    out = torch.empty_like(A)  # (n, m, m); not in place: other programs still read A's diagonal
+    inv = torch.empty(n, dtype=torch.float32, device=A.device)  # (n,)
+    _gram_scale_kernel[(triton.cdiv(m * m, _BLOCK), n)](A, out, inv, m, m * m, float(eps), BLOCK=_BLOCK,
+                                                        M_POW2=triton.next_power_of_2(m), INTERPRET=_INTERPRET)
+    return out, inv
 
 
 def _normalize_triton(X: Tensor, eps: float) -> Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.muon_triton import _addmm_triton, _normalize_triton, triton
+from ..kernels.muon_triton import _addmm_triton, _normalize_gram_triton, _normalize_triton, triton
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -75,9 +75,15 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
         _gram_orthogonalize_(X, steps, coefficients, eps)
         return
     tall = X.shape[-2] > X.shape[-1]
-    Y = _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix
+    # "triton" normalizes through the first Gram matrix: ||X||_F^2 = trace(X X^T), so step 1 runs on
+    # A / ||X||^2 and scales its output by 1 / ||X||; no pass over X (H200 small-moe: 0.59 ms per step)
+    via_gram = gemm == "triton"
+    Y = X if via_gram else _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix (or X, scaled in step 1)
     for i, (a, b, c) in enumerate(step_coefficients(coefficients, steps)):
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
+        scale = None
+        if i == 0 and via_gram:
+            A, scale = _normalize_gram_triton(A, eps)  # A / ||X||^2 and 1 / ||X||, (n,) fp32
         out = X if i == steps - 1 and i > 0 else None  # the last step writes into X (Y no longer aliases it)
         if gemm == "poly":
             P = _polynomial(A, a, b, c)  # (n, m, m)
@@ -85,7 +91,7 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
         else:
             B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
             left, right = (Y, B) if tall else (B, Y)
-            Y = _addmm(left, right, Y, 1.0, a, gemm, out=out)  # (n, rows, cols)
+            Y = _addmm(left, right, Y, 1.0, a, gemm, out=out, scale=scale)  # (n, rows, cols)
     if Y is not X:  # steps == 1
         X.copy_(Y)
 
@@ -167,10 +173,13 @@ def _gram_orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
 
 
 def _addmm(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, gemm: str,
-           out: Tensor | None = None) -> Tensor:
-    """alpha * L @ R + beta * D for bf16 batches L (n, M, K), R (n, K, N), D (n, M, N)."""
+           out: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """alpha * L @ R + beta * D for bf16 batches L (n, M, K), R (n, K, N), D (n, M, N); each matrix
+    times scale[z] if given (n,) fp32 (Triton only)."""
     if gemm == "triton":
-        return _addmm_triton(L, R, D, alpha, beta, torch.empty_like(D) if out is None else out)
+        return _addmm_triton(L, R, D, alpha, beta, torch.empty_like(D) if out is None else out, scale)
+    if scale is not None:
+        raise ValueError("_addmm: a per-matrix scale needs gemm='triton'")
     if out is None:
         return torch.baddbmm(D, L, R, beta=beta, alpha=alpha)
     return torch.baddbmm(D, L, R, beta=beta, alpha=alpha, out=out)
