@@ -56,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest median relative error that passes (default 0.3 with bf16 on CUDA, 1e-3 in fp32)")
     p.add_argument("--show", type=int, default=8, help="worst parameters to print")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     cfg = build_config(args.preset, None, [tuple(kv) for kv in args.set])
     cfg.model.vocab_size = cfg.model.vocab_size or cfg.data.vocab_size
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     autocast = device.type == "cuda"
     tolerance = args.tolerance if args.tolerance is not None else (0.3 if autocast else 1e-3)
     torch.manual_seed(0)
