@@ -154,7 +154,9 @@ def _act_fwd(h: Tensor, g: Tensor | None, scale: Tensor | None, activation: str)
     a = _act(h, g, activation)  # (M, H) fp32
     if scale is not None:
         a = a * scale.unsqueeze(-1)
-    return a.to(h.dtype)
+    # no `.to` when h is fp32: torch 2.11's compiled autograd.Function gave zero input gradients when
+    # forward returned a no-op `.to` of its result (fixed in later torch; tests/test_moe.py checks)
+    return a if a.dtype == h.dtype else a.to(h.dtype)
 
 
 @_fused
