@@ -72,7 +72,8 @@ steps (the small presets' 4 steps do 4/5 of the NS work).
     3.0 TB/s. This module moves 24 B (plus the bf16 NS input written and the bf16 update read):
     0.64 ms and 2.51 ms; 20 B with bf16 momentum buffers (`momentum_dtype`, the small presets').
     Measured on an H200 (session 10): the momentum and update kernels run at the 4.3 TB/s copy
-    ceiling, and NS (5.5 of small-moe's 7.5 ms of GPU work) at ~310 TFLOP/s.
+    ceiling, and NS (5.5 of small-moe's 7.5 ms of GPU work) at ~310 TFLOP/s. Session 11: 7.1 ms, the
+    Triton NS normalizing through its first Gram matrix instead of a pass over X (newton_schulz.py).
   * Sum: ~2.7-3.8 ms (small) and ~5.7-7.9 ms (small-moe). The goal "optimizer <= 5% of the train
     step" (~4.4 / ~5.2 ms at the measured fwd+bwd) fits `small`, but not `small-moe` as long as NS
     is 5 bf16 steps on fp32 state on one GPU.

@@ -67,7 +67,10 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     "triton" = `_addmm_kernel` (reads D in the epilogue); or "poly" forms P = a I + b A + c A^2
     first (baddbmm on the small m x m side, a diagonal add) and then X <- P X with a plain bmm that
     writes its output and reads X once (same map, P rounded to bf16 once more: 1.04e-2 vs 0.90e-2
-    relative to fp32 NS on (256, 768) blocks, s9_ns_poly_probe.json). `method="gram"` runs
+    relative to fp32 NS on (256, 768) blocks, s9_ns_poly_probe.json). "triton" also skips the
+    normalization pass: ||X||_F^2 = trace(X X^T), so step 1 scales its Gram matrix by 1 / ||X||^2
+    and its output by 1 / ||X|| (`_normalize_gram_triton`, a per-matrix factor in the GEMM epilogue);
+    it rounds differently from "torch" but lands as close to exact NS (tests/test_muon.py). `method="gram"` runs
     `_gram_orthogonalize_` instead where `gram_pays`. The optimizer calls this on slices of its
     stack; tests count the calls.
     """
