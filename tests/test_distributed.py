@@ -35,14 +35,6 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="needs torch.distributed with gloo")
 
 
-def _start_method() -> str:
-    """fork (fast: no re-import) on a machine without CUDA; spawn where CUDA is available: a forked
-    child cannot use CUDA once the parent has touched it, and torch.compile in a child queries the
-    GPU even for CPU tensors (seen on the GPU box: "Cannot re-initialize CUDA in forked subprocess")."""
-    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
-    return "fork" if fork else "spawn"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,9 +142,9 @@ def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, cas
 def test_expert_parallel_layer_matches_single_process():
     """EP=2 x DP=2 on 4 processes, each dispatcher: outputs, aux loss and every gradient equal the
     one-process layer's."""
-    # fork: the children inherit the imported modules (a spawn pays ~5 s of imports per process);
-    # each child first drops to one thread, so no OpenMP pool is used across the fork
-    mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method=_start_method())
+    # spawn, not fork: a forked child cannot use CUDA (GPU machines) or, on torch 2.11, autograd once
+    # the parent has run them, as earlier tests do
+    mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method="spawn")
 
 
 def _ep_compile_worker(rank: int, world: int, port: int) -> None:
@@ -192,7 +184,7 @@ def test_allgather_expert_parallel_layer_compiles_as_one_graph():
     """The allgather dispatcher has no host sync and uses functional collectives, so torch.compile
     traces the EP layer whole (fullgraph), also in 2 pieces (ep_chunks) and with the masked-row custom
     ops (ep_masked_rows), and matches eager in outputs and gradients."""
-    mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method=_start_method())
+    mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method="spawn")  # not fork: see above
 
 
 def test_deferred_peer_tables_are_refused_with_several_processes():
