@@ -771,3 +771,18 @@ def test_faster_gemm_leaves_its_input_and_names_a_gemm():
     before = blocks.clone()
     assert muon_mod._faster_gemm(blocks, 5, muon_mod.NS_COEFFICIENTS, muon_mod.EPS, "standard") in ("torch", "triton", "poly")
     assert torch.equal(blocks, before)
+
+
+def test_batch_numel_comes_from_the_config():
+    """train.muon_batch_numel reaches Muon (its default is Muon's own), and a bad value is one clear error."""
+    from moespeed.config import TrainConfig, build_config
+    from moespeed.errors import ConfigError
+    from moespeed.model.transformer import Transformer
+    from moespeed.optim.build import build_optimizer
+
+    assert TrainConfig().muon_batch_numel == muon_mod.BATCH_NUMEL
+    cfg = build_config("quickstart", None, [("model.vocab_size", "256"), ("train.muon_batch_numel", "4096")])
+    opt, _ = build_optimizer(Transformer(cfg.model), cfg.train)
+    assert opt.optimizers["muon"].batch_numel == 4096
+    with pytest.raises(ConfigError, match="train.muon_batch_numel = 0"):
+        build_config("quickstart", None, [("train.muon_batch_numel", "0")])
