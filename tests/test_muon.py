@@ -628,6 +628,16 @@ _FUSED_SCRIPT = textwrap.dedent('''
     assert fused_jobs >= 4, fused_jobs
     for a, b in zip(runs[-1], runs[3]):
         assert torch.equal(a.detach(), b.detach())
+    g = torch.Generator().manual_seed(20)
+    grads = [torch.randn(p.shape, generator=g) for p in start]
+    grads[4] = None  # as before: the same plan
+    for ps, opt in ((runs[-1], opts[-1]), (runs[3], opts[3])):
+        ps[0].data = ps[0].data.clone()  # a fused param's storage moves: its tables are rebuilt
+        for p, gr in zip(ps, grads):
+            p.grad = None if gr is None else gr.clone()
+        opt.step()
+    for a, b in zip(runs[-1], runs[3]):
+        assert torch.equal(a.detach(), b.detach())
     print("fused ok")
 ''')
 

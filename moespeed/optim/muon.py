@@ -429,9 +429,9 @@ class Muon(torch.optim.Optimizer):
             return None
         if self.ns_method == "gram" and gram_pays(cls.rows, cls.cols):
             return None
-        if id(cls) not in self._fusions:
-            self._fusions[id(cls)] = _Fusion.build(cls)
-        fusion = self._fusions[id(cls)]
+        fusion = self._fusions.get(id(cls))
+        if id(cls) not in self._fusions or (fusion is not None and fusion.addresses != _Fusion.addresses_of(cls, fusion.jobs)):
+            fusion = self._fusions[id(cls)] = _Fusion.build(cls)  # new, or a param's storage moved
         if fusion is not None:
             fusion.decay, fusion.alpha = _scalars(fusion.group, cls.rows, cls.cols)
         return fusion
@@ -555,9 +555,15 @@ class _Fusion:
     """A class's fused-update tables: for every block of its stack, the element offset of its param
     block from `base` and whether it is fused (int8); `jobs`: indices of the fused jobs; `group`: theirs."""
 
-    def __init__(self, base: Tensor, offset: Tensor, fuse: Tensor, jobs: frozenset, group: dict) -> None:
+    def __init__(self, base: Tensor, offset: Tensor, fuse: Tensor, jobs: frozenset, group: dict,
+                 addresses: tuple) -> None:
         self.base, self.offset, self.fuse, self.jobs, self.group = base, offset, fuse, jobs, group
+        self.addresses = addresses  # the fused params' data_ptrs the offsets were computed from
         self.decay, self.alpha = 1.0, 0.0  # this step's, set by Muon._fusion
+
+    @staticmethod
+    def addresses_of(cls: BlockClass, jobs: frozenset) -> tuple:
+        return tuple(cls.jobs[i].param.data_ptr() for i in sorted(jobs))
 
     @staticmethod
     def build(cls: BlockClass) -> _Fusion | None:
@@ -579,9 +585,10 @@ class _Fusion:
                 offset[job.start + k] = gap // p.element_size() + k * numel
                 fuse[job.start + k] = 1
             jobs.append(i)
-        device = base.device
+        device, jobs = base.device, frozenset(jobs)
         return _Fusion(base, torch.tensor(offset, dtype=torch.int64, device=device),
-                       torch.tensor(fuse, dtype=torch.int8, device=device), frozenset(jobs), group)
+                       torch.tensor(fuse, dtype=torch.int8, device=device), jobs, group,
+                       _Fusion.addresses_of(cls, jobs))
 
     def round(self, start: int, size: int) -> FusedUpdate:
         """The FusedUpdate of blocks [start, start + size) of the stack."""
