@@ -205,15 +205,23 @@ def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, ou
     def grid(meta):
         return (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    u = update or _NO_UPDATE.get(out.device) or _NO_UPDATE.setdefault(out.device, _no_update(out.device))
-    args = (L, R, D, out, out if scale is None else scale, u.base, u.offset, u.fuse, M, N, K, *L.stride(),
-            *R.stride(), *D.stride(), *out.stride(), float(alpha), float(beta), float(u.decay), float(u.alpha))
+    args = _addmm_args(L, R, D, alpha, beta, out, scale, update)
     if update is None:
         _addmm_kernel[grid](*args, SCALED=scale is not None, UPDATE=False, INTERPRET=_INTERPRET)
     else:  # the tuned tile of this shape, without the autotuner (whose trials would update twice)
         _addmm_kernel.fn[grid](*args, SCALED=scale is not None, UPDATE=True, INTERPRET=_INTERPRET,
                                **_tuned_config(M, N, K))
     return out
+
+
+def _addmm_args(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor,
+                scale: Tensor | None = None, update: FusedUpdate | None = None) -> tuple:
+    """`_addmm_kernel`'s positional arguments (placeholders for an absent scale or update)."""
+    n, M, K = L.shape
+    u = update or _NO_UPDATE.get(out.device) or _NO_UPDATE.setdefault(out.device, _no_update(out.device))
+    return (L, R, D, out, out if scale is None else scale, u.base, u.offset, u.fuse, M, R.shape[-1], K,
+            *L.stride(), *R.stride(), *D.stride(), *out.stride(), float(alpha), float(beta), float(u.decay),
+            float(u.alpha))
 
 
 _NO_UPDATE: dict[torch.device, FusedUpdate] = {}  # placeholders of the UPDATE arguments, per device
