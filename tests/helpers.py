@@ -11,6 +11,16 @@ import pytest
 
 from moespeed.config import ModelConfig, build_config
 
+try:  # a trivial kernel: can this machine compile for the GPU ahead of time? (compile_for_hopper)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _hopper_probe(x_ptr, n):
+        tl.store(x_ptr + n, 1.0)
+except ImportError:  # pragma: no cover
+    _hopper_probe = None
+
 
 def tiny_model_config(**overrides) -> ModelConfig:
     cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -98,3 +108,35 @@ def run_interpreted(script: str, marker: str) -> str:
     assert proc.returncode == 0 and marker in proc.stdout, proc.stdout + proc.stderr[-3000:]
     return proc.stdout
 
+
+
+def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, **options):
+    """Compile a Triton kernel (a @triton.jit function, or an autotune / heuristics wrapper of one) ahead
+    of time for an H100 (sm_90) on this machine, GPU or not, so that CI catches kernels that would not
+    compile on the GPU. types: Triton types of its pointer and float args ("*bf16", "fp32"); the other
+    non-constexpr args are i32. Skips where this Triton cannot compile for CUDA at all."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        toolchain = _hopper_toolchain_problem(triton, GPUTarget, ASTSource)
+    except ImportError as exc:
+        toolchain = f"this Triton has no ahead-of-time API ({exc})"
+    if toolchain:
+        pytest.skip(toolchain)
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):  # Autotuner / Heuristics -> the JITFunction
+        kernel = kernel.fn
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_toolchain_problem(triton, GPUTarget, ASTSource) -> str | None:
+    """Why this machine cannot compile even a trivial kernel for sm_90 (no CUDA backend, no ptxas), or None."""
+    try:
+        source = ASTSource(fn=_hopper_probe, signature={"x_ptr": "*fp32", "n": "i32"}, constexprs={})
+        triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure here is the toolchain's, not a kernel's
+        return f"Triton cannot compile for sm_90 here: {exc!r}"[:300]

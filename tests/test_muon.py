@@ -824,3 +824,29 @@ def test_cuda_fused_update_matches_the_separate_update():
     assert sum(len(f.jobs) for f in opt._fusions.values() if f is not None) >= 2
     for a, b, p0 in zip(*results, start):
         torch.testing.assert_close(b - p0, a - p0, rtol=0, atol=2**-8 * (a - p0).abs().max().item())
+
+
+def test_muon_triton_kernels_compile_for_hopper():
+    """Every Muon Triton kernel variant compiles for an H100 (sm_90) ahead of time, also on a machine
+    without a GPU: the interpreter tests check their arithmetic, this that the GPU can build them."""
+    from helpers import compile_for_hopper
+    from moespeed.kernels import muon_triton as K
+
+    addmm_types = {"l_ptr": "*bf16", "r_ptr": "*bf16", "d_ptr": "*bf16", "c_ptr": "*bf16", "scale_ptr": "*fp32",
+                   "p_ptr": "*fp32", "poff_ptr": "*i64", "fuse_ptr": "*i8", "alpha": "fp32", "beta": "fp32",
+                   "decay": "fp32", "lr_alpha": "fp32"}
+    for scaled in (False, True):
+        for update in (False, True):
+            kernel = compile_for_hopper(K._addmm_kernel, addmm_types, dict(
+                SCALED=scaled, UPDATE=update, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_K=True, INTERPRET=False),
+                num_warps=8, num_stages=3)
+            assert kernel.asm["cubin"]
+    compile_for_hopper(K._gram_scale_kernel, {"a_ptr": "*bf16", "out_ptr": "*bf16", "inv_ptr": "*fp32", "eps": "fp32"},
+                       dict(BLOCK=1024, M_POW2=256, INTERPRET=False))
+    for buf in ("*bf16", "*fp32"):
+        compile_for_hopper(K._momentum_kernel, {"grad_ptr": "*fp32", "buf_ptr": buf, "u_ptr": "*bf16", "offs_ptr": "*i64",
+                                                "w_buf": "fp32", "w_u": "fp32"},
+                           dict(SMALL_BUF=True, SMALL_U=False, NESTEROV=True, BUF_BF16=buf == "*bf16", BLOCK=1024,
+                                INTERPRET=False))
+    compile_for_hopper(K._update_kernel, {"p_ptr": "*fp32", "o_ptr": "*bf16", "offs_ptr": "*i64", "decay": "fp32",
+                                          "alpha": "fp32"}, dict(BLOCK=1024))
