@@ -267,3 +267,18 @@ def test_model_lean_loss_memory_matches_fast():
         results.append((loss.detach(), model.head_weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_triton_kernels_compile_for_hopper():
+    """The fused CE kernels compile for an H100 (sm_90) ahead of time, also without a GPU, in every
+    variant (bf16 and fp32 logits, softcap on and off, forward only or with the gradient)."""
+    from helpers import compile_for_hopper
+    from moespeed.kernels import linear_ce as L
+
+    for logits in ("*bf16", "*fp32"):
+        for softcap in (False, True):
+            for grad in (False, True):
+                compile_for_hopper(L._ce_rows_kernel, {"logits_ptr": logits, "targets_ptr": "*i64", "row_loss_ptr": "*fp32",
+                                                       "scale_ptr": "*fp32", "z_loss": "fp32", "softcap": "fp32"},
+                                   dict(HAS_SOFTCAP=softcap, COMPUTE_GRAD=grad, BLOCK_V=4096), num_warps=8)
+        compile_for_hopper(L._scale_unless_one_kernel, {"x_ptr": logits, "g_ptr": "*fp32"}, dict(BLOCK=1024))

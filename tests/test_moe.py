@@ -385,3 +385,16 @@ def test_masked_row_kernels_match_the_unmasked_dispatch_and_combine():
     """The EP masked-row Triton kernels (CPU interpreter), forward and backward through their autograd
     functions, equal the unmasked dispatch/combine with torch.where; dead rows are never read."""
     run_interpreted(_MASKED_ROWS_SCRIPT, "masked rows ok")
+
+
+def test_masked_row_kernels_compile_for_hopper():
+    """The masked-row dispatch and combine kernels compile for an H100 (sm_90) ahead of time, also without a GPU."""
+    from helpers import compile_for_hopper
+    from moespeed.kernels import masked_rows as R
+
+    for zero_dead in (False, True):
+        compile_for_hopper(R._masked_gather_kernel, {"x_ptr": "*bf16", "idx_ptr": "*i64", "n_live_ptr": "*i64",
+                                                     "out_ptr": "*bf16"},
+                           dict(ZERO_DEAD=zero_dead, BLOCK_R=R._BLOCK_ROWS, BLOCK_D=R._BLOCK_COLS))
+    compile_for_hopper(R._masked_sum_kernel, {"o_ptr": "*bf16", "inv_ptr": "*i64", "n_live_ptr": "*i64", "out_ptr": "*bf16"},
+                       dict(K=6, BLOCK_T=R._BLOCK_ROWS, BLOCK_D=R._BLOCK_COLS))
