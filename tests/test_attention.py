@@ -380,3 +380,20 @@ def test_flex_kernel_flash_sets_flex_backend_and_is_checked_before_training(monk
         check_backends(cfg, torch.device("cuda"))
     monkeypatch.setattr("moespeed.train.trainer.flash_kernels_available", lambda: True)
     check_backends(cfg, torch.device("cuda"))
+
+
+def test_decode_kernel_compiles_for_hopper():
+    """The flash-decoding kernel compiles for an H100 (sm_90) ahead of time, also without a GPU: MLA's
+    absorbed decode (values inside the latent keys, 512 + 64 wide) and a GQA cache with a window and ALiBi."""
+    from helpers import compile_for_hopper
+
+    types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "POS": "*i64", "WIN": "*i64", "SLOPES": "*fp32",
+             "O": "*fp32", "LSE": "*fp32", "scale": "fp32"}
+    mla = dict(DA=512, DB=64, DV=512, DA_P=512, DB_P=64, DV_P=512, BLOCK_R=16, BLOCK_N=64, V_IN_K=True,
+               HAS_WINDOW=False, HAS_ALIBI=False)
+    gqa = dict(DA=64, DB=0, DV=64, DA_P=64, DB_P=16, DV_P=64, BLOCK_R=16, BLOCK_N=128, V_IN_K=False,
+               HAS_WINDOW=True, HAS_ALIBI=True)
+    for constexprs in (mla, gqa):
+        launch = decode_kernels.LAUNCH
+        compile_for_hopper(decode_kernels._decode_chunk_kernel, types, constexprs,
+                           num_warps=launch["num_warps"], num_stages=launch["num_stages"])
