@@ -75,14 +75,16 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     stack; tests count the calls. `update` (gemm "triton", standard method, steps >= 2): the last
     step updates the fused matrices' params in its epilogue instead of writing them into X.
     """
-    if update is not None and not (gemm == "triton" and steps >= 2 and not (method == "gram" and gram_pays(*X.shape[-2:]))):
+    gram = method == "gram" and gram_pays(X.shape[-2], X.shape[-1])
+    if update is not None and (gemm != "triton" or steps < 2 or gram):
         raise ValueError("_orthogonalize_: a fused update needs gemm='triton', the standard method and >= 2 steps")
-    if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
+    if gram:
         _gram_orthogonalize_(X, steps, coefficients, eps)
         return
     tall = X.shape[-2] > X.shape[-1]
     # "triton" normalizes through the first Gram matrix: ||X||_F^2 = trace(X X^T), so step 1 runs on
-    # A / ||X||^2 and scales its output by 1 / ||X||; no pass over X (H200 small-moe: 0.59 ms per step)
+    # A / ||X||^2 and scales its output by 1 / ||X||; no pass over X (H200 small-moe: a 0.20 ms kernel
+    # instead of 0.59 ms of norm and scaling per step)
     via_gram = gemm == "triton"
     Y = X if via_gram else _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix (or X, scaled in step 1)
     for i, (a, b, c) in enumerate(step_coefficients(coefficients, steps)):
