@@ -850,3 +850,14 @@ def test_muon_triton_kernels_compile_for_hopper():
                                 INTERPRET=False))
     compile_for_hopper(K._update_kernel, {"p_ptr": "*fp32", "o_ptr": "*bf16", "offs_ptr": "*i64", "decay": "fp32",
                                           "alpha": "fp32"}, dict(BLOCK=1024))
+
+
+def test_fused_update_needs_the_triton_ns():
+    """A fused update on a path that cannot apply it (torch GEMMs, one step, Gram NS) is refused, not dropped."""
+    from moespeed.kernels.muon_triton import FusedUpdate
+
+    X = torch.randn(2, 4, 16).bfloat16()
+    update = FusedUpdate(torch.zeros(1), torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.int8), 1.0, -0.1)
+    for gemm, steps, method in (("torch", 3, "standard"), ("triton", 1, "standard"), ("triton", 3, "gram")):
+        with pytest.raises(ValueError, match="fused update needs"):
+            muon_mod._orthogonalize_(X.clone(), steps, muon_mod.NS_COEFFICIENTS, muon_mod.EPS, gemm, method, update)
