@@ -365,3 +365,37 @@ def test_triton_kernels_match_references_interpreted():
         errs = out[name]
         assert {"y", "x", "query.weight", "keys", "down", "up", "query_norm.norm.weight"} <= set(errs)
         assert all(e < 1e-5 for e in errs.values()), (name, errs)
+
+
+def test_triton_kernels_compile_for_hopper():
+    """Every PEER kernel compiles for an H100 (sm_90) ahead of time, also without a GPU, in the variants
+    the launchers use (shared or per-head keys, both activations, dense or deferred table grads, the
+    three row-sum modes), with one tile config each (the GPU autotunes over more)."""
+    from helpers import compile_for_hopper
+    from moespeed.kernels import peer_triton as K
+
+    fp32, bf16, i64 = "*fp32", "*bf16", "*i64"
+    for shared in (True, False):
+        compile_for_hopper(K._pk_topk_kernel, {"q_ptr": bf16, "key_ptr": bf16, "score_ptr": fp32, "id_ptr": i64},
+                           dict(K=16, SHARED=shared, BLOCK_M=32, BLOCK_N=64, BLOCK_DK=64, KP=16), num_warps=4)
+        compile_for_hopper(K._pk_bwd_q_kernel, {"ds_ptr": fp32, "id_ptr": i64, "key_ptr": bf16, "dq_ptr": fp32},
+                           dict(SHARED=shared, BLOCK_M=32, BLOCK_DK=64, KP=16), num_warps=4)
+    compile_for_hopper(K._pk_bwd_keys_kernel, {"ds_ptr": fp32, "q_ptr": fp32, "order_ptr": i64, "offsets_ptr": "*i32",
+                                               "dkey_ptr": fp32}, dict(BLOCK_E=32, BLOCK_DK=64), num_warps=4)
+    table = {"down_ptr": fp32, "up_ptr": fp32, "rows_ptr": i64, "w_ptr": fp32}
+    for act in (0, 1):
+        compile_for_hopper(K._peer_fwd_kernel, {**table, "x_ptr": bf16, "y_ptr": bf16, "h_ptr": fp32},
+                           dict(ACT=act, BLOCK_P=4, BLOCK_D=512), num_warps=4)
+        for dense in (True, False):
+            compile_for_hopper(K._peer_bwd_pairs_kernel, {"dy_ptr": bf16, "w_ptr": fp32, "h_ptr": fp32, "up_ptr": fp32,
+                                                          "order_ptr": i64, "offsets_ptr": "*i32", "gw_ptr": fp32,
+                                                          "gh_ptr": fp32, "gup_ptr": fp32},
+                               dict(ACT=act, DENSE=dense, BLOCK_R=2, BLOCK_D=512), num_warps=4)
+    compile_for_hopper(K._peer_bwd_x_kernel, {"gh_ptr": fp32, "rows_ptr": i64, "down_ptr": fp32, "gx_ptr": bf16},
+                       dict(BLOCK_P=4, BLOCK_D=512), num_warps=4)
+    floats = {name: "fp32" for name in ("lr", "wd", "beta1", "beta2", "eps", "bc1", "bc2")}
+    for mode in (0, 1, 2):
+        compile_for_hopper(K._peer_rows_sum_kernel, {"src_ptr": bf16, "coef_ptr": fp32, "order_ptr": i64,
+                                                     "offsets_ptr": "*i32", "tab_ptr": fp32, "m_ptr": fp32,
+                                                     "v_ptr": fp32, **floats},
+                           dict(MODE=mode, BLOCK_R=2, BLOCK_D=512), num_warps=4)
