@@ -17,6 +17,7 @@ TRITON_INTERPRET=1 (tests); the references are the CPU path.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import NamedTuple
@@ -85,10 +86,16 @@ if triton is not None:
         p_off = tl.load(offs_ptr + j) * 16
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        p = tl.load(p_ptr + p_off + offs, mask=mask).to(tl.float32)
-        p = (p * decay).to(p_ptr.dtype.element_ty).to(tl.float32)  # rounded like p.mul_
-        o = tl.load(o_ptr + j.to(tl.int64) * n + offs, mask=mask).to(tl.float32)
-        tl.store(p_ptr + p_off + offs, tl.fma(alpha, o, p).to(p_ptr.dtype.element_ty), mask=mask)
+        o = tl.load(o_ptr + j.to(tl.int64) * n + offs, mask=mask)
+        _decay_and_add(p_ptr + p_off + offs, o, decay, alpha, mask)
+
+    @triton.jit
+    def _decay_and_add(p_ptrs, o, decay, alpha, mask):
+        """p = p * decay + alpha * o in place (o: the bf16 update), rounded as p.mul_(decay);
+        p.add_(o, alpha=alpha) rounds: the one formula of `_update_kernel` and the fused NS epilogue."""
+        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+        p = (p * decay).to(p_ptrs.dtype.element_ty).to(tl.float32)  # rounded like p.mul_
+        tl.store(p_ptrs, tl.fma(alpha, o.to(tl.float32), p).to(p_ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scale_kernel(x_ptr, norm_ptr, numel, eps, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
@@ -173,9 +180,7 @@ if triton is not None:
         if UPDATE:
             if tl.load(fuse_ptr + z) != 0:
                 p_ptrs = p_ptr + tl.load(poff_ptr + z) + rm[:, None] * N + rn[None, :]  # (BLOCK_M, BLOCK_N)
-                p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-                p = (p * decay).to(p_ptr.dtype.element_ty).to(tl.float32)  # rounded like p.mul_
-                tl.store(p_ptrs, tl.fma(lr_alpha, out.to(tl.float32), p).to(p_ptr.dtype.element_ty), mask=mask)
+                _decay_and_add(p_ptrs, out, decay, lr_alpha, mask)
             else:
                 tl.store(c_ptrs, out, mask=mask)
         else:
@@ -217,18 +222,16 @@ def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, ou
 def _addmm_args(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor,
                 scale: Tensor | None = None, update: FusedUpdate | None = None) -> tuple:
     """`_addmm_kernel`'s positional arguments (placeholders for an absent scale or update)."""
-    n, M, K = L.shape
-    u = update or _NO_UPDATE.get(out.device) or _NO_UPDATE.setdefault(out.device, _no_update(out.device))
+    _, M, K = L.shape
+    u = update or _no_update(out.device)
     return (L, R, D, out, out if scale is None else scale, u.base, u.offset, u.fuse, M, R.shape[-1], K,
             *L.stride(), *R.stride(), *D.stride(), *out.stride(), float(alpha), float(beta), float(u.decay),
             float(u.alpha))
 
 
-_NO_UPDATE: dict[torch.device, FusedUpdate] = {}  # placeholders of the UPDATE arguments, per device
-
-
+@functools.lru_cache(maxsize=None)
 def _no_update(device: torch.device) -> FusedUpdate:
-    """Placeholders with the dtypes of a real FusedUpdate (unused: UPDATE is off)."""
+    """Placeholders with the dtypes of a real FusedUpdate (unused: UPDATE is off), one set per device."""
     return FusedUpdate(torch.zeros(1, device=device), torch.zeros(1, dtype=torch.int64, device=device),
                        torch.zeros(1, dtype=torch.int8, device=device), 1.0, 0.0)
 
