@@ -251,8 +251,9 @@ def _normalize_gram_triton(A: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Triton: for Gram matrices A = X X^T (n, m, m), contiguous bf16, of unnormalized X: (A / s^2,
     1 / s) per matrix, s = max(||X||_F, eps) = max(sqrt(trace A), eps). Newton–Schulz's first step
     uses them instead of a normalization pass over X (which reads X twice and writes it once).
-    Range: ||X||_F^2 must fit in fp32, as for the reference's norm (both work for ||X||_F between
-    ~1e-17 and ~1e17 on CPU; beyond, the reference returns zeros and this path zeros or NaN)."""
+    Range: ||X||_F^2 must fit in fp32, as for the reference's norm. Both agree for any ||X||_F up to
+    ~2e18 (below eps both divide by eps); above, the reference returns zeros and this path zeros or
+    NaN (benchmarks/results/s11_ns_gram_normalize_cpu.txt)."""
     n, m = A.shape[0], A.shape[-1]
     out = torch.empty_like(A)  # (n, m, m); not in place: other programs still read A's diagonal
     inv = torch.empty(n, dtype=torch.float32, device=A.device)  # (n,)
