@@ -336,11 +336,19 @@ def test_ddp_bf16_gradient_reduction_stays_close_to_one_process(runs):
     # MoE routing may flip: after 4 steps single params measured up to 8.8e-3 relative (the router once
     # 2.3e-2, a flipped top-k), all params together 5.3e-4 to 6.6e-4 (2026-12-02, CPU, several runs).
     # The bounds leave room for that; a dropped rank or a param left out of the reduction is far off.
+    # `expert_bias` moves by exactly +-gamma or 0 per step (the sign of each expert's load against the
+    # mean), so one token routed differently can move an entry by gamma: a relative norm means nothing
+    # on it (it measured 0.35 once: two of 4 entries 0.01 apart). Its entries are held to 2 gamma.
+    gamma = float(MOE_ARGS[MOE_ARGS.index("--model.moe.bias_update_speed") + 1])
+    weights = [k for k in pb if not k.endswith("expert_bias")]
     for key in pb:
+        if key not in weights:
+            assert (pa[key].float() - pb[key].float()).abs().max() <= 2 * gamma + 1e-6, (key, pa[key], pb[key])
+            continue
         diff = (pa[key].float() - pb[key].float()).norm() / pb[key].float().norm().clamp(min=1e-12)
         assert diff < 0.1, (key, diff.item())
-    total = sum((pa[k].float() - pb[k].float()).norm() ** 2 for k in pb) ** 0.5
-    assert total / sum(pb[k].float().norm() ** 2 for k in pb) ** 0.5 < 5e-3
+    total = sum((pa[k].float() - pb[k].float()).norm() ** 2 for k in weights) ** 0.5
+    assert total / sum(pb[k].float().norm() ** 2 for k in weights) ** 0.5 < 5e-3
 
 
 def test_ddp_trains_peer_tables_like_one_process(runs):
