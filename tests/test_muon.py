@@ -565,18 +565,10 @@ _FUSED_SCRIPT = textwrap.dedent('''
 
     # Newton-Schulz: the Triton path normalizes through the first Gram matrix, so it rounds differently
     # from the reference; it must be as close to exact (fp64) arithmetic as the reference is
-    def exact_ns(X, steps):
-        Y = X.double() / X.double().norm(dim=(-2, -1), keepdim=True).clamp(min=M.EPS)
-        tall = Y.shape[-2] > Y.shape[-1]
-        for a, b, c in M.step_coefficients(M.NS_COEFFICIENTS, steps):
-            A = Y.mT @ Y if tall else Y @ Y.mT
-            B = b * A + c * A @ A
-            Y = a * Y + (Y @ B if tall else B @ Y)
-        return Y
-
     for shape in [(5, 48, 96), (5, 96, 48), (3, 33, 17)]:
         X = (torch.randn(shape, generator=g) * torch.logspace(-3, 2, shape[0])[:, None, None]).bfloat16()
-        exact = exact_ns(X, 5)
+        exact = X.double()
+        M._orthogonalize_(exact, 5, M.NS_COEFFICIENTS, M.EPS)  # fp64 NS
         errors = {}
         for gemm in ("torch", "triton"):
             Y = X.clone()

@@ -19,12 +19,9 @@ from moespeed.optim.polar_express import polar_express_coefficients
 
 
 def exact_ns(X, steps):
-    Y = X.double() / X.double().norm(dim=(-2, -1), keepdim=True).clamp(min=M.EPS)
-    tall = Y.shape[-2] > Y.shape[-1]
-    for a, b, c in M.step_coefficients(M.NS_COEFFICIENTS, steps):
-        A = Y.mT @ Y if tall else Y @ Y.mT
-        B = b * A + c * A @ A
-        Y = a * Y + (Y @ B if tall else B @ Y)
+    """NS in float64: the torch reference path run on a double copy."""
+    Y = X.double()
+    M._orthogonalize_(Y, steps, M.NS_COEFFICIENTS, M.EPS)
     return Y
 
 
