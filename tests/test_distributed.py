@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
+from moespeed.bench.distributed import OneMoE
 from moespeed.config import TrainConfig, build_config
 from moespeed.errors import ConfigError
 from moespeed.model.moe import MoE, MoEConfig
@@ -42,20 +42,6 @@ def _free_port() -> int:
 
 
 # ------------------------------------------------------------------ expert-parallel MoE layer
-class _OneMoE(nn.Module):
-    """The smallest model `parallelize` accepts: one MoE layer."""
-
-    def __init__(self, moe: MoE):
-        super().__init__()
-        self.moe = moe
-
-    def moe_layers(self):
-        return [(0, self.moe)]
-
-    def forward(self, x):
-        return self.moe(x)
-
-
 def _objective(y, aux, dy, n_tokens):
     """A loss like the LM's: mean over the tokens of y * dy summed over D, plus the aux loss."""
     return (y * dy).sum() / n_tokens + aux
@@ -99,7 +85,7 @@ def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, cas
         ref.expert_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))
     ref.train()
     x, dy = torch.randn(2 * world, 8, 24), torch.randn(2 * world, 8, 24)  # (B, T, D): 2 sequences per rank
-    ep_model = _OneMoE(copy.deepcopy(ref))
+    ep_model = OneMoE(copy.deepcopy(ref))
     # one process: the batch of each EP group in turn (the balance loss covers one EP group's tokens)
     x_ref = x.clone().requires_grad_()
     y_ref, aux_ref = [], []
@@ -155,7 +141,7 @@ def _ep_compile_worker(rank: int, world: int, port: int) -> None:
         cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
                         activation="swiglu", aux_loss_coef=0.1, dispatch="padded_bmm")  # grouped_mm: bf16 CUDA only under compile
         torch.manual_seed(0)
-        models = [_OneMoE(MoE(24, cfg)) for _ in range(4)]
+        models = [OneMoE(MoE(24, cfg)) for _ in range(4)]
         for model in models[1:]:
             model.load_state_dict(models[0].state_dict())
         for model, chunks, masked in zip(models, (1, 1, 2, 2), (False, False, False, True)):  # EP=2, no DP

@@ -47,8 +47,8 @@ TOKENIZER_CHARS = 10_000_000  # the tokenizer's training sample: smaller than th
 
 # -- 1. correctness of the EP layer on GPUs (run under torchrun by --ep-check) ----------------------
 
-class _OneMoE(torch.nn.Module):
-    """A model of one MoE layer, as `parallelize` expects (it has `moe_layers()`)."""
+class OneMoE(torch.nn.Module):
+    """The smallest model `parallelize` accepts: one MoE layer (it has `moe_layers()`); tests use it too."""
 
     def __init__(self, moe):
         super().__init__()
@@ -135,7 +135,7 @@ def ep_check(out_path: str, preset: str = PRESET, batch: int = 4, seq_len: int =
     ((y_ref * dy).sum() / dy[..., 0].numel() + aux_ref).backward()
 
     for variant, (dispatch, chunks, masked) in LAYER_VARIANTS.items():
-        model = _OneMoE(copy.deepcopy(layer))
+        model = OneMoE(copy.deepcopy(layer))
         par = parallelize(model, TrainConfig(ep_size=env.world_size, ep_dispatch=dispatch, ep_chunks=chunks,
                                              ep_masked_rows=masked), env)
         x_ep = x[mine].clone().requires_grad_()
