@@ -119,6 +119,8 @@ def cmd_eval(args) -> None:
     from .data.prepare import prepare_data
     from .run import load, read_run_config, resolve_checkpoint
 
+    if args.batches < 1:
+        raise ConfigError(f"--batches {args.batches}: must be >= 1")
     device = _device(args.device)
     run_dir, ckpt = resolve_checkpoint(args.run, args.checkpoint)
     model, tokenizer = load(run_dir, ckpt.name, device)

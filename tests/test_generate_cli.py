@@ -1,0 +1,51 @@
+"""`moespeed generate` and `eval` on bad command lines: one line, exit status 2 (or a quiet stop), no traceback.
+
+All tests share one tiny run trained once (`run`); a test that edits a run works on its own copy.
+"""
+import os
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+
+from moespeed.cli import build_parser, main
+
+from helpers import tiny_train_args, write_corpus
+
+PROMPT = ["--prompt", "def function_1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 3-step tiny run (64-token context) with one checkpoint, step-3."""
+    root = tmp_path_factory.mktemp("gen")
+    data = write_corpus(root / "src")
+    assert main(["train"] + tiny_train_args(data, root / "run", root / "cache", steps=3)) == 0
+    return root / "run"
+
+
+def _copy_run(run, dest, **config_lines):
+    """A copy of the run whose config.toml has `key = value` lines replaced (value as TOML text)."""
+    shutil.copytree(run, dest)
+    text = (dest / "config.toml").read_text()
+    for key, value in config_lines.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+        assert n == 1, key
+    (dest / "config.toml").write_text(text)
+    return dest
+
+
+def _refused(capsys, args) -> str:
+    """main(args) exits 2 with one line on stderr; return that line."""
+    capsys.readouterr()
+    assert main(args) == 2, args
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moespeed: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("batches", ["0", "-3"])
+def test_eval_batches_below_one_is_refused(run, capsys, batches):
+    assert f"--batches {batches}: must be >= 1" in _refused(capsys, ["eval", "--run", str(run), "--batches", batches])
