@@ -143,10 +143,22 @@ def cmd_eval(args) -> None:
 
 
 def _device(name: str):
+    """The torch device that --device names: cpu (also when left out), cuda, cuda:N or auto."""
+    import re
+
     import torch
 
-    from .train.trainer import resolve_device
-    return resolve_device(name) if name else torch.device("cpu")
+    if name in ("", "cpu"):
+        return torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"--device {name}: use cpu, cuda, cuda:N or auto (or leave it out for cpu)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(name.partition(":")[2] or 0) >= count:
+        have = f"has {count} CUDA GPU(s): use cuda:0..cuda:{count - 1}, cpu" if count else "has no CUDA GPU: use cpu"
+        raise ConfigError(f"--device {name}: this machine {have} or auto")
+    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -175,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--device", default="", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--verbose", action="store_true", help="print speed and KV-cache size to stderr")
     p.add_argument("--compile", action="store_true",
                    help="decode with a compiled static step (CUDA graph on GPU): slower start, faster tokens")
@@ -185,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run directory (default: the latest run under runs/)")
     p.add_argument("--checkpoint", help="checkpoint folder name (step-N) or path (default: the latest)")
     p.add_argument("--batches", type=int, default=50, help="val batches to average (default: 50)")
-    p.add_argument("--device", default="", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(func=cmd_eval)
     return parser
 

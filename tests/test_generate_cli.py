@@ -49,3 +49,14 @@ def _refused(capsys, args) -> str:
 @pytest.mark.parametrize("batches", ["0", "-3"])
 def test_eval_batches_below_one_is_refused(run, capsys, batches):
     assert f"--batches {batches}: must be >= 1" in _refused(capsys, ["eval", "--run", str(run), "--batches", batches])
+
+
+def test_bad_device_names_the_option(run, capsys):
+    cases = [(["generate", "--run", str(run), "--device", "tpu"] + PROMPT, "--device tpu: use cpu, cuda, cuda:N"),
+             (["eval", "--run", str(run), "--device", "foo"], "--device foo: use cpu, cuda, cuda:N"),
+             (["eval", "--run", str(run), "--device", "cuda:99"], "--device cuda:99: this machine has")]
+    if not torch.cuda.is_available():
+        cases.append((["generate", "--run", str(run), "--device", "cuda"] + PROMPT, "--device cuda: this machine has no"))
+    for args, fragment in cases:
+        err = _refused(capsys, args)
+        assert fragment in err and "train.device" not in err, err
