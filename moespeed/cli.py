@@ -83,8 +83,7 @@ def cmd_generate(args) -> None:
     from .errors import PromptError
     from .run import load
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    _check_sampling(args)
     device = _device(args.device)
     model, tokenizer = load(args.run, args.checkpoint, device)
     prompt_ids = encode_prompt(tokenizer, args.prompt)
@@ -161,6 +160,18 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _check_sampling(args) -> None:
+    """One line for a sampling option generate cannot use (nan, inf, a negative count)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 = off: sample among all tokens)")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1] (1 = off)")
+
+
 # ---------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moespeed", description="Pre-train and run efficient sparse language models.", allow_abbrev=False)
@@ -184,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default: 50)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or auto (default: cpu)")

@@ -60,3 +60,19 @@ def test_bad_device_names_the_option(run, capsys):
     for args, fragment in cases:
         err = _refused(capsys, args)
         assert fragment in err and "train.device" not in err, err
+
+
+def test_non_finite_or_negative_sampling_options_are_refused(run, capsys):
+    for option, value in [("--temperature", "nan"), ("--temperature", "inf"), ("--top-k", "-3"), ("--top-p", "nan")]:
+        err = _refused(capsys, ["generate", "--run", str(run), option, value] + PROMPT)
+        assert f"{option} {value}: must be" in err, err
+    assert main(["generate", "--run", str(run), "--top-k", "0", "--max-new-tokens", "3"] + PROMPT) == 0  # 0 = off
+    generate_help = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "0 = off" in " ".join(generate_help.split())
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    from moespeed.generate import sample_next
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.5]])
+    assert sample_next(logits, 1e-40, 50, None, torch.Generator().manual_seed(0)).tolist() == [1, 0]
