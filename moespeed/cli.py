@@ -85,7 +85,7 @@ def cmd_generate(args) -> None:
 
     _check_sampling(args)
     device = _device(args.device)
-    model, tokenizer = load(args.run, args.checkpoint, device)
+    model, tokenizer = load(args.run, args.checkpoint, device, log=lambda m: print(m, file=sys.stderr))
     prompt_ids = encode_prompt(tokenizer, args.prompt)
     if len(prompt_ids) >= model.cfg.max_seq_len:
         raise PromptError(f"the prompt is {len(prompt_ids)} tokens, the model's context is {model.cfg.max_seq_len}: shorten it")

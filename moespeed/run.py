@@ -69,8 +69,19 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, P
     return run_dir, latest_checkpoint(run_dir)
 
 
-def load(run_dir: str | Path | None = None, checkpoint: str | None = None, device: str | torch.device = "cpu"):
-    """(model, tokenizer) of a run's latest (or named) checkpoint, in eval mode on `device`."""
+def decode_kernel_for(kernel: str, device: torch.device) -> str:
+    """model.decode_kernel to decode with on `device`: the Triton kernel runs on CUDA only, and the torch
+    path reads the same weights, so a run trained with `triton` falls back to `torch` elsewhere."""
+    from .kernels.decode_attention import HAS_TRITON
+
+    return "torch" if kernel == "triton" and (device.type != "cuda" or not HAS_TRITON) else kernel
+
+
+def load(run_dir: str | Path | None = None, checkpoint: str | None = None, device: str | torch.device = "cpu",
+         log=None):
+    """(model, tokenizer) of a run's latest (or named) checkpoint, in eval mode on `device`.
+
+    log: called with a note when the run's decode kernel cannot run on `device` (see decode_kernel_for)."""
     from .data.tokenizer import load_tokenizer
     from .model.transformer import Transformer
 
@@ -82,6 +93,12 @@ def load(run_dir: str | Path | None = None, checkpoint: str | None = None, devic
     if vocab != state.get("tokenizer_vocab_size", vocab) or vocab > cfg.model.vocab_size:
         raise CheckpointError(f"{run_dir}/tokenizer.json has {vocab} tokens but the checkpoint was trained with "
                               f"{state.get('tokenizer_vocab_size')}: restore the run's own tokenizer.json")
+    device = torch.device(device)
+    kernel = decode_kernel_for(cfg.model.decode_kernel, device)
+    if kernel != cfg.model.decode_kernel and log:
+        log(f"[model.decode_kernel = triton needs CUDA and triton: decoding with the torch kernel on {device}, "
+            f"same weights]")
+    cfg.model.decode_kernel = kernel
     model = Transformer(cfg.model)
     load_model_state(ckpt, model)
     return model.to(device).eval(), tokenizer

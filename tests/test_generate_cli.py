@@ -76,3 +76,14 @@ def test_a_tiny_temperature_samples_the_most_likely_token():
 
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.5]])
     assert sample_next(logits, 1e-40, 50, None, torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
+
+def test_triton_decode_kernel_run_generates_on_cpu_with_the_torch_kernel(run, tmp_path, capsys):
+    triton_run = _copy_run(run, tmp_path / "triton", decode_kernel='"triton"')
+    args = ["--max-new-tokens", "6", "--seed", "1"] + PROMPT
+    assert main(["generate", "--run", str(run)] + args) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", "--run", str(triton_run)] + args) == 0
+    out = capsys.readouterr()
+    assert out.out == expected  # the same weights through the torch decode path
+    assert out.err.count("decoding with the torch kernel on cpu") == 1, out.err
