@@ -223,7 +223,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moespeed: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (`| head`): stop quietly, as `cat` would
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE, the status of a command that a closed pipe stopped
     return 0
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing its buffer at exit raises no second BrokenPipeError.
+
+    The recipe of https://docs.python.org/3/library/signal.html#note-on-sigpipe."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

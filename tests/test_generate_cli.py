@@ -87,3 +87,15 @@ def test_triton_decode_kernel_run_generates_on_cpu_with_the_torch_kernel(run, tm
     out = capsys.readouterr()
     assert out.out == expected  # the same weights through the torch decode path
     assert out.err.count("decoding with the torch kernel on cpu") == 1, out.err
+
+
+def test_closed_stdout_pipe_exits_quietly(run, capsys, monkeypatch):
+    """`moespeed generate ... | head -c 5`: the reader leaves; no traceback, status 141 (SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert main(["generate", "--run", str(run), "--max-new-tokens", "20"] + PROMPT) == 141
+        closed_pipe.write("what interpreter exit would flush")
+        closed_pipe.flush()  # stdout now leads to /dev/null: no second BrokenPipeError at exit
+    assert capsys.readouterr().err == ""
