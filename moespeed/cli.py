@@ -100,6 +100,8 @@ def cmd_generate(args) -> None:
         printed = _stream_text(tokenizer, prompt_ids, new_ids, printed)
         stamps.append(time.time())
     sys.stdout.write("\n")
+    if len(new_ids) < args.max_new_tokens:  # Transformer.generate stops where the context is full
+        print(f"[stopped at the model's {model.cfg.max_seq_len}-token context]", file=sys.stderr)
     if args.verbose:
         elapsed = stamps[-1] - stamps[0]
         # from the third token on: the prefill (first token) and the step's compilation (second) are done

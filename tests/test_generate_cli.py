@@ -99,3 +99,10 @@ def test_closed_stdout_pipe_exits_quietly(run, capsys, monkeypatch):
         closed_pipe.write("what interpreter exit would flush")
         closed_pipe.flush()  # stdout now leads to /dev/null: no second BrokenPipeError at exit
     assert capsys.readouterr().err == ""
+
+
+def test_a_note_when_generation_stops_at_the_context(run, capsys):
+    assert main(["generate", "--run", str(run), "--max-new-tokens", "100"] + PROMPT) == 0
+    assert capsys.readouterr().err == "[stopped at the model's 64-token context]\n"
+    assert main(["generate", "--run", str(run), "--max-new-tokens", "5"] + PROMPT) == 0
+    assert capsys.readouterr().err == ""
