@@ -52,10 +52,36 @@ def read_run_config(run_dir: Path) -> Config:
         raise CheckpointError(f"{path}: unreadable run config ({e})") from None
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A step-N folder (single-process or sharded), not a run directory."""
+    return path.is_dir() and any((path / name).exists() for name in ("state.json", "model.pt", "dcp"))
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.toml").is_file() or bool(list_checkpoints(path)))
+
+
+def _checkpoint_path(run: str | None, checkpoint: str) -> Path | None:
+    """The checkpoint folder --checkpoint names (a step-N of --run, or a path), or None if there is none."""
+    ckpt = Path(checkpoint)
+    if _is_run_dir(ckpt) and not _is_checkpoint(ckpt):
+        raise CheckpointError(f"{checkpoint} is a run directory: use --run {checkpoint}")
+    if run and _is_checkpoint(Path(run) / checkpoint):
+        ckpt = Path(run) / checkpoint  # `checkpoint` itself when it is an absolute path
+    elif not _is_checkpoint(ckpt):
+        return None
+    if run and ckpt.resolve().parent != Path(run).resolve():
+        raise CheckpointError(f"--checkpoint {checkpoint} is not in --run {run}: "
+                              f"give a step-N of {run}, or leave out --run")
+    return ckpt
+
+
 def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, Path]:
     """(run_dir, checkpoint dir) from --run and --checkpoint (a step-N folder or its name)."""
-    if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "model.pt").is_file():
-        ckpt = Path(checkpoint)
+    if run and _is_checkpoint(Path(run)):
+        raise CheckpointError(f"{run} is a checkpoint: use --run {Path(run).parent} --checkpoint {Path(run).name}")
+    ckpt = _checkpoint_path(run, checkpoint) if checkpoint else None
+    if ckpt:
         return ckpt.parent, ckpt
     run_dir = Path(run) if run else latest_run()
     if not run_dir.is_dir():

@@ -106,3 +106,17 @@ def test_a_note_when_generation_stops_at_the_context(run, capsys):
     assert capsys.readouterr().err == "[stopped at the model's 64-token context]\n"
     assert main(["generate", "--run", str(run), "--max-new-tokens", "5"] + PROMPT) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_run_and_checkpoint_of_the_wrong_kind_are_refused(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(run.parent)
+    other = _copy_run(run, tmp_path / "other")
+    cases = [(["generate", "--checkpoint", "run"] + PROMPT, "run is a run directory: use --run run"),
+             (["eval", "--run", "run/step-3"], "run/step-3 is a checkpoint: use --run run --checkpoint step-3"),
+             (["generate", "--run", "run", "--checkpoint", str(other / "step-3")] + PROMPT,
+              f"--checkpoint {other / 'step-3'} is not in --run run")]
+    for args, fragment in cases:
+        err = _refused(capsys, args)
+        assert fragment in err, err
+    for checkpoint in ("step-3", "run/step-3", str(run / "step-3")):  # a name, or a path inside --run
+        assert main(["generate", "--run", "run", "--checkpoint", checkpoint, "--max-new-tokens", "2"] + PROMPT) == 0
