@@ -126,6 +126,7 @@ def cmd_eval(args) -> None:
     run_dir, ckpt = resolve_checkpoint(args.run, args.checkpoint)
     model, tokenizer = load(run_dir, ckpt.name, device)
     cfg = read_run_config(run_dir)
+    _check_run_data(run_dir, cfg.data.data)
     cfg.data.tokenizer = str(run_dir / "tokenizer.json")
     data = prepare_data(cfg.data, log=lambda m: print(m, file=sys.stderr))
     loader = val_loader(data.val_path, cfg.data.batch_size, cfg.data.seq_len, data.bos_id)
@@ -160,6 +161,23 @@ def _device(name: str):
         have = f"has {count} CUDA GPU(s): use cuda:0..cuda:{count - 1}, cpu" if count else "has no CUDA GPU: use cpu"
         raise ConfigError(f"--device {name}: this machine {have} or auto")
     return torch.device(name)
+
+
+def _check_run_data(run_dir, specs: list[str]) -> None:
+    """eval reads the val split of the data the run's config.toml names: one line there if a path is gone.
+
+    Relative paths are read from the working directory (as train read them)."""
+    import glob
+    import os
+
+    from .errors import DataError
+    for spec in specs:
+        path = os.path.expanduser(spec)
+        if os.path.exists(path) or glob.glob(path, recursive=True):
+            continue
+        where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
+        raise DataError(f"{run_dir}/config.toml: data.data = {spec}: no such file or folder{where} (eval reads the "
+                        f"run's val split): restore the data or edit data.data there")
 
 
 def _check_sampling(args) -> None:

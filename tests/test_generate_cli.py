@@ -120,3 +120,13 @@ def test_run_and_checkpoint_of_the_wrong_kind_are_refused(run, tmp_path, capsys,
         assert fragment in err, err
     for checkpoint in ("step-3", "run/step-3", str(run / "step-3")):  # a name, or a path inside --run
         assert main(["generate", "--run", "run", "--checkpoint", checkpoint, "--max-new-tokens", "2"] + PROMPT) == 0
+
+
+def test_eval_names_the_run_config_when_its_data_is_gone(run, tmp_path, capsys, monkeypatch):
+    relative = _copy_run(run, tmp_path / "relative", data='["src"]')  # relative to where it was trained
+    monkeypatch.chdir(run.parent)
+    assert main(["eval", "--run", str(relative), "--batches", "1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    err = _refused(capsys, ["eval", "--run", "relative", "--batches", "1"])
+    assert (f"relative/config.toml: data.data = src: no such file or folder in {tmp_path} (eval reads the run's "
+            "val split): restore the data or edit data.data there") in err, err
