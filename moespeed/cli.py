@@ -83,10 +83,9 @@ def cmd_generate(args) -> None:
     from .errors import PromptError
     from .run import load
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    _check_sampling(args)
     device = _device(args.device)
-    model, tokenizer = load(args.run, args.checkpoint, device)
+    model, tokenizer = load(args.run, args.checkpoint, device, log=lambda m: print(m, file=sys.stderr))
     prompt_ids = encode_prompt(tokenizer, args.prompt)
     if len(prompt_ids) >= model.cfg.max_seq_len:
         raise PromptError(f"the prompt is {len(prompt_ids)} tokens, the model's context is {model.cfg.max_seq_len}: shorten it")
@@ -101,6 +100,8 @@ def cmd_generate(args) -> None:
         printed = _stream_text(tokenizer, prompt_ids, new_ids, printed)
         stamps.append(time.time())
     sys.stdout.write("\n")
+    if len(new_ids) < args.max_new_tokens:  # Transformer.generate stops where the context is full
+        print(f"[stopped at the model's {model.cfg.max_seq_len}-token context]", file=sys.stderr)
     if args.verbose:
         elapsed = stamps[-1] - stamps[0]
         # from the third token on: the prefill (first token) and the step's compilation (second) are done
@@ -119,10 +120,13 @@ def cmd_eval(args) -> None:
     from .data.prepare import prepare_data
     from .run import load, read_run_config, resolve_checkpoint
 
+    if args.batches < 1:
+        raise ConfigError(f"--batches {args.batches}: must be >= 1")
     device = _device(args.device)
     run_dir, ckpt = resolve_checkpoint(args.run, args.checkpoint)
     model, tokenizer = load(run_dir, ckpt.name, device)
     cfg = read_run_config(run_dir)
+    _check_run_data(run_dir, cfg.data.data)
     cfg.data.tokenizer = str(run_dir / "tokenizer.json")
     data = prepare_data(cfg.data, log=lambda m: print(m, file=sys.stderr))
     loader = val_loader(data.val_path, cfg.data.batch_size, cfg.data.seq_len, data.bos_id)
@@ -141,10 +145,51 @@ def cmd_eval(args) -> None:
 
 
 def _device(name: str):
+    """The torch device that --device names: cpu (also when left out), cuda, cuda:N or auto."""
+    import re
+
     import torch
 
-    from .train.trainer import resolve_device
-    return resolve_device(name) if name else torch.device("cpu")
+    if name in ("", "cpu"):
+        return torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"--device {name}: use cpu, cuda, cuda:N or auto (or leave it out for cpu)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(name.partition(":")[2] or 0) >= count:
+        have = f"has {count} CUDA GPU(s): use cuda:0..cuda:{count - 1}, cpu" if count else "has no CUDA GPU: use cpu"
+        raise ConfigError(f"--device {name}: this machine {have} or auto")
+    return torch.device(name)
+
+
+def _check_run_data(run_dir, specs: list[str]) -> None:
+    """eval reads the val split of the data the run's config.toml names: one line there if a path is gone.
+
+    Relative paths are read from the working directory (as train read them)."""
+    import glob
+    import os
+
+    from .errors import DataError
+    for spec in specs:
+        path = os.path.expanduser(spec)
+        if os.path.exists(path) or glob.glob(path, recursive=True):
+            continue
+        where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
+        raise DataError(f"{run_dir}/config.toml: data.data = {spec}: no such file or folder{where} (eval reads the "
+                        f"run's val split): restore the data or edit data.data there")
+
+
+def _check_sampling(args) -> None:
+    """One line for a sampling option generate cannot use (nan, inf, a negative count)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 = off: sample among all tokens)")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1] (1 = off)")
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -170,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default: 50)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--device", default="", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--verbose", action="store_true", help="print speed and KV-cache size to stderr")
     p.add_argument("--compile", action="store_true",
                    help="decode with a compiled static step (CUDA graph on GPU): slower start, faster tokens")
@@ -183,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run directory (default: the latest run under runs/)")
     p.add_argument("--checkpoint", help="checkpoint folder name (step-N) or path (default: the latest)")
     p.add_argument("--batches", type=int, default=50, help="val batches to average (default: 50)")
-    p.add_argument("--device", default="", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -198,7 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moespeed: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (`| head`): stop quietly, as `cat` would
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE, the status of a command that a closed pipe stopped
     return 0
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing its buffer at exit raises no second BrokenPipeError.
+
+    The recipe of https://docs.python.org/3/library/signal.html#note-on-sigpipe."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

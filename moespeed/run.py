@@ -52,10 +52,36 @@ def read_run_config(run_dir: Path) -> Config:
         raise CheckpointError(f"{path}: unreadable run config ({e})") from None
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A step-N folder (single-process or sharded), not a run directory."""
+    return path.is_dir() and any((path / name).exists() for name in ("state.json", "model.pt", "dcp"))
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.toml").is_file() or bool(list_checkpoints(path)))
+
+
+def _checkpoint_path(run: str | None, checkpoint: str) -> Path | None:
+    """The checkpoint folder --checkpoint names (a step-N of --run, or a path), or None if there is none."""
+    ckpt = Path(checkpoint)
+    if _is_run_dir(ckpt) and not _is_checkpoint(ckpt):
+        raise CheckpointError(f"{checkpoint} is a run directory: use --run {checkpoint}")
+    if run and _is_checkpoint(Path(run) / checkpoint):
+        ckpt = Path(run) / checkpoint  # `checkpoint` itself when it is an absolute path
+    elif not _is_checkpoint(ckpt):
+        return None
+    if run and ckpt.resolve().parent != Path(run).resolve():
+        raise CheckpointError(f"--checkpoint {checkpoint} is not in --run {run}: "
+                              f"give a step-N of {run}, or leave out --run")
+    return ckpt
+
+
 def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, Path]:
     """(run_dir, checkpoint dir) from --run and --checkpoint (a step-N folder or its name)."""
-    if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "model.pt").is_file():
-        ckpt = Path(checkpoint)
+    if run and _is_checkpoint(Path(run)):
+        raise CheckpointError(f"{run} is a checkpoint: use --run {Path(run).parent} --checkpoint {Path(run).name}")
+    ckpt = _checkpoint_path(run, checkpoint) if checkpoint else None
+    if ckpt:
         return ckpt.parent, ckpt
     run_dir = Path(run) if run else latest_run()
     if not run_dir.is_dir():
@@ -69,8 +95,19 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, P
     return run_dir, latest_checkpoint(run_dir)
 
 
-def load(run_dir: str | Path | None = None, checkpoint: str | None = None, device: str | torch.device = "cpu"):
-    """(model, tokenizer) of a run's latest (or named) checkpoint, in eval mode on `device`."""
+def decode_kernel_for(kernel: str, device: torch.device) -> str:
+    """model.decode_kernel to decode with on `device`: the Triton kernel runs on CUDA only, and the torch
+    path reads the same weights, so a run trained with `triton` falls back to `torch` elsewhere."""
+    from .kernels.decode_attention import HAS_TRITON
+
+    return "torch" if kernel == "triton" and (device.type != "cuda" or not HAS_TRITON) else kernel
+
+
+def load(run_dir: str | Path | None = None, checkpoint: str | None = None, device: str | torch.device = "cpu",
+         log=None):
+    """(model, tokenizer) of a run's latest (or named) checkpoint, in eval mode on `device`.
+
+    log: called with a note when the run's decode kernel cannot run on `device` (see decode_kernel_for)."""
     from .data.tokenizer import load_tokenizer
     from .model.transformer import Transformer
 
@@ -82,6 +119,12 @@ def load(run_dir: str | Path | None = None, checkpoint: str | None = None, devic
     if vocab != state.get("tokenizer_vocab_size", vocab) or vocab > cfg.model.vocab_size:
         raise CheckpointError(f"{run_dir}/tokenizer.json has {vocab} tokens but the checkpoint was trained with "
                               f"{state.get('tokenizer_vocab_size')}: restore the run's own tokenizer.json")
+    device = torch.device(device)
+    kernel = decode_kernel_for(cfg.model.decode_kernel, device)
+    if kernel != cfg.model.decode_kernel and log:
+        log(f"[model.decode_kernel = triton needs CUDA and triton: decoding with the torch kernel on {device}, "
+            f"same weights]")
+    cfg.model.decode_kernel = kernel
     model = Transformer(cfg.model)
     load_model_state(ckpt, model)
     return model.to(device).eval(), tokenizer
