@@ -9,6 +9,7 @@ all and a bad key or value fails with one line that names the key and what is al
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -241,7 +242,8 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, f"train.warmup_steps = {self.warmup_steps}: must be >= 0")
         _require(0 < self.decay_fraction <= 1, f"train.decay_fraction = {self.decay_fraction}: must be in (0, 1]")
         _require(self.weight_decay >= 0, f"train.weight_decay = {self.weight_decay}: must be >= 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, f"train.{key} = {getattr(self, key)}: must be in [0, 1)")
         _require(self.grad_clip >= 0, f"train.grad_clip = {self.grad_clip}: must be >= 0 (0 = off)")
         _require(self.threads >= 0, f"train.threads = {self.threads}: must be >= 0")
         _require(self.ddp_bucket_mb > 0, f"train.ddp_bucket_mb = {self.ddp_bucket_mb}: must be a positive integer")
@@ -283,9 +285,11 @@ def _section_name(obj: Any) -> str:
 
 
 def _validate_tree(obj: Any, prefix: str) -> None:
-    """Check choices of every field, then call validate() of every nested dataclass."""
+    """Check every float is finite and every field's choices, then call validate() of every nested dataclass."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):  # inf or nan: training would give loss nan
+            raise ConfigError(f"{prefix}.{f.name} = {value}: must be a finite number")
         choices = field_choices(f)
         if choices is not None and value not in choices:
             raise ConfigError(f"{prefix}.{f.name} = {value!r}: must be one of {', '.join(map(str, choices))}")

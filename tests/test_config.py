@@ -27,6 +27,7 @@ def test_presets_are_valid_and_small_is_about_100m_parameters():
     ("train.muon_ns_lowest", "0", "train.muon_ns_lowest = 0.0: must be in (0, 1)"),
     ("train.muon_ns_coefficients", "quintic", "train.muon_ns_coefficients = 'quintic': must be one of standard, polar_express"),
     ("data.val_fraction", "1.5", "data.val_fraction = 1.5: must be in (0, 1)"),
+    ("train.beta2", "1", "train.beta2 = 1.0: must be in [0, 1)"),
     ("model.ffn_pattern", "dense,sparse", "model.ffn_pattern"),
     ("model.peer.num_experts", "100", "model.peer.num_experts = 100"),
 ])
@@ -35,6 +36,24 @@ def test_bad_values_name_the_key(key, value, fragment):
         C.build_config("quickstart", None, [(key, value)])
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.lr", "inf"), ("train.muon_lr", "-inf"), ("train.weight_decay", "inf"), ("train.grad_clip", "nan"),
+    ("model.init_std", "inf"), ("model.rope_theta", "inf"), ("data.val_fraction", "nan"),
+    ("model.moe.route_scale", "inf"), ("model.moe.capacity_factor", "inf"),
+])
+def test_non_finite_floats_are_rejected(key, value):
+    with pytest.raises(ConfigError) as err:
+        C.build_config("quickstart", None, [(key, value)])
+    assert str(err.value) == f"{key} = {float(value)}: must be a finite number"
+
+
+def test_non_finite_float_in_toml_is_rejected(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlr = inf\n")
+    with pytest.raises(ConfigError, match=r"^train.lr = inf: must be a finite number$"):
+        C.build_config(None, str(path))
 
 
 def test_seq_len_longer_than_context_is_rejected():
