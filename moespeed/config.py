@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -251,8 +252,8 @@ class TrainConfig:
         _require(self.ep_chunks >= 1, f"train.ep_chunks = {self.ep_chunks}: must be >= 1 (1 = no chunking)")
         _require(self.ep_dispatch in EP_DISPATCHERS,
                  f"train.ep_dispatch = {self.ep_dispatch!r}: allowed are {' | '.join(EP_DISPATCHERS)}")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                 f"train.device = {self.device!r}: must be auto, cpu, cuda or cuda:N")
+        _require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
+                 f"train.device = {self.device!r}: must be auto, cpu, cuda or cuda:N (N = a GPU index: 0, 1, ...)")
 
 
 @dataclass

@@ -56,6 +56,17 @@ def test_non_finite_float_in_toml_is_rejected(tmp_path):
         C.build_config(None, str(path))
 
 
+@pytest.mark.parametrize("device", ["cudaX", "cuda:abc", "cuda:", "cuda:-1", "CPU", "mps", ""])
+def test_bad_device_is_rejected(device):
+    with pytest.raises(ConfigError, match=r"^train.device = .*: must be auto, cpu, cuda or cuda:N"):
+        C.build_config("quickstart", None, [("train.device", device)])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_good_devices_are_accepted(device):
+    assert C.build_config("quickstart", None, [("train.device", device)]).train.device == device
+
+
 def test_seq_len_longer_than_context_is_rejected():
     with pytest.raises(ConfigError, match="data.seq_len = 512: must be <= model.max_seq_len"):
         C.build_config("quickstart", None, [("data.seq_len", "512")])
