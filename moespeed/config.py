@@ -9,6 +9,7 @@ all and a bad key or value fails with one line that names the key and what is al
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import tomllib
@@ -419,6 +420,9 @@ def set_key(cfg: Any, dotted: str, value: Any) -> None:
         names = {f.name for f in dataclasses.fields(owner)}
         if part not in names:
             where = ".".join(parts[:i]) or "top level"
+            close = difflib.get_close_matches(part, sorted(names), n=3, cutoff=0.7)
+            if close:
+                raise ConfigError(f"unknown config key {dotted!r}: did you mean {' or '.join(close)}?")
             raise ConfigError(f"unknown config key {dotted!r}: {where} has keys {', '.join(sorted(names))}")
         if i == len(parts) - 1:
             current = getattr(owner, part)

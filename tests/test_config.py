@@ -67,6 +67,17 @@ def test_good_devices_are_accepted(device):
     assert C.build_config("quickstart", None, [("train.device", device)]).train.device == device
 
 
+def test_misspelled_toml_key_suggests_the_closest_key(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\nd_mode = 64\n")
+    with pytest.raises(ConfigError) as err:
+        C.build_config(None, str(path))
+    assert str(err.value) == "unknown config key 'model.d_mode': did you mean d_model?"
+    path.write_text("[model]\nxyz = 64\n")  # nothing close: list the section's keys
+    with pytest.raises(ConfigError, match="unknown config key 'model.xyz': model has keys .*d_model, "):
+        C.build_config(None, str(path))
+
+
 def test_seq_len_longer_than_context_is_rejected():
     with pytest.raises(ConfigError, match="data.seq_len = 512: must be <= model.max_seq_len"):
         C.build_config("quickstart", None, [("data.seq_len", "512")])
