@@ -6,6 +6,7 @@ Errors caused by input (config, data, checkpoint, prompt) print one line and exi
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 import time
@@ -16,10 +17,33 @@ from .errors import ConfigError, MoespeedError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+    """argparse that raises ConfigError (one line) instead of printing usage and exiting.
+
+    An unrecognized option (e.g. a misspelled config key, `--model.d_mode`) is reported with the
+    closest options of the command it was given to, and that command's `--help`.
+    """
 
     def error(self, message: str):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unrecognized = self.parse_known_args(args, namespace)
+        if unrecognized:
+            command = self._subcommand_parser(getattr(namespace, "command", None)) or self
+            known = [name for action in command._actions for name in action.option_strings]
+            options = [arg.split("=", 1)[0] for arg in unrecognized if arg.startswith("--")]
+            close = [match for option in options for match in difflib.get_close_matches(option, known, n=3, cutoff=0.8)]
+            hint = f": did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
+            raise ConfigError(f"unrecognized arguments: {' '.join(unrecognized)}{hint} "
+                              f"(see `{command.prog} --help` for every option)")
+        return namespace
+
+    def _subcommand_parser(self, name: str | None) -> argparse.ArgumentParser | None:
+        """The parser of subcommand `name` (None if this parser has no such subcommand)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:

@@ -127,6 +127,21 @@ def test_cli_config_error_is_one_line_and_exit_2(capsys):
     assert "unrecognized arguments: --model.n_layer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--model.d_mode", "64"],
+     "unrecognized arguments: --model.d_mode 64: did you mean --model.d_model? (see `moespeed train --help` for every option)"),
+    (["prepare", "--train.rl=1", "--modle.n_layers", "2"],
+     "unrecognized arguments: --train.rl=1 --modle.n_layers 2: did you mean --train.lr or --model.n_layers? "
+     "(see `moespeed prepare --help` for every option)"),
+    (["train", "--model.xyz", "3"], "unrecognized arguments: --model.xyz 3 (see `moespeed train --help` for every option)"),
+    (["generate", "--prompt", "x", "--temprature", "0.5"],
+     "unrecognized arguments: --temprature 0.5: did you mean --temperature? (see `moespeed generate --help` for every option)"),
+], ids=["config-key", "two-options", "nothing-close", "generate-option"])
+def test_misspelled_option_suggests_the_closest_and_the_command_help(capsys, argv, expected):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"moespeed: error: {expected}"
+
+
 def test_config_reference_doc_is_current():
     from pathlib import Path
     doc = Path(__file__).resolve().parent.parent / "docs" / "config.md"
