@@ -127,6 +127,8 @@ def test_user_data_formats(tmp_path):
     (lambda p: ((p / "j.jsonl").write_text('{"txt": "x"}\n'), [str(p / "j.jsonl")])[1], "j.jsonl:1: no string field 'text'"),
     (lambda p: ((p / "k.jsonl").write_text('{"text": \n'), [str(p / "k.jsonl")])[1], "k.jsonl:1: invalid JSON"),
     (lambda p: ((p / "e").mkdir(), [str(p / "e")])[1], "folder has no files"),
+    (lambda p: ((p / "u.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xff"}\n'), [str(p / "u.jsonl")])[1],
+     "u.jsonl:2: not UTF-8 text"),
 ])
 def test_bad_data_gives_clear_errors(tmp_path, setup, fragment):
     with pytest.raises(DataError) as err:

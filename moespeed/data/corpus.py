@@ -59,10 +59,14 @@ def _read_text_file(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path) -> Iterator[Document]:
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:  # bytes, decoded line by line, so that a bad byte is reported with its line
+        for line_no, raw_line in enumerate(f, 1):
+            if not raw_line.strip():
                 continue
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text: convert the file to UTF-8 or leave it out of --data.data") from None
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
