@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -129,6 +130,8 @@ def test_user_data_formats(tmp_path):
     (lambda p: ((p / "e").mkdir(), [str(p / "e")])[1], "folder has no files"),
     (lambda p: ((p / "u.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xff"}\n'), [str(p / "u.jsonl")])[1],
      "u.jsonl:2: not UTF-8 text"),
+    (lambda p: ["/dev/null"], "/dev/null: not a regular file or folder"),
+    (lambda p: (os.mkfifo(p / "fifo"), [str(p / "fifo")])[1], "fifo: not a regular file or folder"),
 ])
 def test_bad_data_gives_clear_errors(tmp_path, setup, fragment):
     with pytest.raises(DataError) as err:

@@ -132,6 +132,8 @@ def expand_paths(specs: list[str]) -> list[tuple[Path, bool]]:
             if not found:
                 raise DataError(f"{spec}: glob matches no files: check the pattern")
             files.extend((p, False) for p in found)
+        elif path.exists():
+            raise DataError(f"{spec}: not a regular file or folder (a device, fifo or socket): give text files or folders")
         else:
             raise DataError(f"{spec}: no such file or folder: check the path given to --data.data")
     return files
