@@ -137,3 +137,30 @@ def test_bad_data_gives_clear_errors(tmp_path, setup, fragment):
     with pytest.raises(DataError) as err:
         load_documents(setup(tmp_path))
     assert fragment in str(err.value)
+
+
+def _invalid_utf8_strings(pa, *values: bytes):
+    """A pyarrow string array holding raw bytes (pyarrow does not check them when building from buffers)."""
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()),
+                                                            pa.py_buffer(b"".join(values))])
+
+
+@pytest.mark.parametrize("columns, fragment", [
+    (lambda pa: {"body": ["a", "b"]}, "no column 'text' (it has 'body'): the parquet file needs a string column named text"),
+    (lambda pa: {"text": [1, 2]}, "column 'text' holds int64, not strings"),
+    (lambda pa: {"text": _invalid_utf8_strings(pa, b"ok", b"caf\xff")}, "row 1 of column 'text' is not UTF-8 text"),
+], ids=["no-text-column", "int-column", "not-utf8"])
+def test_bad_parquet_gives_clear_errors(tmp_path, columns, fragment):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns(pa)), tmp_path / "x.parquet")
+    with pytest.raises(DataError) as err:
+        load_documents([str(tmp_path / "x.parquet")])
+    assert fragment in str(err.value)
+
+
+def test_corrupt_parquet_is_rejected(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="x.parquet: not a readable parquet file"):
+        load_documents([str(tmp_path / "x.parquet")])
