@@ -170,6 +170,7 @@ class DataConfig:
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction = {self.val_fraction}: must be in (0, 1)")
         _require(self.seq_len > 0, f"data.seq_len = {self.seq_len}: must be a positive integer")
         _require(self.batch_size > 0, f"data.batch_size = {self.batch_size}: must be a positive integer")
+        _require(self.cache_dir.strip() != "", "data.cache_dir is empty: give a folder for the prepared data, e.g. ~/.cache/moespeed")
 
 
 @dataclass

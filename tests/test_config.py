@@ -28,6 +28,7 @@ def test_presets_are_valid_and_small_is_about_100m_parameters():
     ("train.muon_ns_coefficients", "quintic", "train.muon_ns_coefficients = 'quintic': must be one of standard, polar_express"),
     ("data.val_fraction", "1.5", "data.val_fraction = 1.5: must be in (0, 1)"),
     ("train.beta2", "1", "train.beta2 = 1.0: must be in [0, 1)"),
+    ("data.cache_dir", "", "data.cache_dir is empty: give a folder"),
     ("model.ffn_pattern", "dense,sparse", "model.ffn_pattern"),
     ("model.peer.num_experts", "100", "model.peer.num_experts = 100"),
 ])

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from moespeed.data.corpus import is_val, load_documents, split_documents, stdlib_documents
+from moespeed.config import DataConfig
 from moespeed.data.loader import TokenLoader
+from moespeed.data.prepare import prepare_data
 from moespeed.data.shards import HEADER_BYTES, read_shard, write_shard
 from moespeed.data.tokenizer import BOS, bos_id, encode_prompt, load_tokenizer, train_tokenizer
-from moespeed.errors import DataError, PromptError
+from moespeed.errors import ConfigError, DataError, PromptError
 
 
 def test_stdlib_corpus_is_real_python_and_split_is_deterministic():
@@ -164,3 +166,13 @@ def test_corrupt_parquet_is_rejected(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="x.parquet: not a readable parquet file"):
         load_documents([str(tmp_path / "x.parquet")])
+
+
+def test_unwritable_cache_dir_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "file").write_text("a file, not a folder")
+    cache_dir = tmp_path / "file" / "cache"
+    cfg = DataConfig(data=[str(tmp_path / "a.txt")], cache_dir=str(cache_dir))  # one document: would fail later
+    with pytest.raises(ConfigError) as err:
+        prepare_data(cfg, log=lambda message: None)
+    assert str(err.value) == f"data.cache_dir = {cache_dir}: cannot create it (Not a directory): choose a writable folder"

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .corpus import Document, load_documents, split_documents
 from .shards import read_shard, write_shard
 from .tokenizer import bos_id, load_tokenizer, train_tokenizer
@@ -69,13 +70,27 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _make_cache_dir(cache_dir: str) -> Path:
+    """Create data.cache_dir (and check it takes files) before any slow work; ConfigError if it cannot."""
+    root = Path(os.path.expanduser(cache_dir))
+    failed_to = "write in it" if root.is_dir() else "create it"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir = {cache_dir}: cannot {failed_to} ({e.strerror or e}): "
+                          "choose a writable folder") from None
+    return root
+
+
 def prepare_data(data_cfg, log=print) -> PreparedData:
     """Build (or load from the cache) the tokenizer and the train/val shards for a DataConfig."""
     t0 = time.time()
+    cache_root = _make_cache_dir(data_cfg.cache_dir)
     docs = load_documents(list(data_cfg.data))
     train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
     corpus_hash = _hash_documents(docs)
-    cache_root = Path(os.path.expanduser(data_cfg.cache_dir))
 
     if data_cfg.tokenizer:
         tok_path = Path(data_cfg.tokenizer)
