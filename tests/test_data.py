@@ -176,3 +176,22 @@ def test_unwritable_cache_dir_is_one_line_before_any_work(tmp_path):
     with pytest.raises(ConfigError) as err:
         prepare_data(cfg, log=lambda message: None)
     assert str(err.value) == f"data.cache_dir = {cache_dir}: cannot create it (Not a directory): choose a writable folder"
+
+
+@pytest.mark.parametrize("val_fraction, split, fix", [
+    (1e-9, "val", "add data, raise data.val_fraction (now 1e-09) or lower data.seq_len"),  # val = the last document
+    (1 - 1e-9, "train", "add data or lower data.seq_len"),  # train = the first document
+], ids=["val", "train"])
+def test_split_shorter_than_one_sequence_says_how_to_fix_it(tmp_path, val_fraction, split, fix):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    small, large = ("b.txt", "a.txt") if split == "val" else ("a.txt", "b.txt")
+    (corpus / small).write_text("x")
+    (corpus / large).write_text("def f(x):\n    return x + 1\n" * 50)
+    cfg = DataConfig(data=[str(corpus)], vocab_size=300, seq_len=16, val_fraction=val_fraction,
+                     cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg, log=lambda message: None)
+    assert str(err.value).startswith(f"the {split} split has 2 tokens, fewer than one sequence needs "
+                                     "(data.seq_len + 1 = 17): ")
+    assert str(err.value).endswith(fix)

@@ -84,6 +84,17 @@ def _make_cache_dir(cache_dir: str) -> Path:
     return root
 
 
+def _check_split_sizes(n_train: int, n_val: int, data_cfg) -> None:
+    """Each split must fill at least one sequence of seq_len + 1 tokens (inputs and shifted targets)."""
+    needed = data_cfg.seq_len + 1
+    if n_train < needed:
+        raise DataError(f"the train split has {n_train} tokens, fewer than one sequence needs (data.seq_len + 1 = "
+                        f"{needed}): add data or lower data.seq_len")
+    if n_val < needed:
+        raise DataError(f"the val split has {n_val} tokens, fewer than one sequence needs (data.seq_len + 1 = "
+                        f"{needed}): add data, raise data.val_fraction (now {data_cfg.val_fraction}) or lower data.seq_len")
+
+
 def prepare_data(data_cfg, log=print) -> PreparedData:
     """Build (or load from the cache) the tokenizer and the train/val shards for a DataConfig."""
     t0 = time.time()
@@ -127,8 +138,7 @@ def prepare_data(data_cfg, log=print) -> PreparedData:
             "tokens": {"train": int(read_shard(train_path).size), "val": int(read_shard(val_path).size)},
             "vocab_size": vocab_size, "tokenizer": str(tok_path)}, indent=1))
     n_train, n_val = read_shard(train_path).size, read_shard(val_path).size
-    if n_train < 2 or n_val < 2:
-        raise DataError("the corpus is too small: it yields fewer than 2 tokens in a split; give more text")
+    _check_split_sizes(n_train, n_val, data_cfg)
     log(f"data: {n_train / 1e6:.2f}M train / {n_val / 1e6:.2f}M val tokens, vocab {vocab_size} "
         f"({time.time() - t0:.1f}s)")
     return PreparedData(tok, tok_path, train_path, val_path, bos, vocab_size)
