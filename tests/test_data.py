@@ -132,6 +132,8 @@ def test_user_data_formats(tmp_path):
     (lambda p: ((p / "e").mkdir(), [str(p / "e")])[1], "folder has no files"),
     (lambda p: ((p / "u.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xff"}\n'), [str(p / "u.jsonl")])[1],
      "u.jsonl:2: not UTF-8 text"),
+    (lambda p: ((p / "s.jsonl").write_text('{"text": "ok"}\n{"text": "a \\ud800 b"}\n'), [str(p / "s.jsonl")])[1],
+     "s.jsonl:2: field 'text' has an unpaired surrogate escape"),
     (lambda p: ["/dev/null"], "/dev/null: not a regular file or folder"),
     (lambda p: (os.mkfifo(p / "fifo"), [str(p / "fifo")])[1], "fifo: not a regular file or folder"),
 ])

@@ -73,6 +73,11 @@ def _jsonl_documents(path: Path) -> Iterator[Document]:
                 raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg}): each line must be one JSON object") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"{path}:{line_no}: no string field 'text': each line must look like {{\"text\": \"...\"}}")
+            try:
+                record["text"].encode("utf-8")
+            except UnicodeEncodeError:  # JSON can escape half of a surrogate pair ("\ud800"), which is no character
+                raise DataError(f"{path}:{line_no}: field 'text' has an unpaired surrogate escape (\\ud800-\\udfff): "
+                                "fix or drop that line") from None
             if record["text"].strip():
                 yield f"{path}:{line_no}", record["text"]
 
