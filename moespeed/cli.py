@@ -6,7 +6,6 @@ Errors caused by input (config, data, checkpoint, prompt) print one line and exi
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import sys
 import time
@@ -27,6 +26,8 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
     def parse_args(self, args=None, namespace=None):
+        import difflib  # here, not at the top of the file: this class is all of cli.py that config work touches
+
         namespace, unrecognized = self.parse_known_args(args, namespace)
         if unrecognized:
             command = self._subcommand_parser(getattr(namespace, "command", None)) or self
