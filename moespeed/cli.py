@@ -16,10 +16,35 @@ from .errors import ConfigError, MoespeedError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+    """argparse that raises ConfigError (one line) instead of printing usage and exiting.
+
+    An unrecognized option (e.g. a misspelled config key, `--model.d_mode`) is reported with the
+    closest options of the command it was given to, and that command's `--help`.
+    """
 
     def error(self, message: str):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_args(self, args=None, namespace=None):
+        import difflib  # here, not at the top of the file: this class is all of cli.py that config work touches
+
+        namespace, unrecognized = self.parse_known_args(args, namespace)
+        if unrecognized:
+            command = self._subcommand_parser(getattr(namespace, "command", None)) or self
+            known = [name for action in command._actions for name in action.option_strings]
+            options = [arg.split("=", 1)[0] for arg in unrecognized if arg.startswith("--")]
+            close = [match for option in options for match in difflib.get_close_matches(option, known, n=3, cutoff=0.8)]
+            hint = f": did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
+            raise ConfigError(f"unrecognized arguments: {' '.join(unrecognized)}{hint} "
+                              f"(see `{command.prog} --help` for every option)")
+        return namespace
+
+    def _subcommand_parser(self, name: str | None) -> argparse.ArgumentParser | None:
+        """The parser of subcommand `name` (None if this parser has no such subcommand)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:

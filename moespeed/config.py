@@ -9,6 +9,9 @@ all and a bad key or value fails with one line that names the key and what is al
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import tomllib
 import types
 import typing
@@ -167,6 +170,7 @@ class DataConfig:
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction = {self.val_fraction}: must be in (0, 1)")
         _require(self.seq_len > 0, f"data.seq_len = {self.seq_len}: must be a positive integer")
         _require(self.batch_size > 0, f"data.batch_size = {self.batch_size}: must be a positive integer")
+        _require(self.cache_dir.strip() != "", "data.cache_dir is empty: give a folder for the prepared data, e.g. ~/.cache/moespeed")
 
 
 @dataclass
@@ -241,7 +245,8 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, f"train.warmup_steps = {self.warmup_steps}: must be >= 0")
         _require(0 < self.decay_fraction <= 1, f"train.decay_fraction = {self.decay_fraction}: must be in (0, 1]")
         _require(self.weight_decay >= 0, f"train.weight_decay = {self.weight_decay}: must be >= 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, f"train.{key} = {getattr(self, key)}: must be in [0, 1)")
         _require(self.grad_clip >= 0, f"train.grad_clip = {self.grad_clip}: must be >= 0 (0 = off)")
         _require(self.threads >= 0, f"train.threads = {self.threads}: must be >= 0")
         _require(self.ddp_bucket_mb > 0, f"train.ddp_bucket_mb = {self.ddp_bucket_mb}: must be a positive integer")
@@ -249,8 +254,8 @@ class TrainConfig:
         _require(self.ep_chunks >= 1, f"train.ep_chunks = {self.ep_chunks}: must be >= 1 (1 = no chunking)")
         _require(self.ep_dispatch in EP_DISPATCHERS,
                  f"train.ep_dispatch = {self.ep_dispatch!r}: allowed are {' | '.join(EP_DISPATCHERS)}")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                 f"train.device = {self.device!r}: must be auto, cpu, cuda or cuda:N")
+        _require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
+                 f"train.device = {self.device!r}: must be auto, cpu, cuda or cuda:N (N = a GPU index: 0, 1, ...)")
 
 
 @dataclass
@@ -283,9 +288,11 @@ def _section_name(obj: Any) -> str:
 
 
 def _validate_tree(obj: Any, prefix: str) -> None:
-    """Check choices of every field, then call validate() of every nested dataclass."""
+    """Check every float is finite and every field's choices, then call validate() of every nested dataclass."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):  # inf or nan: training would give loss nan
+            raise ConfigError(f"{prefix}.{f.name} = {value}: must be a finite number")
         choices = field_choices(f)
         if choices is not None and value not in choices:
             raise ConfigError(f"{prefix}.{f.name} = {value!r}: must be one of {', '.join(map(str, choices))}")
@@ -414,6 +421,9 @@ def set_key(cfg: Any, dotted: str, value: Any) -> None:
         names = {f.name for f in dataclasses.fields(owner)}
         if part not in names:
             where = ".".join(parts[:i]) or "top level"
+            close = difflib.get_close_matches(part, sorted(names), n=3, cutoff=0.7)
+            if close:
+                raise ConfigError(f"unknown config key {dotted!r}: did you mean {' or '.join(close)}?")
             raise ConfigError(f"unknown config key {dotted!r}: {where} has keys {', '.join(sorted(names))}")
         if i == len(parts) - 1:
             current = getattr(owner, part)

@@ -27,6 +27,8 @@ def test_presets_are_valid_and_small_is_about_100m_parameters():
     ("train.muon_ns_lowest", "0", "train.muon_ns_lowest = 0.0: must be in (0, 1)"),
     ("train.muon_ns_coefficients", "quintic", "train.muon_ns_coefficients = 'quintic': must be one of standard, polar_express"),
     ("data.val_fraction", "1.5", "data.val_fraction = 1.5: must be in (0, 1)"),
+    ("train.beta2", "1", "train.beta2 = 1.0: must be in [0, 1)"),
+    ("data.cache_dir", "", "data.cache_dir is empty: give a folder"),
     ("model.ffn_pattern", "dense,sparse", "model.ffn_pattern"),
     ("model.peer.num_experts", "100", "model.peer.num_experts = 100"),
 ])
@@ -35,6 +37,46 @@ def test_bad_values_name_the_key(key, value, fragment):
         C.build_config("quickstart", None, [(key, value)])
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.lr", "inf"), ("train.muon_lr", "-inf"), ("train.weight_decay", "inf"), ("train.grad_clip", "nan"),
+    ("model.init_std", "inf"), ("model.rope_theta", "inf"), ("data.val_fraction", "nan"),
+    ("model.moe.route_scale", "inf"), ("model.moe.capacity_factor", "inf"),
+])
+def test_non_finite_floats_are_rejected(key, value):
+    with pytest.raises(ConfigError) as err:
+        C.build_config("quickstart", None, [(key, value)])
+    assert str(err.value) == f"{key} = {float(value)}: must be a finite number"
+
+
+def test_non_finite_float_in_toml_is_rejected(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlr = inf\n")
+    with pytest.raises(ConfigError, match=r"^train.lr = inf: must be a finite number$"):
+        C.build_config(None, str(path))
+
+
+@pytest.mark.parametrize("device", ["cudaX", "cuda:abc", "cuda:", "cuda:-1", "CPU", "mps", ""])
+def test_bad_device_is_rejected(device):
+    with pytest.raises(ConfigError, match=r"^train.device = .*: must be auto, cpu, cuda or cuda:N"):
+        C.build_config("quickstart", None, [("train.device", device)])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_good_devices_are_accepted(device):
+    assert C.build_config("quickstart", None, [("train.device", device)]).train.device == device
+
+
+def test_misspelled_toml_key_suggests_the_closest_key(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\nd_mode = 64\n")
+    with pytest.raises(ConfigError) as err:
+        C.build_config(None, str(path))
+    assert str(err.value) == "unknown config key 'model.d_mode': did you mean d_model?"
+    path.write_text("[model]\nxyz = 64\n")  # nothing close: list the section's keys
+    with pytest.raises(ConfigError, match="unknown config key 'model.xyz': model has keys .*d_model, "):
+        C.build_config(None, str(path))
 
 
 def test_seq_len_longer_than_context_is_rejected():
@@ -84,6 +126,21 @@ def test_cli_config_error_is_one_line_and_exit_2(capsys):
     assert err == "moespeed: error: model.n_layers = 'x': must be an integer"
     assert main(["train", "--model.n_layer", "3"]) == 2
     assert "unrecognized arguments: --model.n_layer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--model.d_mode", "64"],
+     "unrecognized arguments: --model.d_mode 64: did you mean --model.d_model? (see `moespeed train --help` for every option)"),
+    (["prepare", "--train.rl=1", "--modle.n_layers", "2"],
+     "unrecognized arguments: --train.rl=1 --modle.n_layers 2: did you mean --train.lr or --model.n_layers? "
+     "(see `moespeed prepare --help` for every option)"),
+    (["train", "--model.xyz", "3"], "unrecognized arguments: --model.xyz 3 (see `moespeed train --help` for every option)"),
+    (["generate", "--prompt", "x", "--temprature", "0.5"],
+     "unrecognized arguments: --temprature 0.5: did you mean --temperature? (see `moespeed generate --help` for every option)"),
+], ids=["config-key", "two-options", "nothing-close", "generate-option"])
+def test_misspelled_option_suggests_the_closest_and_the_command_help(capsys, argv, expected):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"moespeed: error: {expected}"
 
 
 def test_config_reference_doc_is_current():

@@ -1,14 +1,17 @@
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from moespeed.data.corpus import is_val, load_documents, split_documents, stdlib_documents
+from moespeed.config import DataConfig
 from moespeed.data.loader import TokenLoader
+from moespeed.data.prepare import prepare_data
 from moespeed.data.shards import HEADER_BYTES, read_shard, write_shard
 from moespeed.data.tokenizer import BOS, bos_id, encode_prompt, load_tokenizer, train_tokenizer
-from moespeed.errors import DataError, PromptError
+from moespeed.errors import ConfigError, DataError, PromptError
 
 
 def test_stdlib_corpus_is_real_python_and_split_is_deterministic():
@@ -127,8 +130,70 @@ def test_user_data_formats(tmp_path):
     (lambda p: ((p / "j.jsonl").write_text('{"txt": "x"}\n'), [str(p / "j.jsonl")])[1], "j.jsonl:1: no string field 'text'"),
     (lambda p: ((p / "k.jsonl").write_text('{"text": \n'), [str(p / "k.jsonl")])[1], "k.jsonl:1: invalid JSON"),
     (lambda p: ((p / "e").mkdir(), [str(p / "e")])[1], "folder has no files"),
+    (lambda p: ((p / "u.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xff"}\n'), [str(p / "u.jsonl")])[1],
+     "u.jsonl:2: not UTF-8 text"),
+    (lambda p: ((p / "s.jsonl").write_text('{"text": "ok"}\n{"text": "a \\ud800 b"}\n'), [str(p / "s.jsonl")])[1],
+     "s.jsonl:2: field 'text' has an unpaired surrogate escape"),
+    (lambda p: ["/dev/null"], "/dev/null: not a regular file or folder"),
+    (lambda p: (os.mkfifo(p / "fifo"), [str(p / "fifo")])[1], "fifo: not a regular file or folder"),
 ])
 def test_bad_data_gives_clear_errors(tmp_path, setup, fragment):
     with pytest.raises(DataError) as err:
         load_documents(setup(tmp_path))
     assert fragment in str(err.value)
+
+
+def _invalid_utf8_strings(pa, *values: bytes):
+    """A pyarrow string array holding raw bytes (pyarrow does not check them when building from buffers)."""
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()),
+                                                            pa.py_buffer(b"".join(values))])
+
+
+@pytest.mark.parametrize("columns, fragment", [
+    (lambda pa: {"body": ["a", "b"]}, "no column 'text' (it has 'body'): the parquet file needs a string column named text"),
+    (lambda pa: {"text": [1, 2]}, "column 'text' holds int64, not strings"),
+    (lambda pa: {"text": _invalid_utf8_strings(pa, b"ok", b"caf\xff")}, "row 1 of column 'text' is not UTF-8 text"),
+], ids=["no-text-column", "int-column", "not-utf8"])
+def test_bad_parquet_gives_clear_errors(tmp_path, columns, fragment):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns(pa)), tmp_path / "x.parquet")
+    with pytest.raises(DataError) as err:
+        load_documents([str(tmp_path / "x.parquet")])
+    assert fragment in str(err.value)
+
+
+def test_corrupt_parquet_is_rejected(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="x.parquet: not a readable parquet file"):
+        load_documents([str(tmp_path / "x.parquet")])
+
+
+def test_unwritable_cache_dir_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "file").write_text("a file, not a folder")
+    cache_dir = tmp_path / "file" / "cache"
+    cfg = DataConfig(data=[str(tmp_path / "a.txt")], cache_dir=str(cache_dir))  # one document: would fail later
+    with pytest.raises(ConfigError) as err:
+        prepare_data(cfg, log=lambda message: None)
+    assert str(err.value) == f"data.cache_dir = {cache_dir}: cannot create it (Not a directory): choose a writable folder"
+
+
+@pytest.mark.parametrize("val_fraction, split, fix", [
+    (1e-9, "val", "add data, raise data.val_fraction (now 1e-09) or lower data.seq_len"),  # val = the last document
+    (1 - 1e-9, "train", "add data or lower data.seq_len"),  # train = the first document
+], ids=["val", "train"])
+def test_split_shorter_than_one_sequence_says_how_to_fix_it(tmp_path, val_fraction, split, fix):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    small, large = ("b.txt", "a.txt") if split == "val" else ("a.txt", "b.txt")
+    (corpus / small).write_text("x")
+    (corpus / large).write_text("def f(x):\n    return x + 1\n" * 50)
+    cfg = DataConfig(data=[str(corpus)], vocab_size=300, seq_len=16, val_fraction=val_fraction,
+                     cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg, log=lambda message: None)
+    assert str(err.value).startswith(f"the {split} split has 2 tokens, fewer than one sequence needs "
+                                     "(data.seq_len + 1 = 17): ")
+    assert str(err.value).endswith(fix)

@@ -59,34 +59,69 @@ def _read_text_file(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path) -> Iterator[Document]:
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:  # bytes, decoded line by line, so that a bad byte is reported with its line
+        for line_no, raw_line in enumerate(f, 1):
+            if not raw_line.strip():
                 continue
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text: convert the file to UTF-8 or leave it out of --data.data") from None
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg}): each line must be one JSON object") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"{path}:{line_no}: no string field 'text': each line must look like {{\"text\": \"...\"}}")
+            try:
+                record["text"].encode("utf-8")
+            except UnicodeEncodeError:  # JSON can escape half of a surrogate pair ("\ud800"), which is no character
+                raise DataError(f"{path}:{line_no}: field 'text' has an unpaired surrogate escape (\\ud800-\\udfff): "
+                                "fix or drop that line") from None
             if record["text"].strip():
                 yield f"{path}:{line_no}", record["text"]
 
 
 def _parquet_documents(path: Path) -> Iterator[Document]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'moespeed[parquet]'") from None
     try:
-        table = pq.read_table(path, columns=["text"])
-    except KeyError:
-        raise DataError(f"{path}: no column 'text': the parquet file needs a string column named text") from None
+        columns = pq.read_schema(path).names
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}): check the file") from None
-    for row, text in enumerate(table.column("text").to_pylist()):
+        raise _unreadable_parquet(path, e) from None
+    if "text" not in columns:  # (read_table would raise ArrowInvalid, the same type as for a corrupt file)
+        raise DataError(f"{path}: no column 'text' (it has {', '.join(map(repr, columns)) or 'no columns'}): "
+                        "the parquet file needs a string column named text")
+    try:
+        column = pq.read_table(path, columns=["text"]).column("text")
+    except Exception as e:
+        raise _unreadable_parquet(path, e) from None
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        raise DataError(f"{path}: column 'text' holds {column.type}, not strings: store the text as UTF-8 strings")
+    for row, text in enumerate(_parquet_strings(path, column)):
         if isinstance(text, str) and text.strip():
             yield f"{path}:{row}", text
+
+
+def _unreadable_parquet(path: Path, error: Exception) -> DataError:
+    return DataError(f"{path}: not a readable parquet file ({type(error).__name__}): check the file")
+
+
+def _parquet_strings(path: Path, column) -> list[str | None]:
+    """A parquet string column as Python strings; DataError naming the first row that is not UTF-8."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        for row in range(len(column)):
+            try:
+                column[row].as_py()
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: row {row} of column 'text' is not UTF-8 text: convert it to UTF-8 "
+                                "or leave the file out of --data.data") from None
+        raise
 
 
 def _file_documents(path: Path, explicit: bool) -> Iterator[Document]:
@@ -128,6 +163,8 @@ def expand_paths(specs: list[str]) -> list[tuple[Path, bool]]:
             if not found:
                 raise DataError(f"{spec}: glob matches no files: check the pattern")
             files.extend((p, False) for p in found)
+        elif path.exists():
+            raise DataError(f"{spec}: not a regular file or folder (a device, fifo or socket): give text files or folders")
         else:
             raise DataError(f"{spec}: no such file or folder: check the path given to --data.data")
     return files

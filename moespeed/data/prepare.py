@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .corpus import Document, load_documents, split_documents
 from .shards import read_shard, write_shard
 from .tokenizer import bos_id, load_tokenizer, train_tokenizer
@@ -69,13 +70,38 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _make_cache_dir(cache_dir: str) -> Path:
+    """Create data.cache_dir (and check it takes files) before any slow work; ConfigError if it cannot."""
+    root = Path(os.path.expanduser(cache_dir))
+    failed_to = "write in it" if root.is_dir() else "create it"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir = {cache_dir}: cannot {failed_to} ({e.strerror or e}): "
+                          "choose a writable folder") from None
+    return root
+
+
+def _check_split_sizes(n_train: int, n_val: int, data_cfg) -> None:
+    """Each split must fill at least one sequence of seq_len + 1 tokens (inputs and shifted targets)."""
+    needed = data_cfg.seq_len + 1
+    if n_train < needed:
+        raise DataError(f"the train split has {n_train} tokens, fewer than one sequence needs (data.seq_len + 1 = "
+                        f"{needed}): add data or lower data.seq_len")
+    if n_val < needed:
+        raise DataError(f"the val split has {n_val} tokens, fewer than one sequence needs (data.seq_len + 1 = "
+                        f"{needed}): add data, raise data.val_fraction (now {data_cfg.val_fraction}) or lower data.seq_len")
+
+
 def prepare_data(data_cfg, log=print) -> PreparedData:
     """Build (or load from the cache) the tokenizer and the train/val shards for a DataConfig."""
     t0 = time.time()
+    cache_root = _make_cache_dir(data_cfg.cache_dir)
     docs = load_documents(list(data_cfg.data))
     train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
     corpus_hash = _hash_documents(docs)
-    cache_root = Path(os.path.expanduser(data_cfg.cache_dir))
 
     if data_cfg.tokenizer:
         tok_path = Path(data_cfg.tokenizer)
@@ -112,8 +138,7 @@ def prepare_data(data_cfg, log=print) -> PreparedData:
             "tokens": {"train": int(read_shard(train_path).size), "val": int(read_shard(val_path).size)},
             "vocab_size": vocab_size, "tokenizer": str(tok_path)}, indent=1))
     n_train, n_val = read_shard(train_path).size, read_shard(val_path).size
-    if n_train < 2 or n_val < 2:
-        raise DataError("the corpus is too small: it yields fewer than 2 tokens in a split; give more text")
+    _check_split_sizes(n_train, n_val, data_cfg)
     log(f"data: {n_train / 1e6:.2f}M train / {n_val / 1e6:.2f}M val tokens, vocab {vocab_size} "
         f"({time.time() - t0:.1f}s)")
     return PreparedData(tok, tok_path, train_path, val_path, bos, vocab_size)
