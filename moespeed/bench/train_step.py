@@ -6,11 +6,7 @@ Synthetic tokens (uniform over the vocabulary) with document ids of ~1K-token do
 preset's batch, sequence length, `train.grad_accum` (micro-batches per optimizer step), compile
 setting and bf16 autocast. Each step is timed with CUDA
 events in two parts, forward+backward and optimizer step (plus MoE bias updates); the table reports
-medians over the timed steps and the optimizer's share of the step. Then as many steps of
-forward+backward alone (no optimizer) give the *exposed* optimizer time: step minus forward+backward
-alone. It is the number that counts with `train.muon_overlap`, where Muon runs during the backward
-(its "optimizer ms" is then only what is left after the backward); without overlap it should
-match the optimizer time.
+medians over the timed steps and the optimizer's share of the step.
 """
 from __future__ import annotations
 
@@ -53,11 +49,9 @@ def bench(preset: str, optimizer: str, steps: int, warmup: int, overrides: list[
         batches = [synthetic_batch(B, T, cfg.data.vocab_size, device) for _ in range(micro)]
         e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         e0.record()
-        for m, (tokens, targets, doc_ids) in enumerate(batches):
+        for tokens, targets, doc_ids in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = run(tokens, targets, doc_ids)
-            if m == micro - 1:
-                opt.before_last_backward()  # train.muon_overlap: Muon steps during this backward
             (loss / micro).backward()
         e1.record()
         opt.step()
@@ -68,27 +62,12 @@ def bench(preset: str, optimizer: str, steps: int, warmup: int, overrides: list[
         if step >= warmup:
             fwd_bwd.append(e0.elapsed_time(e1))
             opt_ms.append(e1.elapsed_time(e2))
-    alone = []  # forward+backward without any optimizer work
-    for _ in range(steps):
-        tokens, targets, doc_ids = synthetic_batch(B, T, cfg.data.vocab_size, device)
-        e0, e1 = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        e0.record()
-        for _ in range(micro):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = run(tokens, targets, doc_ids)
-            (loss / micro).backward()
-        e1.record()
-        torch.cuda.synchronize()
-        opt.zero_grad(set_to_none=True)
-        alone.append(e0.elapsed_time(e1))
-    fb, om, fb_alone = statistics.median(fwd_bwd), statistics.median(opt_ms), statistics.median(alone)
+    fb, om = statistics.median(fwd_bwd), statistics.median(opt_ms)
     tok_s = micro * B * T / ((fb + om) / 1e3)
     return {"bench": f"train_step.{preset}.{optimizer}",
             "shape": {"batch": B, "seq_len": T, "grad_accum": micro, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                       "compile": cfg.train.compile and cfg.train.compile_scope},
             "fwd_bwd_ms": fb, "optimizer_ms": om, "ours_ms": fb + om, "optimizer_share": om / (fb + om),
-            "fwd_bwd_alone_ms": fb_alone, "exposed_optimizer_ms": fb + om - fb_alone,
-            "exposed_share": (fb + om - fb_alone) / (fb + om), "muon_overlap": cfg.train.muon_overlap,
             "tokens_per_s": tok_s, "mfu": flops_per_token(model, T) * tok_s / peak_flops(device),
             "ours_peak_mib": torch.cuda.max_memory_allocated() / 2**20, "loss": float(loss)}
 
@@ -118,12 +97,10 @@ def main(argv=None) -> None:
                        "date": datetime.date.today().isoformat(),
                        "command": "python -m moespeed.bench.train_step " + " ".join(sys.argv[1:] if argv is None else argv),
                        "results": rows}, f, indent=1)
-    print(f"{'bench':34} {'fwd+bwd ms':>10} {'optim ms':>9} {'optim %':>8} {'exposed %':>9} {'tok/s':>10} {'MFU':>6} "
-          f"{'peak MiB':>9}")
+    print(f"{'bench':34} {'fwd+bwd ms':>10} {'optim ms':>9} {'optim %':>8} {'tok/s':>10} {'MFU':>6} {'peak MiB':>9}")
     for r in rows:
         if "tokens_per_s" in r:
             print(f"{r['bench']:34} {r['fwd_bwd_ms']:10.1f} {r['optimizer_ms']:9.2f} {100 * r['optimizer_share']:7.1f}% "
-                  f"{100 * r['exposed_share']:8.1f}% "
                   f"{r['tokens_per_s']:10,.0f} {r['mfu']:6.3f} {r['ours_peak_mib']:9.0f}")
         else:
             print(f"{r['bench']:34} FAILED {r['notes']}")

@@ -17,7 +17,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from .muon import NS_COEFFICIENTS, Muon, muon_eligible
-from .overlap import MuonOverlap
 from .polar_express import polar_express_coefficients
 
 
@@ -31,35 +30,18 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 class OptimizerSet:
-    """Several optimizers stepped as one (Muon + AdamW), with one state_dict.
+    """Several optimizers stepped as one (Muon + AdamW), with one state_dict."""
 
-    `overlap` (`train.muon_overlap`): Muon's steps run under the backward pass (moespeed/optim/overlap.py);
-    call `before_last_backward()` before the step's last backward.
-    """
-
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], overlap: MuonOverlap | None = None):
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         self.optimizers = optimizers
-        self.overlap = overlap
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
-    def before_last_backward(self) -> None:
-        """The next backward ends the step's accumulation (a no-op without `overlap`)."""
-        if self.overlap is not None:
-            self.overlap.arm()
-
-    def unclipped_params(self) -> set[int]:
-        """ids of params that gradient clipping must leave alone: Muon's, when they step under the backward."""
-        return {id(p) for p in self.overlap.params} if self.overlap is not None else set()
-
     def step(self) -> None:
-        for name, opt in self.optimizers.items():
-            if name == "muon" and self.overlap is not None:
-                self.overlap.step()
-            else:
-                opt.step()
+        for opt in self.optimizers.values():
+            opt.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
@@ -83,12 +65,8 @@ def check_muon_device(tc, device: torch.device) -> None:
                           "use auto (triton on CUDA, torch elsewhere) or torch")
 
 
-def build_optimizer(model: nn.Module, tc, single_process: bool = True) -> tuple[OptimizerSet, str]:
-    """The optimizer of a model for a TrainConfig, and a summary of the grouping.
-
-    `train.muon_overlap` takes effect with one process only (`single_process`): under DDP/FSDP the
-    gradients are final only after their reduction, not when the backward hooks fire.
-    """
+def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
+    """The optimizer of a model for a TrainConfig, and a summary of the grouping."""
     muon, decay, keep, peer_tables = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -128,12 +106,4 @@ def build_optimizer(model: nn.Module, tc, single_process: bool = True) -> tuple[
         lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}, {tc.muon_ns_steps} NS steps "
                         f"({tc.muon_ns_coefficients}): {len(muon)} tensors, "
                         f"{sum(p.numel() for p in muon) / 1e6:.2f}M params")
-    overlap = None
-    if muon and tc.muon_overlap:
-        if single_process:
-            overlap = MuonOverlap(optimizers["muon"], [list(block.parameters()) for block in getattr(model, "blocks", [])])
-            lines.insert(1, f"  Muon steps under the backward pass, block by block ({len(overlap.buckets)} buckets; "
-                            "Muon's params are not gradient-clipped)")
-        else:
-            lines.insert(1, "  train.muon_overlap ignored: one process only (gradients are final after their reduction)")
-    return OptimizerSet(optimizers, overlap), "optimizer groups:\n" + "\n".join(lines)
+    return OptimizerSet(optimizers), "optimizer groups:\n" + "\n".join(lines)

@@ -236,10 +236,8 @@ class Muon(torch.optim.Optimizer):
         self.pad_flops = pad_flops
         self.streams = DEFAULT_STREAMS if streams is None else streams
         self._side_streams: dict[torch.device, list] = {}  # device -> CUDA streams, made on first use
-        # block classes per set of params stepped (None: all), rebuilt when params or grads change:
-        # frozenset of param ids | None -> (key, plan)
-        self._plans: dict[frozenset | None, tuple[tuple, list[BlockClass]]] = {}
-        self._unjoined: list = []  # (device, side stream) the current stream has not waited for (join=False)
+        self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
+        self._plan_has_dtensor = False
         self._tuned_gemm: dict[tuple, str] = {}  # ns_gemm="tune": round shape -> the faster GEMM
         self.fuse_update = fuse_update
         self._fusions: dict[int, _Fusion | None] = {}  # id(class) -> its fused-update tables (fuse_update)
@@ -275,25 +273,17 @@ class Muon(torch.optim.Optimizer):
         return self.fused
 
     @torch.no_grad()
-    def step(self, closure=None, params=None, join: bool = True):
-        """Performs one optimization step: of all params, or of `params` only (a subset of this
-        optimizer's, e.g. one block's: moespeed/optim/overlap.py).
-
-        join=False: on side streams, the current stream does not wait for the step (`join()` makes it
-        wait), so the caller can go on queueing other work, e.g. the rest of a backward pass; the step's
-        params and grads must then be left alone until `join()`.
-        """
+    def step(self, closure=None):
+        """Performs one optimization step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         world, rank = self._world()
-        plan = self._block_classes(world > 1, params)
+        plan = self._block_classes(world > 1)
         streams = self._streams_for(plan, world)
         if streams:
             self._step_on_streams(plan, streams)
-            if join:
-                self.join()
             return loss
         loads = [0] * world  # NS FLOPs assigned to each rank so far this step
         pending = None  # a class whose NS results may still be arriving: updated after the next one starts
@@ -309,18 +299,11 @@ class Muon(torch.optim.Optimizer):
                 self._finish_class(*pending)
         return loss
 
-    def join(self) -> None:
-        """Make the current stream wait for the side streams of steps taken with join=False."""
-        for device, stream in self._unjoined:
-            torch.cuda.current_stream(device).wait_stream(stream)
-        self._unjoined = []
-
     def _streams_for(self, plan: list[BlockClass], world: int) -> list:
         """This step's CUDA side streams; none off CUDA, for params on several devices, with DTensors
         or with more than one rank (their collectives stay in one order on the current stream)."""
         devices = {cls.device for cls in plan}
-        if (self.streams == 0 or world > 1 or len(devices) != 1
-                or any(isinstance(job.param, DTensor) for cls in plan for job in cls.jobs)):
+        if self.streams == 0 or world > 1 or len(devices) != 1 or self._plan_has_dtensor:
             return []
         device = devices.pop()
         if device.type != "cuda":
@@ -332,11 +315,10 @@ class Muon(torch.optim.Optimizer):
     def _step_on_streams(self, plan: list[BlockClass], streams: list) -> None:
         """One process: classes on side streams, largest first, each on the least loaded stream.
 
-        The side streams wait for the current stream, which waits for all of them in `join()` (at
-        the end of `step()` unless join=False), so the step is ordered like one on the current stream.
-        Params, grads and momentum buffers belong to the current stream and outlive the step; stacks
-        and NS temporaries are allocated on the side stream that uses them, so the caching allocator
-        reuses their memory on that stream only.
+        The side streams wait for the current stream, which waits for all of them at the end, so the
+        step is ordered like one on the current stream. Params, grads and momentum buffers belong to
+        the current stream and outlive the step; stacks and NS temporaries are allocated on the side
+        stream that uses them, so the caching allocator reuses their memory on that stream only.
         """
         device = plan[0].device
         with _on_device(device):
@@ -352,22 +334,22 @@ class Muon(torch.optim.Optimizer):
             for i, lane in assign_lanes(costs, len(streams)):
                 with torch.cuda.stream(streams[lane]):
                     self._step_class(plan[i], 1, 0, [0])
-            self._unjoined += [(device, stream) for stream in streams if (device, stream) not in self._unjoined]
+            for stream in streams:
+                current.wait_stream(stream)
 
-    def _block_classes(self, distributed: bool, params=None) -> list[BlockClass]:
-        """This step's classes (`plan_classes`) of all params or of `params`, cached per set of params:
-        rebuilt only when the params, their NS options or which grads exist change."""
-        only = None if params is None else frozenset(id(p) for p in params)
+    def _block_classes(self, distributed: bool) -> list[BlockClass]:
+        """This step's classes (`plan_classes`), cached: rebuilt only when the params, their NS options
+        or which grads exist change."""
         key = (distributed, self.merge_numel, self.pad_flops,
                tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"], g["replicated"],
-                      tuple((id(p), p.grad is None) for p in g["params"] if only is None or id(p) in only))
-                     for g in self.param_groups))
-        cached = self._plans.get(only)
-        if cached is None or cached[0] != key:
-            plan = plan_classes(self.param_groups, distributed, self.merge_numel, self.pad_flops, self.batch_numel, only)
-            self._plans[only] = (key, plan)
+                      tuple((id(p), p.grad is None) for p in g["params"])) for g in self.param_groups))
+        if key != self._plan_key:
+            self._plan = plan_classes(self.param_groups, distributed, self.merge_numel, self.pad_flops,
+                                      self.batch_numel)
+            self._plan_has_dtensor = any(isinstance(job.param, DTensor) for cls in self._plan for job in cls.jobs)
+            self._plan_key = key
             self._fusions = {}
-        return self._plans[only][1]
+        return self._plan
 
     def _step_class(self, cls: BlockClass, world: int, rank: int, loads: list[int]) -> None:
         """Momentum into the stack, NS in place (this rank's shares, then the others'), updates."""

@@ -77,17 +77,14 @@ class BlockClass:
 
 
 def plan_classes(param_groups: list[dict], distributed: bool, merge_numel: int, pad_flops: int | None,
-                 batch_numel: int, only: frozenset[int] | None = None) -> list[BlockClass]:
-    """The params of `param_groups` (those whose id is in `only`, if given), grouped into classes by
-    (block shape, NS settings, device, shared): shared = split across ranks (`distributed` and the
-    group is `replicated`). A param without a grad is left out unless a collective depends on it
-    (shared or a DTensor)."""
+                 batch_numel: int) -> list[BlockClass]:
+    """The params of `param_groups`, grouped into classes by (block shape, NS settings, device,
+    shared): shared = split across ranks (`distributed` and the group is `replicated`). A param
+    without a grad is left out unless a collective depends on it (shared or a DTensor)."""
     shapes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
     for g, group in enumerate(param_groups):
         shared = distributed and group["replicated"]
         for p in group["params"]:
-            if only is not None and id(p) not in only:
-                continue
             if p.numel() == 0 or (p.grad is None and not (shared or isinstance(p, DTensor))):
                 continue  # nothing to do, and no collective depends on it (like torch.optim.Muon)
             n = split_of(p, group)

@@ -284,7 +284,7 @@ class Parallel:
     # ---------------------------------------------------------------------------- training step
     def build_optimizer(self, tc) -> tuple[OptimizerSet, str]:
         """`build_optimizer` of the model, with EP-local experts in their own param groups."""
-        optimizer, summary = build_optimizer(self.model, tc, single_process=not self.env.distributed)
+        optimizer, summary = build_optimizer(self.model, tc)
         if self.local_experts:
             _separate_rank_local(optimizer, {id(p) for p in self.local_experts.values()})
             summary += f"\n  ({len(self.local_experts)} expert-parallel tensors in rank-local groups)"
@@ -313,21 +313,15 @@ class Parallel:
         torch._foreach_div_([p.grad for p in self.local_experts.values()], self.env.world_size)
 
     @torch.no_grad()
-    def clip_grad_norm(self, max_norm: float, unclipped: set[int] = frozenset()) -> torch.Tensor:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Scale all grads so their global L2 norm is at most max_norm; returns the norm before.
 
-        `unclipped`: ids of params whose grads count in the norm but are not scaled (Muon's under
-        `train.muon_overlap`, one process). Norms and scaling are foreach ops (a handful of kernels, not
-        a few per param): the launches of a per-param loop cost milliseconds of CPU per step, which
-        DDP's short steps cannot hide.
+        Norms and scaling are foreach ops (a handful of kernels, not a few per param): the launches
+        of a per-param loop cost milliseconds of CPU per step, which DDP's short steps cannot hide.
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not self.env.distributed:
-            if not unclipped:
-                return torch.nn.utils.clip_grad_norm_(params, max_norm)
-            total = torch.nn.utils.get_total_norm([p.grad for p in params])
-            torch.nn.utils.clip_grads_with_norm_([p for p in params if id(p) not in unclipped], max_norm, total)
-            return total
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
         local_ids = {id(p) for p in self.local_experts.values()}
         shards = [p.grad.to_local() for p in params if isinstance(p.grad, DTensor)]  # FSDP shards
         local = [p.grad for p in params if id(p) in local_ids]  # identical on the mesh.size(0) replicas

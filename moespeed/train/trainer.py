@@ -238,17 +238,14 @@ class Trainer:
                 model.set_train_step(step)  # sliding-window growth schedule (no-op without one)
                 for micro in range(tc.grad_accum):
                     tokens, targets, doc_ids = loader.next_batch(self.device)
-                    last = micro == tc.grad_accum - 1
-                    with par.micro_step(last=last):
+                    with par.micro_step(last=micro == tc.grad_accum - 1):
                         with autocast_for(self.device, tc.dtype):
                             loss = train_model(tokens, targets, doc_ids)
-                        if last:
-                            optimizer.before_last_backward()  # train.muon_overlap: Muon steps in this backward
                         (loss / tc.grad_accum).backward()
                     interval_loss += loss.detach().float() / tc.grad_accum
                 par.finish_grads()
                 if tc.grad_clip > 0:
-                    par.clip_grad_norm(tc.grad_clip, optimizer.unclipped_params())
+                    par.clip_grad_norm(tc.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 update_biases([moe for _, moe in model.moe_layers()])
