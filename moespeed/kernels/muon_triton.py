@@ -17,10 +17,8 @@ TRITON_INTERPRET=1 (tests); the references are the CPU path.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,16 +84,10 @@ if triton is not None:
         p_off = tl.load(offs_ptr + j) * 16
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        o = tl.load(o_ptr + j.to(tl.int64) * n + offs, mask=mask)
-        _decay_and_add(p_ptr + p_off + offs, o, decay, alpha, mask)
-
-    @triton.jit
-    def _decay_and_add(p_ptrs, o, decay, alpha, mask):
-        """p = p * decay + alpha * o in place (o: the bf16 update), rounded as p.mul_(decay);
-        p.add_(o, alpha=alpha) rounds: the one formula of `_update_kernel` and the fused NS epilogue."""
-        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-        p = (p * decay).to(p_ptrs.dtype.element_ty).to(tl.float32)  # rounded like p.mul_
-        tl.store(p_ptrs, tl.fma(alpha, o.to(tl.float32), p).to(p_ptrs.dtype.element_ty), mask=mask)
+        p = tl.load(p_ptr + p_off + offs, mask=mask).to(tl.float32)
+        p = (p * decay).to(p_ptr.dtype.element_ty).to(tl.float32)  # rounded like p.mul_
+        o = tl.load(o_ptr + j.to(tl.int64) * n + offs, mask=mask).to(tl.float32)
+        tl.store(p_ptr + p_off + offs, tl.fma(alpha, o, p).to(p_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scale_kernel(x_ptr, norm_ptr, numel, eps, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
@@ -135,17 +127,13 @@ if triton is not None:
     @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
-    def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, scale_ptr, p_ptr, poff_ptr, fuse_ptr, M, N, K,
-                      s_lb, s_lm, s_lk, s_rb, s_rk, s_rn, s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta,
-                      decay, lr_alpha, SCALED: tl.constexpr, UPDATE: tl.constexpr,
+    def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, scale_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn,
+                      s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, SCALED: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
         """C[z] = alpha * L[z] @ R[z] + beta * D[z], times scale[z] (fp32) if SCALED: bf16 in and
         out, fp32 accumulation; one program per (z, output tile), D read in the epilogue (no copy of
-        D into C first). INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong).
-        UPDATE: matrices z with fuse[z] != 0 are not stored; instead the contiguous (M, N) param block
-        at p_ptr + poff[z] takes Muon's update p = p * decay + lr_alpha * bf16(C[z]), rounded as
-        `_update_kernel` rounds it (launched without the autotuner: it must never run twice)."""
+        D into C first). INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong)."""
         tiles_n = tl.cdiv(N, BLOCK_N)
         tiles = tl.cdiv(M, BLOCK_M) * tiles_n
         pid = tl.program_id(0)
@@ -175,76 +163,31 @@ if triton is not None:
         out = alpha * acc + beta * d.to(tl.float32)  # (BLOCK_M, BLOCK_N)
         if SCALED:
             out = out * tl.load(scale_ptr + z)
-        out = _to_bf16(out, INTERPRET)
-        c_ptrs = c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn
-        if UPDATE:
-            if tl.load(fuse_ptr + z) != 0:
-                p_ptrs = p_ptr + tl.load(poff_ptr + z) + rm[:, None] * N + rn[None, :]  # (BLOCK_M, BLOCK_N)
-                _decay_and_add(p_ptrs, out, decay, lr_alpha, mask)
-            else:
-                tl.store(c_ptrs, out, mask=mask)
-        else:
-            tl.store(c_ptrs, out, mask=mask)
-
-
-class FusedUpdate(NamedTuple):
-    """Muon's update, applied in the last NS GEMM's epilogue (`_addmm_triton(update=...)`) to the
-    matrices z with fuse[z] != 0: the contiguous param block at offset[z] elements from `base`
-    becomes p * decay + alpha * NS(z)."""
-
-    base: Tensor  # a param whose storage the offsets count from (all fused params share its dtype)
-    offset: Tensor  # (n,) int64, elements
-    fuse: Tensor  # (n,) int8
-    decay: float
-    alpha: float
+        tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, _to_bf16(out, INTERPRET),
+                 mask=mask)
 
 
 def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor,
-                  scale: Tensor | None = None, update: FusedUpdate | None = None) -> Tensor:
+                  scale: Tensor | None = None) -> Tensor:
     """Triton: out = alpha * L @ R + beta * D, each matrix z times scale[z] if given (n,) fp32;
-    out (n, M, N) must not overlap L, R or D. With `update`, its fused matrices update their params
-    instead of being stored (see `_addmm_kernel`)."""
+    out (n, M, N) must not overlap L, R or D."""
     n, M, K = L.shape
     N = R.shape[-1]
 
     def grid(meta):
         return (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    args = _addmm_args(L, R, D, alpha, beta, out, scale, update)
-    if update is None:
-        _addmm_kernel[grid](*args, SCALED=scale is not None, UPDATE=False, INTERPRET=_INTERPRET)
-    else:  # the tuned tile of this shape, without the autotuner (whose trials would update twice)
-        _addmm_kernel.fn[grid](*args, SCALED=scale is not None, UPDATE=True, INTERPRET=_INTERPRET,
-                               **_tuned_config(M, N, K))
+    _addmm_kernel[grid](*_addmm_args(L, R, D, alpha, beta, out, scale), SCALED=scale is not None,
+                        INTERPRET=_INTERPRET)
     return out
 
 
 def _addmm_args(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor,
-                scale: Tensor | None = None, update: FusedUpdate | None = None) -> tuple:
-    """`_addmm_kernel`'s positional arguments (placeholders for an absent scale or update)."""
+                scale: Tensor | None = None) -> tuple:
+    """`_addmm_kernel`'s positional arguments (a placeholder for an absent scale)."""
     _, M, K = L.shape
-    u = update or _no_update(out.device)
-    return (L, R, D, out, out if scale is None else scale, u.base, u.offset, u.fuse, M, R.shape[-1], K,
-            *L.stride(), *R.stride(), *D.stride(), *out.stride(), float(alpha), float(beta), float(u.decay),
-            float(u.alpha))
-
-
-@functools.lru_cache(maxsize=None)
-def _no_update(device: torch.device) -> FusedUpdate:
-    """Placeholders with the dtypes of a real FusedUpdate (unused: UPDATE is off), one set per device."""
-    return FusedUpdate(torch.zeros(1, device=device), torch.zeros(1, dtype=torch.int64, device=device),
-                       torch.zeros(1, dtype=torch.int8, device=device), 1.0, 0.0)
-
-
-def _tuned_config(M: int, N: int, K: int) -> dict:
-    """Launch options of the tile the autotuner chose for an (M, N, K) NS product (its first call of a
-    shape tunes it); the first config if it has not seen the shape (the interpreter's single config)."""
-    config = _GEMM_CONFIGS[0]
-    for key, tuned in getattr(_addmm_kernel, "cache", {}).items():
-        if tuple(key[:3]) == (M, N, K):
-            config = tuned
-            break
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return (L, R, D, out, out if scale is None else scale, M, R.shape[-1], K, *L.stride(), *R.stride(),
+            *D.stride(), *out.stride(), float(alpha), float(beta))
 
 
 def _normalize_gram_triton(A: Tensor, eps: float) -> tuple[Tensor, Tensor]:

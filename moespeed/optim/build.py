@@ -100,7 +100,6 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
                                   momentum=tc.muon_momentum, ns_steps=tc.muon_ns_steps, ns_coefficients=coefficients,
                                   adjust_lr_fn=tc.muon_adjust_lr,
                                   ns_gemm=tc.muon_ns_gemm, streams=tc.muon_streams, batch_numel=tc.muon_batch_numel,
-                                  fuse_update=tc.muon_fuse_update,
                                   ns_method=tc.muon_ns_method, share=tc.muon_share,
                                   momentum_dtype=getattr(torch, tc.muon_momentum_dtype))
         lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}, {tc.muon_ns_steps} NS steps "

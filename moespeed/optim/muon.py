@@ -117,8 +117,8 @@ try:  # DTensor (FSDP2 params); absent from builds without torch.distributed
 except ImportError:  # pragma: no cover
     DTensor, distribute_tensor = (), None
 
-from ..kernels.muon_triton import (FusedUpdate, _fused_works, _momentum_fused, _momentum_reference,
-                                   _update_fused, _update_reference, triton)
+from ..kernels.muon_triton import (_fused_works, _momentum_fused, _momentum_reference, _update_fused,
+                                   _update_reference, triton)
 from .newton_schulz import (EPS, GRAM_RESTART, NS_COEFFICIENTS, NS_GEMMS, NS_METHODS, NS_STEPS,  # noqa: F401
                             TUNE_REPEATS, _faster_gemm, _gram_orthogonalize_, _hashable, _orthogonalize_,
                             gram_pays, newton_schulz, ns_flops, step_coefficients)  # re-exported: Muon's API
@@ -192,9 +192,6 @@ class Muon(torch.optim.Optimizer):
     Gram matrix for blocks whose long side is >= 2x the short one; other blocks run the standard one).
     `momentum_dtype`: the momentum buffers' dtype (None = the grads'; torch.bfloat16 halves their
     memory and traffic, the lerps still run in fp32, as DeepSeek-V3 keeps AdamW's moments in bf16).
-    `fuse_update`: the last NS GEMM (Triton, one rank) applies decay and update to plain contiguous
-    blocks in its epilogue instead of writing the NS output for a separate update pass (`_fusion`;
-    the same numbers; off by default until timed on a GPU).
     `share` (several ranks, replicated params): "blocks" splits every NS round into one share per
     rank and all-gathers them (balanced GPU work, but every rank launches every class's kernels);
     "rounds" gives each round of at most `batch_numel` elements whole to the least loaded rank, which
@@ -209,7 +206,7 @@ class Muon(torch.optim.Optimizer):
                  batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
                  merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None,
                  ns_method: str = "standard", share: str = "blocks",
-                 momentum_dtype: torch.dtype | None = None, fuse_update: bool = False) -> None:
+                 momentum_dtype: torch.dtype | None = None) -> None:
         if batch_numel < 1:
             raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
         if min(merge_numel, pad_flops or 0, streams or 0) < 0:
@@ -239,8 +236,6 @@ class Muon(torch.optim.Optimizer):
         self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
         self._plan_has_dtensor = False
         self._tuned_gemm: dict[tuple, str] = {}  # ns_gemm="tune": round shape -> the faster GEMM
-        self.fuse_update = fuse_update
-        self._fusions: dict[int, _Fusion | None] = {}  # id(class) -> its fused-update tables (fuse_update)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
                         adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
@@ -348,7 +343,6 @@ class Muon(torch.optim.Optimizer):
                                       self.batch_numel)
             self._plan_has_dtensor = any(isinstance(job.param, DTensor) for cls in self._plan for job in cls.jobs)
             self._plan_key = key
-            self._fusions = {}
         return self._plan
 
     def _step_class(self, cls: BlockClass, world: int, rank: int, loads: list[int]) -> None:
@@ -356,9 +350,8 @@ class Muon(torch.optim.Optimizer):
         self._finish_class(*self._start_class(cls, world, rank, loads))
 
     def _start_class(self, cls: BlockClass, world: int, rank: int,
-                     loads: list[int]) -> tuple[BlockClass, Tensor, list, frozenset]:
-        """Momentum into a new stack and NS in place; (cls, stack, pending collectives, indices of the
-        jobs whose update the last NS GEMM already applied)."""
+                     loads: list[int]) -> tuple[BlockClass, Tensor, list]:
+        """Momentum into a new stack and NS in place; (cls, stack, pending collectives)."""
         stack = torch.empty(cls.n_blocks, cls.rows, cls.cols, dtype=torch.bfloat16,
                             device=cls.device)  # (n_blocks, rows, cols)
         if cls.padded:
@@ -367,33 +360,28 @@ class Muon(torch.optim.Optimizer):
         w, r, w_loads = (world, rank, loads) if cls.shared else (1, 0, [0])
         cost = ns_flops(cls.rows, cls.cols, cls.steps)
         if cls.shared and self.share == "rounds":
-            return cls, stack, self._rounds_by_owner(cls, stack, w, r, w_loads, cost), frozenset()
-        fusion = self._fusion(cls) if w == 1 else None
-        self._rounds_split(cls, stack, w, r, w_loads, cost, fusion)
-        return cls, stack, [], fusion.jobs if fusion else frozenset()
+            return cls, stack, self._rounds_by_owner(cls, stack, w, r, w_loads, cost)
+        self._rounds_split(cls, stack, w, r, w_loads, cost)
+        return cls, stack, []
 
-    def _finish_class(self, cls: BlockClass, stack: Tensor, pending: list, done: frozenset) -> None:
-        """Wait for the class's collectives (the current stream waits, not the host), then update the
-        params not updated yet."""
+    def _finish_class(self, cls: BlockClass, stack: Tensor, pending: list) -> None:
+        """Wait for the class's collectives (the current stream waits, not the host), then update."""
         for work in pending:
             work.wait()
-        self._update(cls, stack, self._fused_on(cls.device), done)
+        self._update(cls, stack, self._fused_on(cls.device))
 
     def _rounds_split(self, cls: BlockClass, stack: Tensor, world: int, rank: int, loads: list[int],
-                      cost: int, fusion: _Fusion | None = None) -> None:
-        """share="blocks" (and one rank): every NS round split into one share per rank, all-gathered.
-        `fusion` (one rank): the last NS GEMM updates its params (see `_fusion`)."""
+                      cost: int) -> None:
+        """share="blocks" (and one rank): every NS round split into one share per rank, all-gathered."""
         start = 0
         for size in round_sizes(cls.n_blocks, world * max(1, self.batch_numel // (cls.rows * cls.cols))):
             blocks = stack[start:start + size]  # (size, rows, cols): this round
-            update = fusion.round(start, size) if fusion else None
             start += size
             counts = partition(len(blocks), world, loads, cost)
             first = sum(counts[:rank])
             if counts[rank]:
                 mine = blocks[first:first + counts[rank]]  # (counts[rank], rows, cols)
-                _orthogonalize_(mine, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls, mine), self.ns_method,
-                                update)
+                _orthogonalize_(mine, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls, mine), self.ns_method)
             if cls.shared:
                 self._gather_shares(blocks, counts, rank)
 
@@ -416,25 +404,6 @@ class Muon(torch.optim.Optimizer):
             src = owner if self.process_group is None else dist.get_global_rank(self.process_group, owner)
             pending.append(dist.broadcast(blocks, src=src, group=self.process_group, async_op=True))
         return pending
-
-    def _fusion(self, cls: BlockClass) -> _Fusion | None:
-        """With `fuse_update`: which of the class's blocks the last NS GEMM updates in place (one rank).
-
-        A job qualifies when the Triton NS runs its class (standard method, >= 2 steps, fused
-        elementwise kernels on), it has a grad, and its param is a plain contiguous stack of the
-        class's blocks (not transposed, not padded) in the same group and dtype as the first such
-        job (one decay and lr per launch). The tables are built once per plan; None: nothing qualifies.
-        """
-        if not self.fuse_update or self._gemm_for(cls) != "triton" or cls.steps < 2 or not self._fused_on(cls.device):
-            return None
-        if self.ns_method == "gram" and gram_pays(cls.rows, cls.cols):
-            return None
-        fusion = self._fusions.get(id(cls))
-        if id(cls) not in self._fusions or (fusion is not None and fusion.addresses != _Fusion.addresses_of(cls, fusion.jobs)):
-            fusion = self._fusions[id(cls)] = _Fusion.build(cls)  # new, or a param's storage moved
-        if fusion is not None:
-            fusion.decay, fusion.alpha = _scalars(fusion.group, cls.rows, cls.cols)
-        return fusion
 
     def _gemm_for(self, cls, blocks: Tensor | None = None) -> str:
         """The NS GEMM for one round `blocks` (n, rows, cols) of a class: `ns_gemm`, where "auto" picks
@@ -520,16 +489,15 @@ class Muon(torch.optim.Optimizer):
                 blocks[offset:offset + count] = out[k, :count]
             offset += count
 
-    def _update(self, cls: BlockClass, stack: Tensor, fused: bool, done: frozenset = frozenset()) -> None:
-        """Decay and update every param that has a grad from its orthogonalized rows of stack (except
-        the jobs in `done`, which the last NS GEMM updated)."""
+    def _update(self, cls: BlockClass, stack: Tensor, fused: bool) -> None:
+        """Decay and update every param that has a grad from its orthogonalized rows of stack."""
         scalars: dict[tuple, tuple[float, float]] = {}  # (id(group), rows, cols) -> (decay, alpha)
         reference: dict[tuple, tuple[float, float, list, list]] = {}  # same key -> scalars, lists
         triton_jobs = []  # indices into cls.jobs
         for i, job in enumerate(cls.jobs):
             p, group, key = job.param, job.group, (id(job.group), job.rows, job.cols)
-            if p.grad is None or i in done:
-                continue  # zero update (no decay either), or already applied
+            if p.grad is None:
+                continue  # zero update: no decay either
             decay, alpha = scalars.get(key) or scalars.setdefault(key, _scalars(group, job.rows, job.cols))
             if fused and p.is_contiguous() and not isinstance(p, DTensor):
                 triton_jobs.append(i)
@@ -549,51 +517,6 @@ class Muon(torch.optim.Optimizer):
                           *scalars[(id(run[0].group), run[0].rows, run[0].cols)])
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
-
-
-class _Fusion:
-    """A class's fused-update tables: for every block of its stack, the element offset of its param
-    block from `base` and whether it is fused (int8); `jobs`: indices of the fused jobs; `group`: theirs."""
-
-    def __init__(self, base: Tensor, offset: Tensor, fuse: Tensor, jobs: frozenset, group: dict,
-                 addresses: tuple) -> None:
-        self.base, self.offset, self.fuse, self.jobs, self.group = base, offset, fuse, jobs, group
-        self.addresses = addresses  # the fused params' data_ptrs the offsets were computed from
-        self.decay, self.alpha = 1.0, 0.0  # this step's, set by Muon._fusion
-
-    @staticmethod
-    def addresses_of(cls: BlockClass, jobs: frozenset) -> tuple:
-        return tuple(cls.jobs[i].param.data_ptr() for i in sorted(jobs))
-
-    @staticmethod
-    def build(cls: BlockClass) -> _Fusion | None:
-        plain = [i for i, job in enumerate(cls.jobs)
-                 if job.param.grad is not None and not isinstance(job.param, DTensor) and job.param.is_contiguous()
-                 and not job.transposed and (job.rows, job.cols) == (cls.rows, cls.cols)]
-        if not plain:
-            return None
-        first = cls.jobs[plain[0]]
-        base, group, numel = first.param, first.group, cls.rows * cls.cols
-        offset, fuse, jobs = [0] * cls.n_blocks, [0] * cls.n_blocks, []
-        for i in plain:
-            job = cls.jobs[i]
-            p = job.param
-            gap = p.data_ptr() - base.data_ptr()
-            if job.group is not group or p.dtype != base.dtype or gap % p.element_size():
-                continue
-            for k in range(job.blocks):  # block k of p: (rows, cols), contiguous
-                offset[job.start + k] = gap // p.element_size() + k * numel
-                fuse[job.start + k] = 1
-            jobs.append(i)
-        device, jobs = base.device, frozenset(jobs)
-        return _Fusion(base, torch.tensor(offset, dtype=torch.int64, device=device),
-                       torch.tensor(fuse, dtype=torch.int8, device=device), jobs, group,
-                       _Fusion.addresses_of(cls, jobs))
-
-    def round(self, start: int, size: int) -> FusedUpdate:
-        """The FusedUpdate of blocks [start, start + size) of the stack."""
-        return FusedUpdate(self.base, self.offset[start:start + size], self.fuse[start:start + size],
-                           self.decay, self.alpha)
 
 
 def _scalars(group: dict, rows: int, cols: int) -> tuple[float, float]:

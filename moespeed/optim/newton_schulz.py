@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.muon_triton import FusedUpdate, _addmm_triton, _normalize_gram_triton, _normalize_triton, triton
+from ..kernels.muon_triton import _addmm_triton, _normalize_gram_triton, _normalize_triton, triton
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -58,7 +58,7 @@ def step_coefficients(coefficients, steps: int) -> list[tuple[float, float, floa
 
 
 def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
-                    gemm: str = "torch", method: str = "standard", update: FusedUpdate | None = None) -> None:
+                    gemm: str = "torch", method: str = "standard") -> None:
     """Newton–Schulz in place: a contiguous bf16 batch X (n, rows, cols) becomes NS(X).
 
     Wide blocks: X <- a X + B X with B = b A + c A^2, A = X X^T (rows x rows). Tall blocks: the
@@ -72,13 +72,9 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     and its output by 1 / ||X|| (`_normalize_gram_triton`, a per-matrix factor in the GEMM epilogue);
     it rounds differently from "torch" but lands as close to exact NS (tests/test_muon.py). `method="gram"` runs
     `_gram_orthogonalize_` instead where `gram_pays`. The optimizer calls this on slices of its
-    stack; tests count the calls. `update` (gemm "triton", standard method, steps >= 2): the last
-    step updates the fused matrices' params in its epilogue instead of writing them into X.
+    stack; tests count the calls.
     """
-    gram = method == "gram" and gram_pays(X.shape[-2], X.shape[-1])
-    if update is not None and (gemm != "triton" or steps < 2 or gram):
-        raise ValueError("_orthogonalize_: a fused update needs gemm='triton', the standard method and >= 2 steps")
-    if gram:
+    if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
         _gram_orthogonalize_(X, steps, coefficients, eps)
         return
     tall = X.shape[-2] > X.shape[-1]
@@ -99,9 +95,7 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
         else:
             B = _addmm(A, A, A, c, b, gemm)  # b A + c A^2, (n, m, m)
             left, right = (Y, B) if tall else (B, Y)
-            last = i == steps - 1
-            Y = _addmm(left, right, Y, 1.0, a, gemm, out=out, scale=scale,
-                       update=update if last else None)  # (n, rows, cols)
+            Y = _addmm(left, right, Y, 1.0, a, gemm, out=out, scale=scale)  # (n, rows, cols)
     if Y is not X:  # steps == 1
         X.copy_(Y)
 
@@ -183,13 +177,13 @@ def _gram_orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
 
 
 def _addmm(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, gemm: str,
-           out: Tensor | None = None, scale: Tensor | None = None, update: FusedUpdate | None = None) -> Tensor:
+           out: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     """alpha * L @ R + beta * D for bf16 batches L (n, M, K), R (n, K, N), D (n, M, N); each matrix
-    times scale[z] if given (n,) fp32, fused param updates if given (Triton only)."""
+    times scale[z] if given (n,) fp32 (Triton only)."""
     if gemm == "triton":
-        return _addmm_triton(L, R, D, alpha, beta, torch.empty_like(D) if out is None else out, scale, update)
-    if scale is not None or update is not None:
-        raise ValueError("_addmm: a per-matrix scale or a fused update needs gemm='triton'")
+        return _addmm_triton(L, R, D, alpha, beta, torch.empty_like(D) if out is None else out, scale)
+    if scale is not None:
+        raise ValueError("_addmm: a per-matrix scale needs gemm='triton'")
     if out is None:
         return torch.baddbmm(D, L, R, beta=beta, alpha=alpha)
     return torch.baddbmm(D, L, R, beta=beta, alpha=alpha, out=out)
