@@ -9,6 +9,7 @@ all and a bad key or value fails with one line that names the key and what is al
 from __future__ import annotations
 
 import dataclasses
+import copy
 import difflib
 import math
 import re
@@ -412,8 +413,18 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+# Options that existed once: a run saved with one still loads (the key is dropped, see `config_from_dict`);
+# given anew, it is an error that says why it went.
+REMOVED_OPTIONS = {
+    "train.muon_fuse_update": "the update in the last Newton-Schulz GEMM's epilogue measured slower on an H200 "
+                              "(BENCHMARKS.md, session 13)",
+}
+
+
 def set_key(cfg: Any, dotted: str, value: Any) -> None:
     """Set `section.key` (any depth) on a config, converting the value to the field's type."""
+    if dotted in REMOVED_OPTIONS:
+        raise ConfigError(f"{dotted} was removed ({REMOVED_OPTIONS[dotted]}): delete it")
     parts = dotted.split(".")
     owner = cfg
     for i, part in enumerate(parts):
@@ -473,8 +484,15 @@ def build_config(preset: str | None = None, config_file: str | None = None,
 
 
 def config_from_dict(values: dict) -> Config:
-    """Rebuild a Config saved with `to_toml` (a run's config.toml)."""
-    values = dict(values)
+    """Rebuild a Config saved with `to_toml` (a run's config.toml); options removed since are dropped."""
+    values = copy.deepcopy(values)
+    for dotted in REMOVED_OPTIONS:
+        *sections, key = dotted.split(".")
+        table = values
+        for section in sections:
+            table = table.get(section) if isinstance(table, dict) else None
+        if isinstance(table, dict):
+            table.pop(key, None)
     cfg = Config(preset=values.pop("preset", "quickstart"))
     apply_dict(cfg, values)
     return cfg.validate()

@@ -104,6 +104,17 @@ def test_to_toml_round_trips():
     assert again == cfg
 
 
+def test_a_run_saved_with_a_removed_option_still_loads_but_the_option_is_refused_anew():
+    import tomllib
+    cfg = C.build_config("quickstart", None, [("train.steps", "7")])
+    saved = tomllib.loads(C.to_toml(cfg).replace("[train]\n", "[train]\nmuon_fuse_update = false\n"))
+    assert saved["train"]["muon_fuse_update"] is False
+    assert C.config_from_dict(saved) == cfg
+    assert "muon_fuse_update" in saved["train"]  # the caller's dict is left as it was
+    with pytest.raises(ConfigError, match=r"train.muon_fuse_update was removed \(.*\): delete it"):
+        C.build_config("quickstart", None, [("train.muon_fuse_update", "true")])
+
+
 def test_nested_defaults_are_not_shared():
     a, b = C.Config(), C.Config()
     a.model.peer.product_key_dim.append(5)
