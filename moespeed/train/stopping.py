@@ -4,8 +4,10 @@
 SIGTERM only records the request; the trainer asks `should_stop()` at each step boundary, saves a
 checkpoint there and raises `TrainingStopped`, whose `exit_code` (130 for SIGINT, 143 for SIGTERM:
 128 + the signal number, what a shell reports for a process the signal killed) the CLI exits with.
-A second SIGINT raises KeyboardInterrupt at once (quit now, without saving); a second SIGTERM exits
-with 143 at once. The previous handlers are restored when the context exits.
+In a single process a second SIGINT raises KeyboardInterrupt at once (quit now, without saving) and a
+second SIGTERM exits with 143 at once; under torchrun repeats are ignored (a Ctrl-C in the terminal
+reaches every worker directly and again as torchrun forwards it; torchrun kills the workers after its
+own grace period). The previous handlers are restored when the context exits.
 
 Under torch.distributed the ranks may receive the signal at different steps (or only some of them),
 so `should_stop()` all-reduces the flag (MAX) every step: one 4-byte all-reduce on a gloo (CPU) group,
@@ -70,6 +72,8 @@ class GracefulStop:
         self.__exit__(None, None, None)
 
     def _handle(self, signum, frame) -> None:
+        if self.signum and self.distributed:  # torchrun forwards the terminal's Ctrl-C, which also reached us:
+            return                            # a repeat is no request to quit now (torchrun kills later anyway)
         if self.signum:  # asked twice: stop now
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
