@@ -13,6 +13,7 @@ import typing
 
 from . import config as config_mod
 from .errors import ConfigError, MoespeedError
+from .train.stopping import TrainingStopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,11 +64,25 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, typing.Any]]:
     return [(k, v) for k, v in vars(args).items() if "." in k]
 
 
-def _build_config(args: argparse.Namespace):
+def _build_config(args: argparse.Namespace, base=None):
     overrides = _overrides(args)
     if getattr(args, "resume", False):
         overrides.append(("train.resume", True))
-    return config_mod.build_config(args.preset, args.config, overrides)
+    return config_mod.build_config(args.preset, args.config, overrides, base=base)
+
+
+def _resume_target(args: argparse.Namespace) -> tuple[bool, str]:
+    """(resume?, train.run_dir) from --resume, the config file and the overrides, before any config is resolved
+    (a resumed run's config.toml is the base the others apply to)."""
+    probe = config_mod.Config()
+    train = config_mod.load_toml(args.config).get("train", {}) if args.config else {}
+    for key in ("resume", "run_dir"):
+        if isinstance(train, dict) and key in train:
+            config_mod.set_key(probe, f"train.{key}", train[key])
+    for key, value in _overrides(args):
+        if key in ("train.resume", "train.run_dir"):
+            config_mod.set_key(probe, key, value)
+    return bool(args.resume or probe.train.resume), probe.train.run_dir
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -83,12 +98,25 @@ def cmd_train(args) -> None:
     from .run import latest_run
     from .train.trainer import Trainer
 
-    if args.resume and not getattr(args, "train.run_dir", None):
-        setattr(args, "train.run_dir", str(latest_run()))
-    if args.resume and args.preset is None and args.config is None:
+    resume, run_dir = _resume_target(args)
+    base = None
+    if resume:  # --resume or train.resume = true: the run's own config.toml, then --config, then the overrides
+        from pathlib import Path
+
+        from .errors import CheckpointError
         from .run import read_run_config
-        args.preset = read_run_config(getattr(args, "train.run_dir")).preset
-    Trainer(_build_config(args)).fit()
+        if run_dir and not Path(run_dir).is_dir():
+            raise CheckpointError(f"--train.run_dir {run_dir}: no such run directory to resume: check the path, "
+                                  "or train without --resume to start the run")
+        try:
+            run_dir = run_dir or str(latest_run())
+        except CheckpointError:
+            raise CheckpointError("--resume: no run with a checkpoint under runs/: give --train.run_dir DIR, "
+                                  "or train without --resume first") from None
+        base = read_run_config(run_dir)
+        setattr(args, "train.run_dir", run_dir)
+        setattr(args, "train.resume", True)
+    Trainer(_build_config(args, base)).fit()
 
 
 def _stream_text(tokenizer, prompt_ids: list[int], new_ids: list[int], printed: int) -> int:
@@ -230,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = add("train", help="train a model (default: the quickstart preset on the stdlib sources)")
-    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint of --train.run_dir (default: the latest run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --train.run_dir (default: the latest run) from its latest checkpoint, with its "
+                        "config.toml as the base for --config and overrides (same as --train.resume true)")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -265,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     except MoespeedError as e:
         print(f"moespeed: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # SIGINT / SIGTERM: a checkpoint was saved at a step boundary
+        if e.message:
+            print(f"moespeed: {e.message}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("moespeed: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ all and a bad key or value fails with one line that names the key and what is al
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import copy
 import difflib
@@ -179,7 +180,7 @@ class TrainConfig:
     """Optimization, schedule, evaluation, checkpoints and the run directory."""
 
     run_dir: str = option("", "run directory; empty = runs/<preset>")
-    resume: bool = option(False, "continue from the latest checkpoint in run_dir")
+    resume: bool = option(False, "continue the run in run_dir (default: the latest run under runs/) from its latest checkpoint, with its saved config.toml as the base for the config file and overrides (model and data keys must not change); a run that already reached steps stops at once (raise steps to train further); the same as moespeed train --resume")
     steps: int = option(300, "optimizer steps")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     optimizer: str = option("muon", "adamw for everything, or muon for hidden matrices (AdamW for the rest)", choices=["adamw", "muon"])
@@ -471,12 +472,20 @@ def load_toml(path: str | Path) -> dict:
 
 
 def build_config(preset: str | None = None, config_file: str | None = None,
-                 overrides: list[tuple[str, str]] | None = None) -> Config:
-    """Resolve preset -> TOML file -> overrides into a validated Config."""
+                 overrides: list[tuple[str, str]] | None = None, base: Config | None = None) -> Config:
+    """Resolve preset -> TOML file -> overrides into a validated Config.
+
+    `base` (a resumed run's saved config) replaces the preset: a preset named here must be its own."""
     file_values = load_toml(config_file) if config_file else {}
-    preset = preset or file_values.pop("preset", None) or "quickstart"
-    file_values.pop("preset", None)
-    cfg = preset_config(preset)
+    file_preset = file_values.pop("preset", None)
+    if base is not None:
+        for given, where in ((preset, f"--preset {preset}"), (file_preset, f"{config_file}: preset = {file_preset!r}")):
+            if given is not None and given != base.preset:
+                raise ConfigError(f"{where}: the run being resumed was trained with preset {base.preset!r} and "
+                                  f"continues from its config.toml: drop the preset")
+        cfg = copy.deepcopy(base)
+    else:
+        cfg = preset_config(preset or file_preset or "quickstart")
     apply_dict(cfg, file_values)
     for key, value in overrides or []:
         set_key(cfg, key, value)

@@ -24,3 +24,7 @@ class CheckpointError(MoespeedError):
 
 class PromptError(MoespeedError):
     """A prompt cannot be encoded or is otherwise unusable."""
+
+
+class TrainingDivergedError(MoespeedError):
+    """The training (or val) loss became NaN or infinite: the run stops before writing a checkpoint."""

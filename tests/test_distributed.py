@@ -293,7 +293,8 @@ def runs(tmp_path_factory):
         {"copy_until": [str(root / "ep"), str(root / "ep-resumed"), 2]},
         {"args": _args(data, root / "ep-resumed", cache, **{"train.ep_size": 2, "train.ep_dispatch": "alltoall"})
          + ["--resume"]},
-        {"args": _args(data, root / "fsdp", cache, **{"train.parallel": "fsdp"}) + ["--resume"]},
+        # a resume starts from the run's config.toml (the reference's grad_accum 2): 2 ranks x 1 = its 8 sequences
+        {"args": _args(data, root / "fsdp", cache, **{"train.parallel": "fsdp", "train.grad_accum": 1}) + ["--resume"]},
         {"args": _args(data, root / "fsdp-ep", cache, **{"train.parallel": "fsdp", "train.ep_size": 2})},
         {"args": _args(data, root / "bad", cache, **{"train.ep_size": 3}), "status": 2},
         {"args": _args(data, root / "ddp-peer", cache, **{"data.batch_size": 2, "train.grad_accum": 2}) + PEER_ARGS},

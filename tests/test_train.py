@@ -23,20 +23,27 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _interrupted_fit(cfg, monkeypatch, after_batches: int) -> None:
-    """Run fit() and press Ctrl-C when the loader is asked for batch number after_batches + 1."""
+    """Run fit() and press Ctrl-C (a real SIGINT) when the loader is asked for batch number after_batches + 1:
+    the step in progress finishes, a checkpoint is saved and fit() raises TrainingStopped."""
+    import os
+    import signal
+
     from moespeed.data.loader import TokenLoader
+    from moespeed.train.stopping import TrainingStopped
     real_next, calls = TokenLoader.next_batch, {"n": 0}
 
     def next_batch(self, device=None):
         if Path(self.shard_path).name == "train.bin":  # the train loader, not an eval's
             calls["n"] += 1
-            if calls["n"] > after_batches:
-                raise KeyboardInterrupt
+            if calls["n"] == after_batches + 1:
+                os.kill(os.getpid(), signal.SIGINT)
         return real_next(self, device)
 
     monkeypatch.setattr(TokenLoader, "next_batch", next_batch)
-    with pytest.raises(KeyboardInterrupt):
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingStopped) as stopped:
         Trainer(cfg).fit()
+    assert stopped.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is previous  # handler restored
     monkeypatch.setattr(TokenLoader, "next_batch", real_next)
 
 
@@ -49,7 +56,7 @@ def test_resume_after_interrupt_is_bitwise_exact(corpus, tmp_path, monkeypatch, 
     Trainer(cfg).fit()
     cfg = tiny_config(data, split, cache, steps=8)
     cfg.train.optimizer = optimizer
-    _interrupted_fit(cfg, monkeypatch, after_batches=5)  # Ctrl-C during step 6: step-5 is saved
+    _interrupted_fit(cfg, monkeypatch, after_batches=4)  # Ctrl-C during step 5: it finishes and step-5 is saved
     assert [p.name for p in list_checkpoints(split)] == ["step-3", "step-5"]
     cfg = tiny_config(data, split, cache, steps=8)
     cfg.train.optimizer, cfg.train.resume = optimizer, True

@@ -2,7 +2,13 @@
 
 One `Trainer` owns a run directory. `Trainer(cfg).fit()` prepares data, builds (or resumes) the
 model and optimizer, and trains to `train.steps`, evaluating at step 0, every `eval_every` steps and
-at the end, checkpointing every `ckpt_every` steps, at the end, and on Ctrl-C.
+at the end, checkpointing every `ckpt_every` steps and at the end.
+
+Robustness: SIGINT (Ctrl-C) and SIGTERM stop the run at the next step boundary with a checkpoint
+(`stopping.py`; the CLI then exits with 130 / 143). A non-finite loss (read where it already reaches
+the host: every `log_every` steps, at evaluations and before each checkpoint, which also checks the
+weights) stops it with `TrainingDivergedError` before any checkpoint with NaN weights is written.
+A resumed run that already reached `train.steps` says so and returns.
 
 Under torchrun (see `distributed.py`) every rank runs the same loop on its own micro-batches: the
 config must agree on all ranks, rank 0 alone prepares the run directory and writes logs, metrics,
@@ -11,7 +17,9 @@ progress and plots; losses and MoE loads are averaged over the ranks before they
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -23,7 +31,7 @@ from tqdm import tqdm
 from ..config import Config, to_toml
 from ..data.loader import TokenLoader, val_loader
 from ..data.prepare import prepare_data
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from ..kernels.linear_ce import check_backend as check_loss_backend
 from ..model.attention import flash_kernels_available
 from ..model.moe import update_biases
@@ -38,6 +46,7 @@ from .distributed import (Parallel, check_layout, check_peer_tables, check_same_
                           write_parallel_info)
 from .metrics import MetricsLogger, flops_per_token, moe_metrics, peak_flops, plot_expert_load, plot_loss_curve
 from .profiling import StepProfiler
+from .stopping import GracefulStop, TrainingStopped
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,16 +125,32 @@ class Trainer:
             data = prepare_data(self.cfg.data, log=lambda msg: None)
         return data
 
+    def _resume_step(self) -> int:
+        """Resuming: check the run (before any data is prepared) and return the latest checkpoint's step."""
+        cfg, run_dir = self.cfg, self.run_dir
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{run_dir}: no such run directory to resume: check --train.run_dir, "
+                                  "or train without --resume to start it")
+        if not list_checkpoints(run_dir):
+            raise CheckpointError(f"{run_dir}: no checkpoint to resume from: train without --resume first")
+        saved = read_run_config(run_dir)
+        check_resume_compatible(saved, cfg)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = saved.model.vocab_size
+        ckpt = latest_checkpoint(run_dir)
+        try:
+            step = read_state(ckpt).get("step")
+        except CheckpointError as e:
+            raise _resume_error(str(e), run_dir, ckpt) from None
+        if not isinstance(step, int) or step < 1:
+            raise _resume_error(f"{ckpt}/state.json has no valid step", run_dir, ckpt)
+        return step
+
     def _setup_run_dir(self, data) -> int:
         """Check (every rank) and create (rank 0) the run directory; returns the step to start from."""
         cfg, run_dir = self.cfg, self.run_dir
         if cfg.train.resume:
-            if not list_checkpoints(run_dir):
-                raise CheckpointError(f"{run_dir}: no checkpoint to resume from: train without --resume first")
-            check_resume_compatible(read_run_config(run_dir), cfg)
-            if cfg.model.vocab_size == 0:
-                cfg.model.vocab_size = read_run_config(run_dir).model.vocab_size
-            return read_state(latest_checkpoint(run_dir))["step"]
+            return self._resume_step()
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue it, "
                                   "or choose another --train.run_dir")
@@ -145,15 +170,23 @@ class Trainer:
     def _resume(self, par: Parallel, optimizer, loader: TokenLoader, counters: dict) -> None:
         """Load the latest checkpoint (written at any world size) into model, optimizer, loader, counters."""
         ckpt = latest_checkpoint(self.run_dir)
-        if not self.env.distributed and not is_sharded(ckpt):
-            load_model_state(ckpt, par.model)
-            load_training_state(ckpt, optimizer)
-        else:
-            par.load_checkpoint(ckpt, optimizer)
-            load_rng_state(ckpt, self.env.rank)
-        state = read_state(ckpt)
-        loader.load_state_dict(state["loader"])
-        counters.update(state["counters"])
+        try:
+            if not self.env.distributed and not is_sharded(ckpt):
+                load_model_state(ckpt, par.model)
+                load_training_state(ckpt, optimizer)
+            else:
+                par.load_checkpoint(ckpt, optimizer)
+                load_rng_state(ckpt, self.env.rank)
+            state = read_state(ckpt)
+            loader.load_state_dict(state["loader"])
+            counters.update(state["counters"])
+        except CheckpointError as e:
+            raise _resume_error(str(e), self.run_dir, ckpt) from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise _resume_error(f"{ckpt}/state.json is incomplete ({type(e).__name__}: {e})", self.run_dir, ckpt) from None
+        if self.env.is_main:  # the train settings of this leg (e.g. a raised train.steps) are the run's now
+            cfg = self.cfg
+            save_run_config(self.run_dir, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=False)))
         self.log(f"resumed {ckpt} at step {state['step']}")
 
     def _save(self, step: int, par: Parallel, optimizer, state: dict) -> Path:
@@ -192,6 +225,10 @@ class Trainer:
 
     def _fit(self) -> Path:
         cfg, tc, env = self.cfg, self.cfg.train, self.env
+        if tc.resume and (done := self._resume_step()) >= tc.steps:
+            self.log(f"{self.run_dir} is finished: its latest checkpoint is step {done} and train.steps = {tc.steps}: "
+                     f"nothing to train (raise --train.steps to train further)")
+            return self.run_dir
         data = self._prepare_data()
         start_step = self._setup_run_dir(data)
         torch.manual_seed(tc.seed)
@@ -225,10 +262,20 @@ class Trainer:
         profiler = StepProfiler(tc.profile_steps, self.run_dir, env.is_main, self.device)
 
         def checkpoint_state() -> dict:
-            counters["interval_loss_sum"] = env.all_reduce_mean(interval_loss).item()
+            # one host read, as before, now with a check: never write a checkpoint with a NaN loss or NaN weights
+            reduced = env.all_reduce_mean(torch.stack([interval_loss, _nonfinite_params(model)])).tolist()
+            interval_loss.fill_(reduced[0])
+            if not math.isfinite(reduced[0]):
+                raise self._diverged(f"the training loss is {reduced[0]} (steps {step - counters['interval_steps'] + 1}-{step})",
+                                     step, lr)
+            if reduced[1]:
+                raise self._diverged("the weights hold NaN or inf values", step, lr)
+            counters["interval_loss_sum"] = reduced[0]
             return {"step": step, "loader": loader.state_dict(), "counters": counters,
                     "tokenizer_vocab_size": data.vocab_size}
 
+        stopper = GracefulStop(env.distributed, announce=env.is_main).install()
+        saved_step = start_step
         try:
             while step < tc.steps:
                 profiler.before_step(step)
@@ -259,6 +306,9 @@ class Trainer:
                     now = time.time()
                     counters["elapsed_s"] += now - interval_start
                     train_loss = env.all_reduce_mean(interval_loss).item() / counters["interval_steps"]
+                    if not math.isfinite(train_loss):
+                        first = step - counters["interval_steps"] + 1
+                        raise self._diverged(f"the training loss is {train_loss} (mean of steps {first}-{step})", step, lr)
                     tok_s = interval_tokens / max(now - interval_start, 1e-9)
                     record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": counters["tokens"],
                               "tokens_per_s": tok_s, "elapsed_s": counters["elapsed_s"]}
@@ -278,6 +328,8 @@ class Trainer:
                     interval_start, interval_tokens = time.time(), 0
                 if step % tc.eval_every == 0 or step == tc.steps:
                     val_loss = self.evaluate(model, data.val_path, data.bos_id)
+                    if not math.isfinite(val_loss):
+                        raise self._diverged(f"the val loss is {val_loss}", step, lr)
                     metrics.log({"step": step, "val_loss": val_loss, "lr": lr, "tokens": counters["tokens"],
                                  "tokens_per_s": 0.0, "elapsed_s": counters["elapsed_s"]})
                     self.log(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
@@ -286,24 +338,67 @@ class Trainer:
                     interval_start = time.time()
                 if step % tc.ckpt_every == 0 or step == tc.steps:
                     self._save(step, par, optimizer, checkpoint_state())
-                    interval_start = time.time()
-        except KeyboardInterrupt:
+                    saved_step, interval_start = step, time.time()
+                if (signum := stopper.should_stop()) and step < tc.steps:  # the same answer on every rank
+                    if saved_step != step:
+                        self._save(step, par, optimizer, checkpoint_state())
+                    bar.close()
+                    message = (f"stopped by {_signal_name(signum)} at step {step}/{tc.steps}: saved "
+                               f"{self.run_dir / f'step-{step}'}; continue with: {self._resume_command()}")
+                    raise TrainingStopped(signum, message if env.is_main else "")
+        except KeyboardInterrupt:  # raised inside a step (a second Ctrl-C): the state is half-updated, not saved
             bar.close()
-            if env.distributed:  # the ranks stopped at different points: no collective save is possible
-                self.log(f"interrupted: continue from the last checkpoint with --resume --train.run_dir {self.run_dir}")
-            elif step > start_step:
-                path = self._save(step, par, optimizer, checkpoint_state())
-                self.log(f"interrupted: saved {path}; continue with --resume --train.run_dir {self.run_dir}")
-            metrics.close()
+            last = list_checkpoints(self.run_dir)
+            where = f"the last checkpoint is {last[-1].name}: continue with: {self._resume_command()}" if last else \
+                "no checkpoint was written yet"
+            self.log(f"interrupted during step {step + 1}: nothing saved; {where}")
             raise
-        bar.close()
+        finally:
+            stopper.restore()
+            bar.close()
+            metrics.close()
         profiler.close()
-        metrics.close()
         write_parallel_info(self.run_dir, par, optimizer)
         if env.is_main:
             png = plot_loss_curve(self.run_dir)
             self.log(f"done: {self.run_dir} (loss curve: {png})")
         return self.run_dir
+
+
+    def _resume_command(self) -> str:
+        launch = "torchrun ... -m moespeed train" if self.env.distributed else "moespeed train"
+        return f"{launch} --resume --train.run_dir {shlex.quote(str(self.run_dir))}"
+
+    def _diverged(self, what: str, step: int, lr: float) -> TrainingDivergedError:
+        """One line: what went non-finite at which step, and how to go on (a lower lr, from the last checkpoint)."""
+        last = list_checkpoints(self.run_dir)
+        go_on = (f"then continue from {last[-1].name} with: {self._resume_command()} --train.lr {self.cfg.train.lr / 2:g}"
+                 if last else "then train again (this run has no checkpoint yet)")
+        return TrainingDivergedError(f"training diverged at step {step}: {what}; no checkpoint was written for it. "
+                                     f"Lower train.lr (now {self.cfg.train.lr:g}, {lr:.3g} at this step) or raise "
+                                     f"train.warmup_steps, {go_on}")
+
+
+def _nonfinite_params(model: torch.nn.Module) -> torch.Tensor:
+    """1.0 if any (local shard of a) parameter holds NaN or inf, else 0.0: a device tensor, no host sync."""
+    flags = [(~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).any() for p in model.parameters()]
+    return torch.stack(flags).any().float() if flags else torch.zeros(())
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+    return signal.Signals(signum).name
+
+
+def _resume_error(what: str, run_dir: Path, ckpt: Path) -> CheckpointError:
+    """One line when the latest checkpoint cannot be read: what is wrong, then resume from the one before it, or anew."""
+    what = what.removesuffix(": use another checkpoint")
+    earlier = [p for p in list_checkpoints(run_dir) if p != ckpt]
+    if earlier:
+        fix = f"move {ckpt.name} out of {run_dir} to resume from {earlier[-1].name}"
+    else:
+        fix = "it is the run's only checkpoint: start a new run (another --train.run_dir, without --resume)"
+    return CheckpointError(f"cannot resume: {what}; {fix}")
 
 
 def progress_line(record: dict, total_steps: int) -> str:
