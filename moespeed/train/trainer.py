@@ -21,6 +21,7 @@ import dataclasses
 import math
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -364,7 +365,6 @@ class Trainer:
             self.log(f"done: {self.run_dir} (loss curve: {png})")
         return self.run_dir
 
-
     def _resume_command(self) -> str:
         launch = "torchrun ... -m moespeed train" if self.env.distributed else "moespeed train"
         return f"{launch} --resume --train.run_dir {shlex.quote(str(self.run_dir))}"
@@ -386,7 +386,6 @@ def _nonfinite_params(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _signal_name(signum: int) -> str:
-    import signal
     return signal.Signals(signum).name
 
 
