@@ -77,7 +77,7 @@ class StepGraph:
             self.graph, self.signature = None, None  # the old graph (and its memory) goes first
             self.graph, self.signature = _capture(run), signature
             self.captures += 1
-            self.graph.replay()  # capturing ran nothing: this step's work
+            graph.replay()  # capturing ran nothing: this step's work
         finally:
             self.live = False
 
