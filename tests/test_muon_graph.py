@@ -16,18 +16,8 @@ from moespeed.optim.muon import Muon
 
 
 class FakeGraph:
-    """Replays by re-running the captured step (a CUDA graph re-runs its kernels on the same addresses).
-    A capture runs nothing: what the step did to the params and momentum buffers is undone at its end."""
-
-    def capture_begin(self, **kwargs):
-        log.append("capture")
-        self.tensors = graphed + [state["momentum_buffer"] for state in opt.state.values()]
-        self.saved = [t.detach().clone() for t in self.tensors]
-
-    def capture_end(self):
-        with torch.no_grad():
-            for t, saved in zip(self.tensors, self.saved):
-                t.copy_(saved)
+    """Replays by re-running the captured step (a CUDA graph re-runs its kernels on the same addresses)."""
+    current = None
 
     def replay(self):
         step_graph.live = True
@@ -37,9 +27,16 @@ class FakeGraph:
             step_graph.live = False
 
 
-class FakeStream:
-    def wait_stream(self, other):
-        pass
+@contextlib.contextmanager
+def capture(graph, **kwargs):
+    """A capture runs nothing: undo what the step did to the params and the momentum buffers."""
+    log.append("capture")
+    tensors = graphed + [state["momentum_buffer"] for state in opt.state.values()]
+    saved = [t.detach().clone() for t in tensors]
+    yield
+    with torch.no_grad():
+        for t, s in zip(tensors, saved):
+            t.copy_(s)
 
 
 class FakeEvent:
@@ -50,8 +47,7 @@ class FakeEvent:
         pass
 
 
-torch.cuda.CUDAGraph, torch.cuda.Event, torch.cuda.Stream = FakeGraph, FakeEvent, FakeStream
-torch.cuda.current_stream, torch.cuda.stream = FakeStream, lambda stream: contextlib.nullcontext()
+torch.cuda.CUDAGraph, torch.cuda.graph, torch.cuda.Event = FakeGraph, capture, FakeEvent
 muon_graph.StepGraph.applies = staticmethod(lambda plan, world, fused_on: True)
 log = []
 

@@ -75,7 +75,10 @@ class StepGraph:
                 run()
                 return
             self.graph, self.signature = None, None  # the old graph (and its memory) goes first
-            self.graph, self.signature = _capture(run), signature
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                run()
+            self.graph, self.signature = graph, signature
             self.captures += 1
             graph.replay()  # capturing ran nothing: this step's work
         finally:
@@ -119,21 +122,3 @@ class StepGraph:
         self.table.copy_(staging, non_blocking=True)
         self._copied[turn] = torch.cuda.Event()
         self._copied[turn].record()
-
-
-def _capture(run) -> torch.cuda.CUDAGraph:
-    """`run()` captured into a new graph (nothing runs). Unlike `torch.cuda.graph`, no empty_cache
-    first: freeing the allocator's cached blocks would move the next steps' gradients, and with them
-    the signature the graph depends on."""
-    graph = torch.cuda.CUDAGraph()
-    current = torch.cuda.current_stream()
-    stream = torch.cuda.Stream()  # capture needs a stream other than the default one
-    stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            run()
-        finally:
-            graph.capture_end()
-    current.wait_stream(stream)
-    return graph
