@@ -77,14 +77,9 @@ if triton is not None:
         tl.store(u_ptr + j.to(tl.int64) * n + offs, _to_bf16(u, INTERPRET), mask=mask)
 
     @triton.jit
-    def _update_kernel(p_ptr, o_ptr, offs_ptr, n, decay, alpha, coef_ptr, BLOCK: tl.constexpr, COEF: tl.constexpr):
+    def _update_kernel(p_ptr, o_ptr, offs_ptr, n, decay, alpha, BLOCK: tl.constexpr):
         """Tensor j = program_id(1) of a run: p.mul_(decay); p.add_(o, alpha=alpha) in one pass;
-        p starts 16 * offs[j] elements after p_ptr, o (bf16) at j * n after o_ptr. COEF: decay and
-        alpha are read from coef_ptr[0], coef_ptr[1] (fp32, on the GPU: a CUDA graph replays the
-        kernel with each step's learning rate)."""
-        if COEF:
-            decay = tl.load(coef_ptr)
-            alpha = tl.load(coef_ptr + 1)
+        p starts 16 * offs[j] elements after p_ptr, o (bf16) at j * n after o_ptr."""
         j = tl.program_id(1)
         p_off = tl.load(offs_ptr + j) * 16
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -233,16 +228,13 @@ def _momentum_fused(grads: list[Tensor], bufs: list[Tensor], out: Tensor, moment
             BUF_BF16=bufs[first].dtype == torch.bfloat16, BLOCK=_BLOCK, INTERPRET=_INTERPRET)
 
 
-def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: float,
-                  coef: Tensor | None = None) -> None:
+def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: float) -> None:
     """Triton: p = p * decay + alpha * update for params of one size whose bf16 updates lie one
-    after another in `updates` (contiguous), one launch per run of well-placed tensors. `coef`
-    (2,) fp32 on the params' device: (decay, alpha) read there instead (for CUDA graphs)."""
+    after another in `updates` (contiguous), one launch per run of well-placed tensors."""
     n = params[0].numel()
     for first, last, offsets in _launch_runs(params):
         _update_kernel[(triton.cdiv(n, _BLOCK), last - first)](
-            params[first], updates.view(-1)[first * n:], offsets, n, decay, alpha,
-            offsets if coef is None else coef, BLOCK=_BLOCK, COEF=coef is not None)
+            params[first], updates.view(-1)[first * n:], offsets, n, decay, alpha, BLOCK=_BLOCK)
 
 
 _RUNS_CACHE: dict[tuple, list[tuple[int, int, Tensor]]] = {}  # tensor addresses -> their runs
