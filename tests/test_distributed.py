@@ -486,9 +486,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint_and_
         # that on: its agent turns SIGTERM into a SignalException, stops the workers and re-raises it
         # uncaught, so torchrun exits 1 with that traceback (torch 2.13, wherever in its monitor loop
         # the signal lands: 1 on every run). Should a later torch exit otherwise, the != 0 is the contract
-        # (a scheduler sees a stopped job as not finished); the == 1 pins today's torchrun.
+        # (a scheduler sees a stopped job as not finished); the exact code is torchrun's, not ours.
         assert proc.returncode != 0, out[-4000:]
-        assert proc.returncode == 1, (proc.returncode, out[-4000:])
         # the one traceback is torchrun's own SignalException, printed after both workers ended: no worker crashed
         assert out.count("Traceback") == 1 and "SignalException" in out.split("Traceback")[1], out[-4000:]
         assert out.count("SIGTERM: stopping after this step to save a checkpoint") == 1, out[-4000:]  # rank 0's note
