@@ -10,9 +10,10 @@ import math
 import sys
 import time
 import typing
+from pathlib import Path
 
 from . import config as config_mod
-from .errors import ConfigError, MoespeedError
+from .errors import CheckpointError, ConfigError, MoespeedError
 from .train.stopping import TrainingStopped
 
 
@@ -101,9 +102,6 @@ def cmd_train(args) -> None:
     resume, run_dir = _resume_target(args)
     base = None
     if resume:  # --resume or train.resume = true: the run's own config.toml, then --config, then the overrides
-        from pathlib import Path
-
-        from .errors import CheckpointError
         from .run import read_run_config
         if run_dir and not Path(run_dir).is_dir():
             raise CheckpointError(f"--train.run_dir {run_dir}: no such run directory to resume: check the path, "

@@ -1,13 +1,13 @@
 """Stop training cleanly on SIGINT (Ctrl-C) or SIGTERM (cluster preemption, torchrun forwarding).
 
-`GracefulStop` is a context manager around the step loop. While it is active the first SIGINT or
-SIGTERM only records the request; the trainer asks `should_stop()` at each step boundary, saves a
+`GracefulStop` is installed around the step loop (`install()`, then `restore()`). While it is
+active the first SIGINT or SIGTERM only records the request; the trainer asks `should_stop()` at each step boundary, saves a
 checkpoint there and raises `TrainingStopped`, whose `exit_code` (130 for SIGINT, 143 for SIGTERM:
 128 + the signal number, what a shell reports for a process the signal killed) the CLI exits with.
 In a single process a second SIGINT raises KeyboardInterrupt at once (quit now, without saving) and a
 second SIGTERM exits with 143 at once; under torchrun repeats are ignored (a Ctrl-C in the terminal
 reaches every worker directly and again as torchrun forwards it; torchrun kills the workers after its
-own grace period). The previous handlers are restored when the context exits.
+own grace period). `restore()` puts the previous handlers back.
 
 Under torch.distributed the ranks may receive the signal at different steps (or only some of them),
 so `should_stop()` all-reduces the flag (MAX) every step: one 4-byte all-reduce on a gloo (CPU) group,
@@ -50,7 +50,8 @@ class GracefulStop:
         self._flag_device = "cpu"
 
     # ------------------------------------------------------------------------------ handlers
-    def __enter__(self) -> "GracefulStop":
+    def install(self) -> "GracefulStop":
+        """Take over SIGINT and SIGTERM (main thread only); under torch.distributed, set up the flag's group."""
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -60,16 +61,11 @@ class GracefulStop:
                 self._flag_device = f"cuda:{torch.cuda.current_device()}"
         return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
+        """Put the handlers back that were there before `install()` (safe to call twice)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-    install = __enter__
-
-    def restore(self) -> None:
-        """Put the handlers back that were there before `install()` (safe to call twice)."""
-        self.__exit__(None, None, None)
 
     def _handle(self, signum, frame) -> None:
         if self.signum and self.distributed:  # torchrun forwards the terminal's Ctrl-C, which also reached us:
@@ -84,10 +80,6 @@ class GracefulStop:
             note = (f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
                     f"({again} again quits at once, without saving)\n")
             os.write(2, note.encode())
-
-    def request(self, signum: int = signal.SIGINT) -> None:
-        """Ask for a stop as a signal would (for code that is not a signal handler)."""
-        self.signum = self.signum or signum
 
     # ------------------------------------------------------------------------------- decision
     def should_stop(self) -> int:

@@ -147,11 +147,9 @@ class Trainer:
             raise _resume_error(f"{ckpt}/state.json has no valid step", run_dir, ckpt)
         return step
 
-    def _setup_run_dir(self, data) -> int:
-        """Check (every rank) and create (rank 0) the run directory; returns the step to start from."""
+    def _setup_run_dir(self, data) -> None:
+        """Check (every rank) and create (rank 0) the directory of a new run."""
         cfg, run_dir = self.cfg, self.run_dir
-        if cfg.train.resume:
-            return self._resume_step()
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue it, "
                                   "or choose another --train.run_dir")
@@ -166,7 +164,6 @@ class Trainer:
             (run_dir / ".tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
             save_run_config(run_dir, cfg)
         self.env.barrier()
-        return 0
 
     def _resume(self, par: Parallel, optimizer, loader: TokenLoader, counters: dict) -> None:
         """Load the latest checkpoint (written at any world size) into model, optimizer, loader, counters."""
@@ -226,12 +223,14 @@ class Trainer:
 
     def _fit(self) -> Path:
         cfg, tc, env = self.cfg, self.cfg.train, self.env
-        if tc.resume and (done := self._resume_step()) >= tc.steps:
-            self.log(f"{self.run_dir} is finished: its latest checkpoint is step {done} and train.steps = {tc.steps}: "
-                     f"nothing to train (raise --train.steps to train further)")
+        start_step = self._resume_step() if tc.resume else 0
+        if tc.resume and start_step >= tc.steps:
+            self.log(f"{self.run_dir} is finished: its latest checkpoint is step {start_step} and train.steps = "
+                     f"{tc.steps}: nothing to train (raise --train.steps to train further)")
             return self.run_dir
         data = self._prepare_data()
-        start_step = self._setup_run_dir(data)
+        if not tc.resume:
+            self._setup_run_dir(data)
         torch.manual_seed(tc.seed)
         model = Transformer(cfg.model).to(self.device)
         n_params = sum(p.numel() for p in model.parameters())
@@ -344,7 +343,7 @@ class Trainer:
                     if saved_step != step:
                         self._save(step, par, optimizer, checkpoint_state())
                     bar.close()
-                    message = (f"stopped by {_signal_name(signum)} at step {step}/{tc.steps}: saved "
+                    message = (f"stopped by {signal.Signals(signum).name} at step {step}/{tc.steps}: saved "
                                f"{self.run_dir / f'step-{step}'}; continue with: {self._resume_command()}")
                     raise TrainingStopped(signum, message if env.is_main else "")
         except KeyboardInterrupt:  # raised inside a step (a second Ctrl-C): the state is half-updated, not saved
@@ -383,10 +382,6 @@ def _nonfinite_params(model: torch.nn.Module) -> torch.Tensor:
     """1.0 if any (local shard of a) parameter holds NaN or inf, else 0.0: a device tensor, no host sync."""
     flags = [(~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).any() for p in model.parameters()]
     return torch.stack(flags).any().float() if flags else torch.zeros(())
-
-
-def _signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
 
 
 def _resume_error(what: str, run_dir: Path, ckpt: Path) -> CheckpointError:
