@@ -532,13 +532,29 @@ _FUSED_SCRIPT = textwrap.dedent('''
         assert a.dtype == b.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
         torch.testing.assert_close(a.float(), w, rtol=2**-8, atol=0)  # = the fp32 buffer, rounded
+    # grads found through a table of offsets from an anchor (how a replayed CUDA graph finds each
+    # step's new grads): the listed grads are decoys, only their dtype counts
+    anchor, real = torch.empty(16), [torch.randn(3000, generator=g) for _ in range(3)]
+    gaps = [t.data_ptr() - anchor.data_ptr() for t in real]  # bytes; CPU tensors are 64-byte aligned
+    assert all(gap % 64 == 0 for gap in gaps)
+    table = torch.tensor([gap // 64 for gap in gaps])  # units of 16 fp32 elements, maybe negative
+    bufs, out = [torch.randn(3000, generator=g) for _ in real], torch.empty(3, 3000, dtype=torch.bfloat16)
+    ref_bufs, ref_out = [b.clone() for b in bufs], torch.empty_like(out)
+    K._momentum_fused([torch.zeros(3000) for _ in real], bufs, out, 0.95, True, grad_table=(anchor, table))
+    K._momentum_reference(real, ref_bufs, list(ref_out), 0.95, True)
+    for a, b in zip(bufs, ref_bufs):
+        torch.testing.assert_close(a, b, rtol=2**-22, atol=2**-22 * b.abs().max().item())
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=2**-7, atol=0)
     ps = [torch.randn(3000, generator=g) for _ in range(3)]
     ref_ps = [p.clone() for p in ps]
     upd = torch.randn(3, 3000, generator=g).bfloat16()
+    from_table = [p.clone() for p in ps]
     K._update_fused(ps, upd, 0.998, -0.013)
     K._update_reference(ref_ps, list(upd), 0.998, -0.013)
     ref = torch.stack(ref_ps)  # the same fma-or-not question as above: an fp32 ulp of the operands
     torch.testing.assert_close(torch.stack(ps), ref, rtol=1e-6, atol=2**-22 * ref.abs().max().item())
+    K._update_fused(from_table, upd, 0.5, 7.0, coef=torch.tensor([0.998, -0.013]))  # the scalars read from memory
+    assert all(torch.equal(a, b) for a, b in zip(from_table, ps))
     assert K._check_fused(torch.device("cpu"))  # the one-time check that gates fused=None on CUDA
 
     for n, m, k, cols in [(3, 40, 64, 72), (2, 33, 70, 17)]:  # K a multiple of BLOCK_K or not
@@ -796,9 +812,11 @@ def test_muon_triton_kernels_compile_for_hopper():
     compile_for_hopper(K._gram_scale_kernel, {"a_ptr": "*bf16", "out_ptr": "*bf16", "inv_ptr": "*fp32", "eps": "fp32"},
                        dict(BLOCK=1024, M_POW2=256, INTERPRET=False))
     for buf in ("*bf16", "*fp32"):
-        compile_for_hopper(K._momentum_kernel, {"grad_ptr": "*fp32", "buf_ptr": buf, "u_ptr": "*bf16", "offs_ptr": "*i64",
-                                                "w_buf": "fp32", "w_u": "fp32"},
+        compile_for_hopper(K._momentum_kernel, {"grad_ptr": "*fp32", "buf_ptr": buf, "u_ptr": "*bf16", "g_offs_ptr": "*i64",
+                                                "b_offs_ptr": "*i64", "w_buf": "fp32", "w_u": "fp32"},
                            dict(SMALL_BUF=True, SMALL_U=False, NESTEROV=True, BUF_BF16=buf == "*bf16", BLOCK=1024,
                                 INTERPRET=False))
-    compile_for_hopper(K._update_kernel, {"p_ptr": "*fp32", "o_ptr": "*bf16", "offs_ptr": "*i64", "decay": "fp32",
-                                          "alpha": "fp32"}, dict(BLOCK=1024))
+    for coef in (False, True):
+        compile_for_hopper(K._update_kernel, {"p_ptr": "*fp32", "o_ptr": "*bf16", "offs_ptr": "*i64", "decay": "fp32",
+                                              "alpha": "fp32", "coef_ptr": "*fp32" if coef else "*i64"},
+                           dict(BLOCK=1024, COEF=coef))

@@ -211,6 +211,7 @@ CUDA_COMPILE_VARIANTS = {  # name: config overrides of the compiled run
     "muon_streams": {"train.muon_streams": 3},
     "loss_overlap": {"model.loss_overlap": True},
     "compile_model": {"train.compile_scope": "model"},
+    "muon_cuda_graph": {"train.muon_cuda_graph": True},
 }
 
 

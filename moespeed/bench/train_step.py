@@ -69,7 +69,14 @@ def bench(preset: str, optimizer: str, steps: int, warmup: int, overrides: list[
                       "compile": cfg.train.compile and cfg.train.compile_scope},
             "fwd_bwd_ms": fb, "optimizer_ms": om, "ours_ms": fb + om, "optimizer_share": om / (fb + om),
             "tokens_per_s": tok_s, "mfu": flops_per_token(model, T) * tok_s / peak_flops(device),
-            "ours_peak_mib": torch.cuda.max_memory_allocated() / 2**20, "loss": float(loss)}
+            "ours_peak_mib": torch.cuda.max_memory_allocated() / 2**20, "loss": float(loss),
+            **_graph_counts(opt)}
+
+
+def _graph_counts(opt) -> dict:
+    """train.muon_cuda_graph: how often Muon's step was captured and replayed."""
+    graph = getattr(opt.optimizers.get("muon"), "_graph", None)
+    return {"muon_graph_captures": graph.captures, "muon_graph_replays": graph.replays} if graph else {}
 
 
 def main(argv=None) -> None:

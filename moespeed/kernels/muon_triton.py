@@ -51,16 +51,17 @@ if triton is not None:
         return x.to(tl.bfloat16)
 
     @triton.jit
-    def _momentum_kernel(grad_ptr, buf_ptr, u_ptr, offs_ptr, n, w_buf, w_u, SMALL_BUF: tl.constexpr,
+    def _momentum_kernel(grad_ptr, buf_ptr, u_ptr, g_offs_ptr, b_offs_ptr, n, w_buf, w_u, SMALL_BUF: tl.constexpr,
                          SMALL_U: tl.constexpr, NESTEROV: tl.constexpr, BUF_BF16: tl.constexpr,
                          BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
         """Tensor j = program_id(1) of a run: buf.lerp_(g, w_buf); u = g.lerp(buf, w_u) if NESTEROV
-        else buf, stored as bf16. g and buf start 16 * offs[j] and 16 * offs[jobs + j] elements
-        after grad_ptr and buf_ptr, u at j * n after u_ptr; every tensor has n elements. The lerps
-        run in fp32; a bf16 buf (BUF_BF16) is stored rounded and u reads the rounded value."""
+        else buf, stored as bf16. g and buf start 16 * g_offs[j] and 16 * b_offs[j] elements after
+        grad_ptr and buf_ptr (g_offs may be negative: grad_ptr can be any tensor's address), u at j * n
+        after u_ptr; every tensor has n elements. The lerps run in fp32; a bf16 buf (BUF_BF16) is
+        stored rounded and u reads the rounded value."""
         j = tl.program_id(1)
-        g_off = tl.load(offs_ptr + j) * 16  # a known multiple of 16: vector loads
-        b_off = tl.load(offs_ptr + tl.num_programs(1) + j) * 16
+        g_off = tl.load(g_offs_ptr + j) * 16  # a known multiple of 16: vector loads
+        b_off = tl.load(b_offs_ptr + j) * 16
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(grad_ptr + g_off + offs, mask=mask).to(tl.float32)
@@ -77,9 +78,14 @@ if triton is not None:
         tl.store(u_ptr + j.to(tl.int64) * n + offs, _to_bf16(u, INTERPRET), mask=mask)
 
     @triton.jit
-    def _update_kernel(p_ptr, o_ptr, offs_ptr, n, decay, alpha, BLOCK: tl.constexpr):
+    def _update_kernel(p_ptr, o_ptr, offs_ptr, n, decay, alpha, coef_ptr, BLOCK: tl.constexpr, COEF: tl.constexpr):
         """Tensor j = program_id(1) of a run: p.mul_(decay); p.add_(o, alpha=alpha) in one pass;
-        p starts 16 * offs[j] elements after p_ptr, o (bf16) at j * n after o_ptr."""
+        p starts 16 * offs[j] elements after p_ptr, o (bf16) at j * n after o_ptr. COEF: decay and
+        alpha are read from coef_ptr[0], coef_ptr[1] (fp32, on the GPU: a CUDA graph replays the
+        kernel with each step's learning rate)."""
+        if COEF:
+            decay = tl.load(coef_ptr)
+            alpha = tl.load(coef_ptr + 1)
         j = tl.program_id(1)
         p_off = tl.load(offs_ptr + j) * 16
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -217,24 +223,39 @@ def _normalize_triton(X: Tensor, eps: float) -> Tensor:
 
 
 def _momentum_fused(grads: list[Tensor], bufs: list[Tensor], out: Tensor, momentum: float,
-                    nesterov: bool) -> None:
+                    nesterov: bool, grad_table: tuple[Tensor, Tensor] | None = None) -> None:
     """Triton: update the bufs (like the grads, all of one size) and write the bf16 NS inputs one
-    after another into out (contiguous), one launch per run of well-placed tensors."""
+    after another into out (contiguous), one launch per run of well-placed tensors.
+
+    grad_table = (anchor, offsets): the kernels find grad i at anchor + 16 * offsets[i] elements
+    (offsets: int64 on the device, written before the launch) instead of at grads[i], which then only
+    give the dtype. A CUDA graph replays such a launch on whatever addresses the table holds."""
     n = grads[0].numel()
-    for first, last, offsets in _launch_runs(grads, bufs):
+    if grad_table is None:
+        runs = [(first, last, offsets, offsets[last - first:])
+                for first, last, offsets in _launch_runs(grads, bufs)]
+        bases = grads
+    else:
+        anchor, table = grad_table
+        runs = [(first, last, table[first:last], offsets) for first, last, offsets in _launch_runs(bufs)]
+        bases = [anchor] * len(grads)
+    for first, last, g_offsets, b_offsets in runs:
         _momentum_kernel[(triton.cdiv(n, _BLOCK), last - first)](
-            grads[first], bufs[first], out.view(-1)[first * n:], offsets, n, 1 - momentum, momentum,
+            bases[first], bufs[first], out.view(-1)[first * n:], g_offsets, b_offsets, n, 1 - momentum, momentum,
             SMALL_BUF=abs(1 - momentum) < 0.5, SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov),
             BUF_BF16=bufs[first].dtype == torch.bfloat16, BLOCK=_BLOCK, INTERPRET=_INTERPRET)
 
 
-def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: float) -> None:
+def _update_fused(params: list[Tensor], updates: Tensor, decay: float, alpha: float,
+                  coef: Tensor | None = None) -> None:
     """Triton: p = p * decay + alpha * update for params of one size whose bf16 updates lie one
-    after another in `updates` (contiguous), one launch per run of well-placed tensors."""
+    after another in `updates` (contiguous), one launch per run of well-placed tensors. `coef`
+    (2,) fp32 on the params' device: (decay, alpha) read there instead (for CUDA graphs)."""
     n = params[0].numel()
     for first, last, offsets in _launch_runs(params):
         _update_kernel[(triton.cdiv(n, _BLOCK), last - first)](
-            params[first], updates.view(-1)[first * n:], offsets, n, decay, alpha, BLOCK=_BLOCK)
+            params[first], updates.view(-1)[first * n:], offsets, n, decay, alpha,
+            offsets if coef is None else coef, BLOCK=_BLOCK, COEF=coef is not None)
 
 
 _RUNS_CACHE: dict[tuple, list[tuple[int, int, Tensor]]] = {}  # tensor addresses -> their runs

@@ -122,6 +122,7 @@ from ..kernels.muon_triton import (_fused_works, _momentum_fused, _momentum_refe
 from .newton_schulz import (EPS, GRAM_RESTART, NS_COEFFICIENTS, NS_GEMMS, NS_METHODS, NS_STEPS,  # noqa: F401
                             TUNE_REPEATS, _faster_gemm, _gram_orthogonalize_, _hashable, _orthogonalize_,
                             gram_pays, newton_schulz, ns_flops, step_coefficients)  # re-exported: Muon's API
+from .muon_graph import StepGraph
 from .muon_plan import (MERGE_NUMEL, BlockClass, Job, assign_lanes, class_cost, job_runs, partition,
                         plan_classes, round_sizes, split_of, stack_slot, zero_padding)
 
@@ -190,6 +191,8 @@ class Muon(torch.optim.Optimizer):
     0 = all on the current stream; ignored on CPU, with DTensors and with more than one rank).
     `ns_method`: "standard" Newton–Schulz, or "gram" (`_gram_orthogonalize_`: iterates on the m x m
     Gram matrix for blocks whose long side is >= 2x the short one; other blocks run the standard one).
+    `cuda_graph`: run the step as one CUDA graph, replayed while every param and momentum buffer
+    keeps its address; grads and lr are read from GPU tables (one process on CUDA; muon_graph.py).
     `momentum_dtype`: the momentum buffers' dtype (None = the grads'; torch.bfloat16 halves their
     memory and traffic, the lerps still run in fp32, as DeepSeek-V3 keeps AdamW's moments in bf16).
     `share` (several ranks, replicated params): "blocks" splits every NS round into one share per
@@ -206,7 +209,7 @@ class Muon(torch.optim.Optimizer):
                  batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
                  merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None,
                  ns_method: str = "standard", share: str = "blocks",
-                 momentum_dtype: torch.dtype | None = None) -> None:
+                 momentum_dtype: torch.dtype | None = None, cuda_graph: bool = False) -> None:
         if batch_numel < 1:
             raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
         if min(merge_numel, pad_flops or 0, streams or 0) < 0:
@@ -236,6 +239,7 @@ class Muon(torch.optim.Optimizer):
         self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
         self._plan_has_dtensor = False
         self._tuned_gemm: dict[tuple, str] = {}  # ns_gemm="tune": round shape -> the faster GEMM
+        self._graph = StepGraph() if cuda_graph else None  # the step as one CUDA graph (muon_graph.py)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
                         adjust_lr_fn=adjust_lr_fn, split=split, replicated=replicated)
@@ -276,10 +280,19 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         world, rank = self._world()
         plan = self._block_classes(world > 1)
+        if plan and self._graph is not None and not self._plan_has_dtensor \
+                and self._graph.applies(plan, world, self._fused_on):
+            self._graph.step(plan, self.state, _scalars, lambda: self._run_plan(plan, world, rank))
+        else:
+            self._run_plan(plan, world, rank)
+        return loss
+
+    def _run_plan(self, plan: list[BlockClass], world: int, rank: int) -> None:
+        """The step's kernels: the classes on side streams (one process on CUDA) or one after another."""
         streams = self._streams_for(plan, world)
         if streams:
             self._step_on_streams(plan, streams)
-            return loss
+            return
         loads = [0] * world  # NS FLOPs assigned to each rank so far this step
         pending = None  # a class whose NS results may still be arriving: updated after the next one starts
         for cls in plan:
@@ -292,7 +305,6 @@ class Muon(torch.optim.Optimizer):
         if pending is not None:
             with _on_device(pending[0].device):
                 self._finish_class(*pending)
-        return loss
 
     def _streams_for(self, plan: list[BlockClass], world: int) -> list:
         """This step's CUDA side streams; none off CUDA, for params on several devices, with DTensors
@@ -442,13 +454,15 @@ class Muon(torch.optim.Optimizer):
                 lists[1].append(grad)
                 lists[2].append(self._buffer(p))
                 lists[3].append(slot)
+        graphed = self._graph is not None and self._graph.live  # grads found through its table
         for run in job_runs(jobs, triton_jobs):
             group, params = run[0].group, [job.param for job in run]
             slots = stack_slot(stack, run[0], run[-1])  # (run blocks, block rows, block cols)
             out = slots if slots.is_contiguous() else torch.empty(slots.shape, dtype=torch.bfloat16,
                                                                   device=slots.device)
             _momentum_fused([p.grad for p in params], [self._buffer(p) for p in params], out,
-                            group["momentum"], group["nesterov"])
+                            group["momentum"], group["nesterov"],
+                            grad_table=self._graph.grad_table(params) if graphed else None)
             if out is not slots:
                 slots.copy_(out)  # transposed or padded: one copy per run
         for group, grads, bufs, views in reference.values():
@@ -511,10 +525,12 @@ class Muon(torch.optim.Optimizer):
                 lists = reference.setdefault(key, (decay, alpha, [], []))
                 lists[2].append(p)
                 lists[3].append(update)
+        graphed = self._graph is not None and self._graph.live  # scalars from its table: a replay's lr is new
         for run in job_runs(cls.jobs, triton_jobs):
             updates = stack_slot(stack, run[0], run[-1]).contiguous()  # a copy if transposed or padded
-            _update_fused([job.param for job in run], updates,
-                          *scalars[(id(run[0].group), run[0].rows, run[0].cols)])
+            key = (id(run[0].group), run[0].rows, run[0].cols)
+            _update_fused([job.param for job in run], updates, *scalars[key],
+                          coef=self._graph.coef(key) if graphed else None)
         for decay, alpha, params, updates in reference.values():
             _update_reference(params, updates, decay, alpha)
 
