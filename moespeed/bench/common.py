@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import os
 import statistics
 import subprocess
 import time
@@ -22,7 +23,10 @@ def package_version(dist: str) -> str | None:
 
 
 def git_commit(short: bool = False) -> str | None:
-    """The checkout's HEAD commit (None outside a git checkout, e.g. on the GPU machine)."""
+    """The checkout's HEAD commit (None outside a git checkout); $MOESPEED_COMMIT instead when set (a copied
+    working tree whose .git is stale or absent, e.g. on a lent GPU machine)."""
+    if os.environ.get("MOESPEED_COMMIT"):
+        return os.environ["MOESPEED_COMMIT"]
     args = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
     try:
         out = subprocess.run(args, capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
