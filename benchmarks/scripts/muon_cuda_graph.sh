@@ -19,3 +19,9 @@ for i in ${RUNS:-1 2}; do for name in ${NAMES:-plain graph graph_poly27}; do
     ${VARIANTS[$name]} --json "$OUT/train_step_${name}_$i.json" 2>&1 | tail -1 | sed "s/^/$name run $i: /"
 done; done
 grep -H -o '"muon_graph_[a-z]*": [0-9]*' "$OUT"/train_step_graph*.json
+# An emulated slow host (SPINNERS threads share the GIL with the launching one; see slow_host_train_step.py)
+for i in ${SLOW_RUNS:-}; do for name in ${NAMES:-plain graph graph_poly27}; do
+  timeout 240 python benchmarks/scripts/slow_host_train_step.py --spinners ${SPINNERS:-1} --presets small-moe \
+    --optimizers muon --steps 15 --warmup 6 ${VARIANTS[$name]} --json "$OUT/slow_${SPINNERS:-1}_${name}_$i.json" \
+    2>&1 | tail -1 | sed "s/^/slow host ($SPINNERS spinners): $name run $i: /"
+done; done
