@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
 # train.muon_cuda_graph on one GPU: its GPU tests, then small-moe's Muon time in the train step for each
-# variant, alternating, twice (one allocation: hosts differ a lot between allocations).
+# variant, alternating, twice (one allocation: hosts differ a lot between allocations); then, with
+# SLOW_RUNS="1 2", the same on an emulated slow host. TESTS=0 skips the tests, RUNS="" the normal runs,
+# NAMES picks variants.
 # From the repository root:  OUT=dir MOESPEED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/scripts/muon_cuda_graph.sh
 set -uo pipefail
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/muon_cuda_graph}; mkdir -p "$OUT"
-timeout 240 python -m pytest -p no:cacheprovider -W ignore -o addopts="" -q --tb=short -rfE tests/test_muon_graph.py \
-  tests/test_muon.py "tests/test_train.py::test_cuda_compiled_moe_training_matches_eager[muon_cuda_graph]" \
-  > "$OUT/pytest.log" 2>&1
-echo "tests: rc $? $(tail -1 "$OUT/pytest.log")"
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout 240 python -m pytest -p no:cacheprovider -W ignore -o addopts="" -q --tb=short -rfE tests/test_muon_graph.py \
+    tests/test_muon.py "tests/test_train.py::test_cuda_compiled_moe_training_matches_eager[muon_cuda_graph]" \
+    > "$OUT/pytest.log" 2>&1
+  echo "tests: rc $? $(tail -1 "$OUT/pytest.log")"
+fi
 declare -A VARIANTS=(
   [plain]=""
   [graph]="--set train.muon_cuda_graph true"
   [graph_poly27]="--set train.muon_cuda_graph true --set train.muon_ns_gemm poly --set train.muon_batch_numel 134217728"
 )
-for i in ${RUNS:-1 2}; do for name in ${NAMES:-plain graph graph_poly27}; do
+for i in ${RUNS-1 2}; do for name in ${NAMES:-plain graph graph_poly27}; do
   timeout 120 python -m moespeed.bench.train_step --presets small-moe --optimizers muon --steps 15 --warmup 6 \
     ${VARIANTS[$name]} --json "$OUT/train_step_${name}_$i.json" 2>&1 | tail -1 | sed "s/^/$name run $i: /"
 done; done
-grep -H -o '"muon_graph_[a-z]*": [0-9]*' "$OUT"/train_step_graph*.json
 # An emulated slow host (SPINNERS threads share the GIL with the launching one; see slow_host_train_step.py)
 for i in ${SLOW_RUNS:-}; do for name in ${NAMES:-plain graph graph_poly27}; do
   timeout 240 python benchmarks/scripts/slow_host_train_step.py --spinners ${SPINNERS:-1} --presets small-moe \
     --optimizers muon --steps 15 --warmup 6 ${VARIANTS[$name]} --json "$OUT/slow_${SPINNERS:-1}_${name}_$i.json" \
     2>&1 | tail -1 | sed "s/^/slow host ($SPINNERS spinners): $name run $i: /"
 done; done
+grep -H -o '"muon_graph_[a-z]*": [0-9]*' "$OUT"/*graph*.json
