@@ -22,10 +22,10 @@ for i in ${RUNS-1 2}; do for name in ${NAMES:-plain graph graph_poly27}; do
   timeout 120 python -m moespeed.bench.train_step --presets small-moe --optimizers muon --steps 15 --warmup 6 \
     ${VARIANTS[$name]} --json "$OUT/train_step_${name}_$i.json" 2>&1 | tail -1 | sed "s/^/$name run $i: /"
 done; done
-# An emulated slow host (SPINNERS threads share the GIL with the launching one; see slow_host_train_step.py)
+# An emulated slow host (BURNERS busy loops share one core with all of the bench's threads; see slow_host_train_step.py)
 for i in ${SLOW_RUNS:-}; do for name in ${NAMES:-plain graph graph_poly27}; do
-  timeout 240 python benchmarks/scripts/slow_host_train_step.py --spinners ${SPINNERS:-1} --presets small-moe \
-    --optimizers muon --steps 15 --warmup 6 ${VARIANTS[$name]} --json "$OUT/slow_${SPINNERS:-1}_${name}_$i.json" \
-    2>&1 | tail -1 | sed "s/^/slow host ($SPINNERS spinners): $name run $i: /"
+  timeout 240 python benchmarks/scripts/slow_host_train_step.py --burners ${BURNERS:-1} --presets small-moe \
+    --optimizers muon --steps 15 --warmup 6 ${VARIANTS[$name]} --json "$OUT/slow_${BURNERS:-1}_${name}_$i.json" \
+    2>&1 | tail -1 | sed "s/^/slow host (${BURNERS:-1} burners): $name run $i: /"
 done; done
 grep -H -o '"muon_graph_[a-z]*": [0-9]*' "$OUT"/*graph*.json
