@@ -329,7 +329,10 @@ _SMALL = {
                   muon_ns_coefficients="polar_express", muon_ns_steps=4,
                   # bf16 Muon momentum: small val loss 3.6413 vs 3.6414 (mean of 3 seeds), small-moe -0.24 ms and
                   # -590 MiB per step on an H200 (BENCHMARKS.md, session 10)
-                  muon_momentum_dtype="bfloat16"),
+                  muon_momentum_dtype="bfloat16",
+                  # Muon's step as one CUDA graph: H200 small-moe 6.84/6.88 vs 6.90/6.94 ms, on an emulated
+                  # slow-launch host 9.14/6.86 vs 12.88/13.92 ms, same peak memory (BENCHMARKS.md, session 15)
+                  muon_cuda_graph=True),
 }
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quickstart": _QUICKSTART,
