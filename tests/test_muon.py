@@ -796,6 +796,33 @@ def test_batch_numel_comes_from_the_config():
         build_config("quickstart", None, [("train.muon_batch_numel", "0")])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_adamw_side_stream_steps_like_one_stream(device):
+    """train.adamw_side_stream: AdamW beside Muon on a side stream leaves exactly the params of AdamW
+    then Muon on one stream (on CPU the option does nothing)."""
+    from moespeed.config import build_config
+    from moespeed.model.transformer import Transformer
+    from moespeed.optim.build import build_optimizer
+
+    torch.manual_seed(0)
+    cfg = build_config("quickstart", None, [("model.vocab_size", "256"), ("model.n_layers", "2")])
+    models = [Transformer(cfg.model).to(device) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model, side in zip(models, (False, True)):
+        cfg.train.adamw_side_stream = side
+        opt, _ = build_optimizer(model, cfg.train)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g).to(device)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert bool(opt._streams) == (side and device == "cuda")  # the side stream was used on CUDA only
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_muon_triton_kernels_compile_for_hopper():
     """Every Muon Triton kernel variant compiles for an H100 (sm_90) ahead of time, also on a machine
     without a GPU: the interpreter tests check their arithmetic, this that the GPU can build them."""

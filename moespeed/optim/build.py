@@ -14,6 +14,7 @@ import os
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError
 from .muon import NS_COEFFICIENTS, Muon, muon_eligible
@@ -30,18 +31,48 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 class OptimizerSet:
-    """Several optimizers stepped as one (Muon + AdamW), with one state_dict."""
+    """Several optimizers stepped as one (Muon + AdamW), with one state_dict.
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+    `adamw_side_stream`: on CUDA, AdamW steps on a side stream while the others (Muon) step on the
+    current one, so its memory-bound kernels can run beside Muon's GEMMs instead of before them; the
+    current stream waits for it at the end (ignored off CUDA, alone, and with DTensor params)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], adamw_side_stream: bool = False):
         self.optimizers = optimizers
+        self.adamw_side_stream = adamw_side_stream
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
     def step(self) -> None:
-        for opt in self.optimizers.values():
-            opt.step()
+        stream = self._adamw_stream()
+        if stream is None:
+            for opt in self.optimizers.values():
+                opt.step()
+            return
+        current = torch.cuda.current_stream(stream.device)
+        stream.wait_stream(current)  # the grads are ready
+        with torch.cuda.stream(stream):
+            self.optimizers["adamw"].step()
+        for name, opt in self.optimizers.items():
+            if name != "adamw":
+                opt.step()
+        current.wait_stream(stream)  # later work (zero_grad frees the grads) waits for AdamW
+
+    def _adamw_stream(self):
+        """AdamW's side stream for this step, or None (option off, not CUDA, nothing beside it, DTensors)."""
+        adamw = self.optimizers.get("adamw")
+        if not self.adamw_side_stream or adamw is None or len(self.optimizers) == 1:
+            return None
+        params = [p for g in adamw.param_groups for p in g["params"]]
+        if not params or params[0].device.type != "cuda" or any(isinstance(p, DTensor) for p in params):
+            return None
+        device = params[0].device
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
@@ -104,5 +135,6 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
                                   momentum_dtype=getattr(torch, tc.muon_momentum_dtype), cuda_graph=tc.muon_cuda_graph)
         lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}, {tc.muon_ns_steps} NS steps "
                         f"({tc.muon_ns_coefficients}): {len(muon)} tensors, "
-                        f"{sum(p.numel() for p in muon) / 1e6:.2f}M params")
-    return OptimizerSet(optimizers), "optimizer groups:\n" + "\n".join(lines)
+                        f"{sum(p.numel() for p in muon) / 1e6:.2f}M params"
+                        + (", step as a CUDA graph (one process on CUDA)" if tc.muon_cuda_graph else ""))
+    return OptimizerSet(optimizers, tc.adamw_side_stream), "optimizer groups:\n" + "\n".join(lines)
