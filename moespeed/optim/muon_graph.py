@@ -138,9 +138,13 @@ class StepGraph:
 
     def _write_coefs(self, plan, scalars) -> None:
         """This step's (decay, alpha) per key into `coefs` (a new table, hence a new signature, for new keys)."""
+        done = set()
         for cls in plan:
             for job in cls.jobs:
                 key = (id(job.group), job.rows, job.cols)
+                if key in done:
+                    continue
+                done.add(key)
                 if key not in self._coef_rows:
                     self._coef_rows[key] = len(self._coef_values)
                     self._coef_values.append([0.0, 0.0])
