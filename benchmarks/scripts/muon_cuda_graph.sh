@@ -2,7 +2,8 @@
 # train.muon_cuda_graph on one GPU: its GPU tests, then small-moe's Muon time in the train step for each
 # variant, alternating, twice (one allocation: hosts differ a lot between allocations); then, with
 # SLOW_RUNS="1 2", the same on an emulated slow host. TESTS=0 skips the tests, RUNS="" the normal runs,
-# NAMES picks variants.
+# NAMES picks variants (plain graph graph_poly27 adamw_side), e.g. NAMES="graph adamw_side" times
+# train.adamw_side_stream against the presets' settings.
 # From the repository root:  OUT=dir MOESPEED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/scripts/muon_cuda_graph.sh
 set -uo pipefail
 export PYTHONPATH=$PWD
@@ -13,10 +14,11 @@ if [ "${TESTS:-1}" = 1 ]; then
     > "$OUT/pytest.log" 2>&1
   echo "tests: rc $? $(tail -1 "$OUT/pytest.log")"
 fi
-declare -A VARIANTS=(
-  [plain]=""
+declare -A VARIANTS=(  # the small presets set train.muon_cuda_graph = true since session 15
+  [plain]="--set train.muon_cuda_graph false"
   [graph]="--set train.muon_cuda_graph true"
   [graph_poly27]="--set train.muon_cuda_graph true --set train.muon_ns_gemm poly --set train.muon_batch_numel 134217728"
+  [adamw_side]="--set train.muon_cuda_graph true --set train.adamw_side_stream true"
 )
 for i in ${RUNS-1 2}; do for name in ${NAMES:-plain graph graph_poly27}; do
   timeout 120 python -m moespeed.bench.train_step --presets small-moe --optimizers muon --steps 15 --warmup 6 \
