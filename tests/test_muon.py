@@ -386,12 +386,14 @@ def test_batch_numel_chunks_a_stack_evenly(monkeypatch):
     assert calls == [4, 3, 3]  # at most 4 per call, in as few and as equal calls as possible
 
 
-def test_big_class_is_cut_between_params():
+@pytest.mark.parametrize("stack_batches, sizes", [(4, [8, 4]), (1, [4, 4, 4]), (6, [12])])
+def test_big_class_is_cut_between_params(stack_batches, sizes):
     start = _params([(4, 8, 8)] * 3)  # 3 stacks of 4 blocks of 64 elements
     small, big = _params([(4, 8, 8)] * 3), _params([(4, 8, 8)] * 3)
-    opt = Muon(small, lr=0.05, batch_numel=128)  # a stack holds <= 4 * 128 elements: 8 blocks
+    # a stack holds <= stack_batches * 128 elements (4: 8 blocks), or one bigger param (1: 2 blocks < 4)
+    opt = Muon(small, lr=0.05, batch_numel=128, stack_batches=stack_batches)
     _set_grads(small, 7)
-    assert [cls.n_blocks for cls in opt._block_classes(False)] == [8, 4]
+    assert [cls.n_blocks for cls in opt._block_classes(False)] == sizes
     out = _run(small, opt, steps=1)
     ref = _run(big, Muon(big, lr=0.05), steps=1)  # one stack of 12 blocks
     for p0, a, b in zip(start, out, ref):
@@ -782,7 +784,8 @@ def test_faster_gemm_leaves_its_input_and_names_a_gemm():
 
 
 def test_batch_numel_comes_from_the_config():
-    """train.muon_batch_numel reaches Muon (its default is Muon's own), and a bad value is one clear error."""
+    """train.muon_batch_numel and muon_stack_batches reach Muon (their defaults are Muon's own), and a
+    bad value is one clear error."""
     from moespeed.config import TrainConfig, build_config
     from moespeed.errors import ConfigError
     from moespeed.model.transformer import Transformer
@@ -791,9 +794,12 @@ def test_batch_numel_comes_from_the_config():
     assert TrainConfig().muon_batch_numel == muon_mod.BATCH_NUMEL
     cfg = build_config("quickstart", None, [("model.vocab_size", "256"), ("train.muon_batch_numel", "4096")])
     opt, _ = build_optimizer(Transformer(cfg.model), cfg.train)
-    assert opt.optimizers["muon"].batch_numel == 4096
-    with pytest.raises(ConfigError, match="train.muon_batch_numel = 0"):
-        build_config("quickstart", None, [("train.muon_batch_numel", "0")])
+    assert opt.optimizers["muon"].batch_numel == 4096 and opt.optimizers["muon"].stack_batches == muon_mod.STACK_BATCHES
+    cfg = build_config("quickstart", None, [("model.vocab_size", "256"), ("train.muon_stack_batches", "1")])
+    assert build_optimizer(Transformer(cfg.model), cfg.train)[0].optimizers["muon"].stack_batches == 1
+    for key in ("muon_batch_numel", "muon_stack_batches"):
+        with pytest.raises(ConfigError, match=f"train.{key} = 0"):
+            build_config("quickstart", None, [(f"train.{key}", "0")])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

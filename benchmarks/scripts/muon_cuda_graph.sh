@@ -2,8 +2,8 @@
 # train.muon_cuda_graph on one GPU: its GPU tests, then small-moe's Muon time in the train step for each
 # variant, alternating, twice (one allocation: hosts differ a lot between allocations); then, with
 # SLOW_RUNS="1 2", the same on an emulated slow host. TESTS=0 skips the tests, RUNS="" the normal runs,
-# NAMES picks variants (plain graph graph_poly27 adamw_side), e.g. NAMES="graph adamw_side" times
-# train.adamw_side_stream against the presets' settings.
+# NAMES picks variants (plain graph graph_poly27 adamw_side stack1), e.g. NAMES="graph adamw_side stack1"
+# times train.adamw_side_stream and train.muon_stack_batches 1 against the presets' settings.
 # From the repository root:  OUT=dir MOESPEED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/scripts/muon_cuda_graph.sh
 set -uo pipefail
 export PYTHONPATH=$PWD
@@ -19,6 +19,7 @@ declare -A VARIANTS=(  # the small presets set train.muon_cuda_graph = true sinc
   [graph]="--set train.muon_cuda_graph true"
   [graph_poly27]="--set train.muon_cuda_graph true --set train.muon_ns_gemm poly --set train.muon_batch_numel 134217728"
   [adamw_side]="--set train.muon_cuda_graph true --set train.adamw_side_stream true"
+  [stack1]="--set train.muon_cuda_graph true --set train.muon_stack_batches 1"
 )
 for i in ${RUNS-1 2}; do for name in ${NAMES:-plain graph graph_poly27}; do
   timeout 120 python -m moespeed.bench.train_step --presets small-moe --optimizers muon --steps 15 --warmup 6 \

@@ -132,7 +132,8 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
                                   adjust_lr_fn=tc.muon_adjust_lr,
                                   ns_gemm=tc.muon_ns_gemm, streams=tc.muon_streams, batch_numel=tc.muon_batch_numel,
                                   ns_method=tc.muon_ns_method, share=tc.muon_share,
-                                  momentum_dtype=getattr(torch, tc.muon_momentum_dtype), cuda_graph=tc.muon_cuda_graph)
+                                  momentum_dtype=getattr(torch, tc.muon_momentum_dtype), cuda_graph=tc.muon_cuda_graph,
+                                  stack_batches=tc.muon_stack_batches)
         lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}, {tc.muon_ns_steps} NS steps "
                         f"({tc.muon_ns_coefficients}): {len(muon)} tensors, "
                         f"{sum(p.numel() for p in muon) / 1e6:.2f}M params"

@@ -123,8 +123,8 @@ from .newton_schulz import (EPS, GRAM_RESTART, NS_COEFFICIENTS, NS_GEMMS, NS_MET
                             TUNE_REPEATS, _faster_gemm, _gram_orthogonalize_, _hashable, _orthogonalize_,
                             gram_pays, newton_schulz, ns_flops, step_coefficients)  # re-exported: Muon's API
 from .muon_graph import StepGraph
-from .muon_plan import (MERGE_NUMEL, BlockClass, Job, assign_lanes, class_cost, job_runs, partition,
-                        plan_classes, round_sizes, split_of, stack_slot, zero_padding)
+from .muon_plan import (MERGE_NUMEL, STACK_BATCHES, BlockClass, Job, assign_lanes, class_cost, job_runs,
+                        partition, plan_classes, round_sizes, split_of, stack_slot, zero_padding)
 
 SHARES = ("blocks", "rounds")  # how ranks split the NS work of replicated params (see Muon's docstring)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
@@ -191,6 +191,9 @@ class Muon(torch.optim.Optimizer):
     0 = all on the current stream; ignored on CPU, with DTensors and with more than one rank).
     `ns_method`: "standard" Newton–Schulz, or "gram" (`_gram_orthogonalize_`: iterates on the m x m
     Gram matrix for blocks whose long side is >= 2x the short one; other blocks run the standard one).
+    `stack_batches`: a class's stack holds at most this many times `batch_numel` elements (or one
+    bigger param); a bigger class is cut between params into several, which side streams run
+    concurrently (one class's memory-bound momentum and update beside another's NS GEMMs).
     `cuda_graph`: run the step as one CUDA graph, replayed while every param and momentum buffer
     keeps its address; grads and lr are read from GPU tables (one process on CUDA; muon_graph.py).
     `momentum_dtype`: the momentum buffers' dtype (None = the grads'; torch.bfloat16 halves their
@@ -209,9 +212,10 @@ class Muon(torch.optim.Optimizer):
                  batch_numel: int = BATCH_NUMEL, fused: bool | None = None, ns_gemm: str = "torch",
                  merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None,
                  ns_method: str = "standard", share: str = "blocks",
-                 momentum_dtype: torch.dtype | None = None, cuda_graph: bool = False) -> None:
-        if batch_numel < 1:
-            raise ValueError(f"batch_numel = {batch_numel}: must be >= 1")
+                 momentum_dtype: torch.dtype | None = None, cuda_graph: bool = False,
+                 stack_batches: int = STACK_BATCHES) -> None:
+        if batch_numel < 1 or stack_batches < 1:
+            raise ValueError(f"batch_numel = {batch_numel}, stack_batches = {stack_batches}: must be >= 1")
         if min(merge_numel, pad_flops or 0, streams or 0) < 0:
             raise ValueError(f"Muon merge_numel = {merge_numel}, pad_flops = {pad_flops}, streams = {streams}: "
                              "must be >= 0")
@@ -234,6 +238,7 @@ class Muon(torch.optim.Optimizer):
         self.momentum_dtype = momentum_dtype
         self.merge_numel = merge_numel
         self.pad_flops = pad_flops
+        self.stack_batches = stack_batches
         self.streams = DEFAULT_STREAMS if streams is None else streams
         self._side_streams: dict[torch.device, list] = {}  # device -> CUDA streams, made on first use
         self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
@@ -347,12 +352,12 @@ class Muon(torch.optim.Optimizer):
     def _block_classes(self, distributed: bool) -> list[BlockClass]:
         """This step's classes (`plan_classes`), cached: rebuilt only when the params, their NS options
         or which grads exist change."""
-        key = (distributed, self.merge_numel, self.pad_flops,
+        key = (distributed, self.merge_numel, self.pad_flops, self.stack_batches,
                tuple((id(g), g["ns_steps"], g["ns_coefficients"], g["eps"], g["split"], g["replicated"],
                       tuple((id(p), p.grad is None) for p in g["params"])) for g in self.param_groups))
         if key != self._plan_key:
             self._plan = plan_classes(self.param_groups, distributed, self.merge_numel, self.pad_flops,
-                                      self.batch_numel)
+                                      self.batch_numel, self.stack_batches)
             self._plan_has_dtensor = any(isinstance(job.param, DTensor) for cls in self._plan for job in cls.jobs)
             self._plan_key = key
         return self._plan

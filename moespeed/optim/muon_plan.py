@@ -9,7 +9,8 @@ Muon orthogonalizes *blocks*, the last two dims of a param, which are (rows, col
     `[n_heads * head_dim, d_model]` orthogonalized per head. Only row-blocks are supported.
 All blocks of equal shape (and equal NS settings) across all params and groups form a *class*
 (`BlockClass`); each param is a `Job` in it. In a step a class is one bf16 stack
-(n_blocks, rows, cols), cut between params when bigger than STACK_BATCHES * `batch_numel` elements.
+(n_blocks, rows, cols), cut between params when bigger than `stack_batches` (default STACK_BATCHES)
+* `batch_numel` elements; on one GPU the cut classes run concurrently on Muon's side streams.
 
 Merging: NS of a tall block is NS of its transpose, transposed back, so a class of tall (r, c)
 blocks with at most `merge_numel` elements joins the class of wide (c, r) blocks, if there is one,
@@ -77,10 +78,11 @@ class BlockClass:
 
 
 def plan_classes(param_groups: list[dict], distributed: bool, merge_numel: int, pad_flops: int | None,
-                 batch_numel: int) -> list[BlockClass]:
+                 batch_numel: int, stack_batches: int = STACK_BATCHES) -> list[BlockClass]:
     """The params of `param_groups`, grouped into classes by (block shape, NS settings, device,
     shared): shared = split across ranks (`distributed` and the group is `replicated`). A param
-    without a grad is left out unless a collective depends on it (shared or a DTensor)."""
+    without a grad is left out unless a collective depends on it (shared or a DTensor). A class is
+    cut between params where its stack would exceed stack_batches * batch_numel elements."""
     shapes: dict[tuple, list] = {}  # class key -> [(group index, numel, order, param, group)]
     for g, group in enumerate(param_groups):
         shared = distributed and group["replicated"]
@@ -102,7 +104,7 @@ def plan_classes(param_groups: list[dict], distributed: bool, merge_numel: int, 
         block_numel, cls = cls_key[0] * cls_key[1], None
         for _, flip, rows, cols, _, _, p, group in sorted(members, key=lambda m: m[:6]):  # equal shapes
             blocks = blocks_of(p, group)                                                  # side by side
-            if cls is None or (cls.n_blocks + blocks) * block_numel > STACK_BATCHES * batch_numel:
+            if cls is None or (cls.n_blocks + blocks) * block_numel > stack_batches * batch_numel:
                 cls = BlockClass(*cls_key)  # a new stack: bounds the memory of one
                 plan.append(cls)
             cls.jobs.append(Job(p, group, cls.n_blocks, blocks, rows, cols, flip))
