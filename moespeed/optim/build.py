@@ -137,5 +137,5 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
         lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}, {tc.muon_ns_steps} NS steps "
                         f"({tc.muon_ns_coefficients}): {len(muon)} tensors, "
                         f"{sum(p.numel() for p in muon) / 1e6:.2f}M params"
-                        + (", step as a CUDA graph (one process on CUDA)" if tc.muon_cuda_graph else ""))
+                        + (", step as a CUDA graph (one process)" if tc.muon_cuda_graph and muon[0].is_cuda else ""))
     return OptimizerSet(optimizers, tc.adamw_side_stream), "optimizer groups:\n" + "\n".join(lines)
