@@ -1,0 +1,55 @@
+"""Would fp8 Newton-Schulz GEMMs keep Muon's update? A CPU emulation, no GPU kernel.
+
+Newton-Schulz as the small presets run it (4 Polar Express steps, lowest 3e-3) on 32 blocks of
+small-moe's expert shape (256 x 768) with power-law singular values (s_i ~ i^-0.7, like a momentum
+matrix). The GEMM operands are rounded to bf16 (as today) or, in the first k steps, to fp8 e4m3 with
+a per-matrix scale (what Hopper's fp8 tensor cores take, accumulating in fp32); products and the
+other steps are rounded to bf16 like the bf16 path. Printed: the mean relative error against the same
+iteration in fp64, the output's singular-value band, and the cosine to the exact polar factor U V^T.
+
+    PYTHONPATH=$PWD python benchmarks/scripts/ns_fp8_emulation.py
+"""
+import torch
+from moespeed.optim.polar_express import polar_express_coefficients
+
+torch.manual_seed(0)
+E4M3_MAX = 448.0
+
+def q_bf16(x):
+    return x.to(torch.bfloat16).to(torch.float64)
+
+def q_e4m3(x):  # per-matrix scale to the e4m3 range (amax -> 448), round, unscale
+    s = x.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-30) / E4M3_MAX
+    return (x / s).to(torch.float8_e4m3fn).to(torch.float64) * s
+
+def ns(G, coeffs, fp8_steps, exact=False):
+    """NS of each matrix of G (n, m, cols), m <= cols; fp8 operands in the first fp8_steps steps."""
+    X = G / G.norm(dim=(-2, -1), keepdim=True)
+    X = X if exact else q_bf16(X)
+    for k, (a, b, c) in enumerate(coeffs):
+        q = (lambda t: t) if exact else (q_e4m3 if k < fp8_steps else q_bf16)
+        A = q(X) @ q(X).mT          # (n, m, m), fp32/fp64 accumulation
+        A = A if exact else q_bf16(A)
+        B = b * A + c * (q(A) @ q(A))
+        B = B if exact else q_bf16(B)
+        X = a * X + q(B) @ q(X)
+        X = X if exact else q_bf16(X)
+    return X
+
+coeffs = polar_express_coefficients(4, 3e-3)
+n, m, cols = 32, 256, 768
+# momentum-like: power-law singular values
+U = torch.linalg.qr(torch.randn(n, m, m, dtype=torch.float64))[0]
+V = torch.linalg.qr(torch.randn(n, cols, m, dtype=torch.float64))[0]
+S = torch.arange(1, m + 1, dtype=torch.float64) ** -0.7
+G = U @ torch.diag_embed(S.expand(n, m)) @ V.mT
+ref = ns(G, coeffs, 0, exact=True)
+polar = U @ V.mT
+for label, k in [("bf16 (today)", 0), ("fp8 step 1", 1), ("fp8 steps 1-2", 2), ("fp8 steps 1-3", 3), ("fp8 all 4", 4)]:
+    out = ns(G, coeffs, k)
+    err = ((out - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).mean().item()
+    sv = torch.linalg.svdvals(out)
+    cos = ((out * polar).sum(dim=(-2, -1)) / (out.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))).mean().item()
+    print(f"{label:14} rel. error vs fp64 NS {err:.2e}   singular values [{sv.min():.3f}, {sv.max():.3f}]   cos to polar {cos:.4f}")
+sv = torch.linalg.svdvals(ref)
+print(f"{'fp64 NS':14} singular values [{sv.min():.3f}, {sv.max():.3f}]")
