@@ -11,8 +11,22 @@ from helpers import run_interpreted
 _FAKE_GRAPH_SCRIPT = r'''
 import contextlib
 import torch
+from moespeed.kernels import muon_triton
 from moespeed.optim import muon_graph
 from moespeed.optim.muon import Muon
+
+captured_tables = []  # the launch tables the captured kernels read
+real_launch_runs = muon_triton._launch_runs
+
+
+def launch_runs(*lists):
+    runs = real_launch_runs(*lists)
+    if capturing:
+        captured_tables.extend(table for _, _, table in runs)
+    return runs
+
+
+muon_triton._launch_runs, capturing = launch_runs, False
 
 
 class FakeGraph:
@@ -20,11 +34,16 @@ class FakeGraph:
     A capture runs nothing: what the step did to the params and momentum buffers is undone at its end."""
 
     def capture_begin(self, **kwargs):
+        global capturing
         log.append("capture")
+        capturing = True
+        captured_tables.clear()
         self.tensors = graphed + [state["momentum_buffer"] for state in opt.state.values()]
         self.saved = [t.detach().clone() for t in self.tensors]
 
     def capture_end(self):
+        global capturing
+        capturing = False
         with torch.no_grad():
             for t, saved in zip(self.tensors, self.saved):
                 t.copy_(saved)
@@ -105,6 +124,8 @@ assert kinds == ["eager", "eager", "eager", "capture", "replay", "replay", "eage
 assert step_graph.captures == 2 and log == ["capture", "capture"]
 assert step_graph.coefs.gpu.shape == (3, 2)  # (group, block shape) keys: (16, 24), (24, 16), (8, 8)
 assert step_graph.grads.gpu.shape == (4,)  # one grad offset per param
+# the graph holds every launch table its capture read: the cache may drop them while it replays
+assert captured_tables and {id(t) for t in captured_tables} <= {id(t) for t in step_graph._held}
 print("graph ok")
 '''
 

@@ -17,6 +17,7 @@ TRITON_INTERPRET=1 (tests); the references are the CPU path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -277,7 +278,26 @@ def _launch_runs(*lists: list[Tensor]) -> list[tuple[int, int, Tensor]]:
         if len(_RUNS_CACHE) >= _RUNS_CACHE_SIZE:
             _RUNS_CACHE.clear()
         runs = _RUNS_CACHE[key] = list(_find_runs(*lists))
+    for held in _HOLDERS:
+        held.extend(table for _, _, table in runs)
     return runs
+
+
+_HOLDERS: list[list[Tensor]] = []  # open `holding_tables` lists
+
+
+@contextlib.contextmanager
+def holding_tables():
+    """A list of every launch table used inside the block: the device tables and, for those built
+    inside it, their pinned host sources. A CUDA graph captured in the block reads them at every
+    replay (a host-to-device copy captured on a cache miss re-reads its source), so the graph's
+    owner keeps the list: the cache may drop its tables when it is full."""
+    held: list[Tensor] = []
+    _HOLDERS.append(held)
+    try:
+        yield held
+    finally:
+        _HOLDERS[:] = [h for h in _HOLDERS if h is not held]
 
 
 def _find_runs(*lists: list[Tensor]):
@@ -295,6 +315,8 @@ def _find_runs(*lists: list[Tensor]):
             last += 1
         table = torch.tensor([g for acc in offsets for g in acc], dtype=torch.int64,
                              pin_memory=device.type == "cuda")
+        for held in _HOLDERS:
+            held.append(table)  # the source of a copy that a CUDA graph may have captured
         yield first, last, table.to(device, non_blocking=True)
         first = last
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels.muon_triton import holding_tables
+
 WARMUP_STEPS = 2  # eager steps with an unchanged signature before a capture
 MAX_CAPTURES = 4  # captures before giving up on the graph (signatures that keep changing)
 GRAD_ALIGN = 16  # elements: the momentum kernels' grad offsets count in these units (vector loads)
@@ -74,6 +76,7 @@ class StepGraph:
         self._grad_rows: dict[int, int] = {}  # id(param) -> row of grads, in the plan's job order
         self.grads: DeviceTable | None = None  # (jobs,) int64: each grad's offset from anchor / GRAD_ALIGN
         self.anchor: Tensor | None = None  # (GRAD_ALIGN,) of the grads' dtype: the base of those offsets
+        self._held: list[Tensor] = []  # the launch tables the graph reads, kept alive while it can replay
 
     @staticmethod
     def applies(plan, world: int, fused_on) -> bool:
@@ -116,8 +119,10 @@ class StepGraph:
             if self._repeats < WARMUP_STEPS or self.captures >= MAX_CAPTURES:
                 run()
                 return
-            self.graph, self.signature = None, None  # the old graph (and its memory) goes first
-            self.graph, self.signature = _capture(run), signature
+            self.graph, self.signature, self._held = None, None, []  # the old graph (and its memory) goes first
+            with holding_tables() as held:
+                self.graph, self.signature = _capture(run), signature
+            self._held = held  # the launch tables its kernels read
             self.captures += 1
             self.graph.replay()  # capturing ran nothing: this step's work
         finally:
