@@ -378,6 +378,18 @@ def test_streams_on_cpu_are_a_no_op_and_the_stream_path_matches(monkeypatch):
         _assert_update_close(a.detach() - p0, b - p0)
 
 
+def test_launch_runs_cache_tells_one_list_from_two():
+    """The launch-table cache keys on the lists, not only the addresses: a graphed step's (bufs) call
+    must not get the runs of an earlier (grads, bufs) call on tensors at the same addresses."""
+    from moespeed.kernels import muon_triton as K
+
+    tensors = [torch.zeros(64) for _ in range(6)]
+    pairs = K._launch_runs(tensors[:3], tensors[3:])  # 3 tensors per list
+    single = K._launch_runs(tensors)  # one list of 6
+    assert sum(last - first for first, last, _ in pairs) == 3
+    assert sum(last - first for first, last, _ in single) == 6
+
+
 def test_batch_numel_chunks_a_stack_evenly(monkeypatch):
     calls = _count_ns(monkeypatch)
     (p,) = _params([(10, 8, 8)])

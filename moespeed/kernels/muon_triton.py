@@ -268,11 +268,11 @@ def _launch_runs(*lists: list[Tensor]) -> list[tuple[int, int, Tensor]]:
 
     offsets (int64, on the tensors' device) holds, list after list, each tensor's distance from the
     run's first tensor of its list, in units of 16 elements (so the kernels' loads stay vectorized);
-    a tensor at another distance, or with another dtype, starts a new run. Cached by the tensors'
-    addresses and dtypes: params, buffers and DDP's gradient views keep theirs from step to step, so
+    a tensor at another distance, or with another dtype, starts a new run. Cached by the number of
+    lists and the tensors' addresses and dtypes (one list of 2n tensors is not two lists of n): params, buffers and DDP's gradient views keep theirs from step to step, so
     the tables are built and copied to the device once.
     """
-    key = tuple((t.data_ptr(), t.dtype, t.device) for ts in lists for t in ts)
+    key = (len(lists), *((t.data_ptr(), t.dtype, t.device) for ts in lists for t in ts))
     runs = _RUNS_CACHE.get(key)
     if runs is None:
         if len(_RUNS_CACHE) >= _RUNS_CACHE_SIZE:

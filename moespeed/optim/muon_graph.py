@@ -25,6 +25,8 @@ elementwise kernels, contiguous params and gradients of one dtype; elsewhere Muo
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -52,7 +54,9 @@ class DeviceTable:
         """`gpu` = values (nested lists of its shape), in stream order."""
         turn, self._turn = self._turn, 1 - self._turn
         if self._copied[turn] is not None:
-            self._copied[turn].synchronize()  # the copy from this buffer two writes ago is done (it always is)
+            # the copy from this buffer two writes ago must be done: the host may wait here when it runs
+            # more than a step ahead of the GPU
+            self._copied[turn].synchronize()
         staging = self._staging[turn]
         staging.copy_(torch.tensor(values, dtype=staging.dtype))
         self.gpu.copy_(staging, non_blocking=True)
@@ -81,9 +85,15 @@ class StepGraph:
     @staticmethod
     def applies(plan, world: int, fused_on) -> bool:
         """Whether this step (without DTensors: the caller checks) can be graphed: one process, one CUDA
-        device, the fused kernels, contiguous params and gradients."""
+        device that is the current one (the capture stream, the tables and their events live there),
+        the fused kernels, contiguous params and gradients."""
         devices = {cls.device for cls in plan}
-        if world != 1 or len(devices) != 1 or next(iter(devices)).type != "cuda" or not fused_on(next(iter(devices))):
+        device = next(iter(devices))
+        if world != 1 or len(devices) != 1 or device.type != "cuda":
+            return False
+        if device.index is not None and device.index != torch.cuda.current_device():
+            return False
+        if not fused_on(device):
             return False
         return all(job.param.is_contiguous() and job.param.grad is not None and job.param.grad.is_contiguous()
                    for cls in plan for job in cls.jobs)
@@ -112,6 +122,7 @@ class StepGraph:
             self.graph.replay()
             self.replays += 1
             return
+        self.graph, self.signature, self._held = None, None, []  # a stale graph: its memory goes now
         self._repeats = self._repeats + 1 if signature == self._last else 0
         self._last = signature
         self.live = True
@@ -119,7 +130,6 @@ class StepGraph:
             if self._repeats < WARMUP_STEPS or self.captures >= MAX_CAPTURES:
                 run()
                 return
-            self.graph, self.signature, self._held = None, None, []  # the old graph (and its memory) goes first
             with holding_tables() as held:
                 self.graph, self.signature = _capture(run), signature
             self._held = held  # the launch tables its kernels read
@@ -131,7 +141,7 @@ class StepGraph:
     def _signature(self, plan, state: dict) -> tuple:
         """Everything a replay depends on but the tables' contents: the classes' layout, the tables'
         and every param's and momentum buffer's address."""
-        parts = [self.coefs.gpu.data_ptr(), self.grads.gpu.data_ptr(), self.anchor.data_ptr()]
+        parts = [self.coefs.gpu.data_ptr(), self.grads.gpu.data_ptr(), self.anchor.data_ptr(), self.anchor.dtype]
         for cls in plan:
             parts.append((cls.rows, cls.cols, cls.steps, cls.coefficients, cls.eps, cls.n_blocks, cls.padded))
             for job in cls.jobs:
@@ -188,7 +198,10 @@ def _capture(run) -> torch.cuda.CUDAGraph:
         graph.capture_begin(capture_error_mode="thread_local")
         try:
             run()
-        finally:
-            graph.capture_end()
+        except BaseException:
+            with contextlib.suppress(Exception):  # ending a broken capture may fail too: keep run()'s error
+                graph.capture_end()
+            raise
+        graph.capture_end()
     current.wait_stream(stream)
     return graph
