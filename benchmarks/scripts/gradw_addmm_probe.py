@@ -6,7 +6,7 @@ a Triton GEMM that loads C before or after its K loop (does overlapping C's read
 On CPU (TRITON_INTERPRET=1) it only checks the Triton kernel on a small shape.
 Session 10 (H200): s10_gradw_addmm_probe.json.
 """
-import json, os, sys, time
+import json, os
 import torch, triton, triton.language as tl
 
 def configs():

@@ -6,7 +6,7 @@ breakdown (side streams off, fp32 momentum). CUDA only:
 The timed loop runs optimizer steps back to back, so CPU launch time shows up in it (the train
 step hides it behind the backward); the profile's CUDA times are GPU work alone.
 """
-import os, sys, torch
+import torch
 from torch.profiler import profile, ProfilerActivity
 from moespeed.bench import muon as B
 from moespeed.optim.muon import Muon

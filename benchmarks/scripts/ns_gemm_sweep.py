@@ -3,7 +3,7 @@
 CUDA only. From the repository root: PYTHONPATH=$PWD python benchmarks/scripts/ns_gemm_sweep.py
 (prints a line per shape, writes $OUT/ns_gemm_sweep.json).
 """
-import itertools, json, os, sys, torch, triton
+import itertools, json, os, torch, triton
 from moespeed.kernels import muon_triton as K
 
 # (label, n, M, N, K): B = bA + cA^2 is (m, m, m); the update is B Y (m, m) @ (m, n) or Y B for tall

@@ -45,4 +45,4 @@ if __name__ == "__main__":
         return make_batch(*args, **kwargs)
 
     train_step.synthetic_batch = batch_then_slow
-    train_step.main(sys.argv[3:])
+    train_step.main(sys.argv[3:], prog=f"python benchmarks/scripts/slow_host_train_step.py --burners {burners}")

@@ -35,7 +35,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from moespeed.bench.common import free_memory, git_commit, package_version, rel_err
+from moespeed.bench.common import free_memory, git_commit, package_version, rel_err, save_json
 from moespeed.config import FLEX_KERNELS
 from moespeed.model import masks
 from moespeed.model.attention import AttentionContext
@@ -402,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             doc = {**environment(), "command": "python -m moespeed.bench.attention " + " ".join(sys.argv[1:]),
                    "results": rows}
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
+            save_json(args.json, doc)
         for r in rows:
             print(f"{r['case']:>100} {r.get('ms', float('nan')):9.2f} {r.get('tflops', float('nan')):7.1f}"
                   f" {r.get('error', '')}")
@@ -416,8 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {**environment(), "command": "python -m moespeed.bench.attention " + " ".join(sys.argv[1:]),
                "goals": extras, "results": rows}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        save_json(args.json, doc)
     print_table(rows, extras)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import json
 import os
 import statistics
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ..run import write_atomic
 
 
 def package_version(dist: str) -> str | None:
@@ -81,3 +84,10 @@ def peak_mib(fn: Callable[[], object], grad_to_none: list[torch.Tensor], device:
     for t in grad_to_none:
         t.grad = None
     return peak
+
+
+def save_json(path, doc: dict) -> None:
+    """Write a result file whole or not at all (a temporary file, then a rename), making its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(doc, indent=1))

@@ -36,7 +36,7 @@ import traceback
 import torch
 
 from moespeed.bench.attention import environment, error_text
-from moespeed.bench.common import free_memory, rel_err
+from moespeed.bench.common import free_memory, rel_err, save_json
 from moespeed.generate import make_step
 
 BATCHES = [1, 16, 64]
@@ -314,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {**environment(), "command": "python -m moespeed.bench.decode " + " ".join(sys.argv[1:]),
                "extras": extras, "results": rows}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        save_json(args.json, doc)
     print_table(rows, extras)
     return 0
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from moespeed.bench.common import git_commit, package_version
+from moespeed.bench.common import git_commit, package_version, save_json
 
 PRESET = "small-moe"
 TOKENIZER_CHARS = 10_000_000  # the tokenizer's training sample: smaller than the preset's, to prepare fast
@@ -329,8 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
 
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({**environment(args.cpu), "ep_layer": check, "results": rows}, fh, indent=1)
+        save_json(args.json, {**environment(args.cpu), "ep_layer": check, "results": rows})
     print_table(check, rows)
 
 

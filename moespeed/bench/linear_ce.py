@@ -21,7 +21,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from moespeed.bench.common import free_memory, git_commit, package_version, rel_err
+from moespeed.bench.common import free_memory, git_commit, package_version, rel_err, save_json
 from moespeed.kernels import linear_ce as lce
 
 SHAPES = [(16384, 4096, 131072), (16384, 1024, 32768)]
@@ -322,8 +322,7 @@ def main(argv=None):
                "commit": git_commit(), "date": datetime.date.today().isoformat(),
                "command": "python -m moespeed.bench.linear_ce " + " ".join(sys.argv[1:]),
                "extras": extras, "results": results}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        save_json(args.json, doc)
     print_table(results, extras)
     return 0
 

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moespeed.bench.common import git_commit, package_version, peak_mib, rel_err, time_ms
+from moespeed.bench.common import git_commit, package_version, peak_mib, rel_err, save_json, time_ms
 from moespeed.model.moe import MoE, MoEConfig
 
 SHAPES = {  # tokens = batch * seq_len
@@ -335,8 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({**environment(device), "results": rows}, fh, indent=1)
+        save_json(args.json, {**environment(device), "results": rows})
     print_table(rows)
 
 

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
 
 import torch
 
-from moespeed.bench.common import free_memory, git_commit, peak_mib
+from moespeed.bench.common import free_memory, git_commit, peak_mib, save_json
 from moespeed.optim import muon as muon_mod
 from moespeed.optim import muon_plan
 from moespeed.optim import newton_schulz as newton_schulz_mod
@@ -562,8 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                "command": "python -m moespeed.bench.muon " + " ".join(sys.argv[1:] if argv is None
                                                                       else argv),
                "results": results}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        save_json(args.json, out)
     _print_table(results)
     return 0 if all("error" not in r for r in results) else 1
 

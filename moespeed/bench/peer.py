@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from typing import Callable
 
 import torch
 from torch import nn
 
-from moespeed.bench.common import git_commit, peak_mib, rel_err, time_ms
+from moespeed.bench.common import git_commit, peak_mib, rel_err, save_json, time_ms
 from moespeed.kernels import peer_triton
 from moespeed.kernels.peer_triton import (
     TableGradFactors,
@@ -524,9 +523,7 @@ def main(argv=None) -> int:
                   "commit": git_commit(), "date": datetime.date.today().isoformat(),
                   "command": "python -m moespeed.bench.peer " + " ".join(sys.argv[1:] if argv is None else argv),
                   "ceilings": {"copy_gbps": ceiling}, "results": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        save_json(args.json, report)
     print(table(rows))
     return 0 if check["ok"] else 1
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from moespeed.bench.common import git_commit
+from moespeed.bench.common import git_commit, save_json
 from moespeed.config import build_config
 from moespeed.model.moe import update_biases
 from moespeed.model.transformer import Transformer
@@ -79,7 +79,8 @@ def _graph_counts(opt) -> dict:
     return {"muon_graph_captures": graph.captures, "muon_graph_replays": graph.replays} if graph else {}
 
 
-def main(argv=None) -> None:
+def main(argv=None, prog: str = "python -m moespeed.bench.train_step") -> None:
+    """The bench's command line; `prog` heads the command recorded in the JSON (a wrapper names itself)."""
     p = argparse.ArgumentParser(prog="python -m moespeed.bench.train_step", description=__doc__.splitlines()[0])
     p.add_argument("--presets", default="small,small-moe")
     p.add_argument("--optimizers", default="adamw,muon")
@@ -99,11 +100,11 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(short=True),
-                       "date": datetime.date.today().isoformat(),
-                       "command": "python -m moespeed.bench.train_step " + " ".join(sys.argv[1:] if argv is None else argv),
-                       "results": rows}, f, indent=1)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA: every row failed)"
+        save_json(args.json, {"device": device, "torch": torch.__version__, "commit": git_commit(short=True),
+                              "date": datetime.date.today().isoformat(),
+                              "command": f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv),
+                              "results": rows})
     print(f"{'bench':34} {'fwd+bwd ms':>10} {'optim ms':>9} {'optim %':>8} {'tok/s':>10} {'MFU':>6} {'peak MiB':>9}")
     for r in rows:
         if "tokens_per_s" in r:
