@@ -81,12 +81,12 @@ muon_graph.StepGraph.applies = staticmethod(lambda plan, world, fused_on: True)
 log = []
 
 torch.manual_seed(0)
-shapes = [(16, 24), (24, 16), (3, 16, 24), (8, 8)]
+shapes = SHAPES
 start = [torch.randn(s) for s in shapes]
 plain = [torch.nn.Parameter(t.clone()) for t in start]
 graphed = [torch.nn.Parameter(t.clone()) for t in start]
-ref = Muon(plain, lr=0.02, weight_decay=0.1, fused=True)
-opt = Muon(graphed, lr=0.02, weight_decay=0.1, fused=True, cuda_graph=True)
+ref = Muon(plain, lr=0.02, weight_decay=0.1, fused=True, pad_flops=PAD_FLOPS)
+opt = Muon(graphed, lr=0.02, weight_decay=0.1, fused=True, cuda_graph=True, pad_flops=PAD_FLOPS)
 step_graph = opt._graph
 real_step = step_graph.step
 
@@ -122,16 +122,23 @@ for k in range(9):
 # step 0 makes the momentum buffers (a new signature), two more eager steps, then the capture
 assert kinds == ["eager", "eager", "eager", "capture", "replay", "replay", "eager", "eager", "capture"], kinds
 assert step_graph.captures == 2 and log == ["capture", "capture"]
-assert step_graph.coefs.gpu.shape == (3, 2)  # (group, block shape) keys: (16, 24), (24, 16), (8, 8)
-assert step_graph.grads.gpu.shape == (4,)  # one grad offset per param
+assert step_graph.coefs.gpu.shape == (len({s[-2:] for s in shapes}), 2)  # (group, block shape) keys
+assert step_graph.grads.gpu.shape == (len(shapes),)  # one grad offset per param
+assert len(opt._block_classes(False)) == CLASSES
 # the graph holds every launch table its capture read: the cache may drop them while it replays
 assert captured_tables and {id(t) for t in captured_tables} <= {id(t) for t in step_graph._held}
 print("graph ok")
 '''
 
 
-def test_graphed_steps_follow_moving_grads_and_the_lr_and_recapture_when_a_buffer_moves():
-    run_interpreted(_FAKE_GRAPH_SCRIPT, "graph ok")
+@pytest.mark.parametrize("shapes, pad_flops, classes", [
+    ([(16, 24), (24, 16), (3, 16, 24), (8, 8)], 0, 2),  # (24, 16) stored transposed with (16, 24)
+    # zero-padded classes: (12, 24) and (16, 24) blocks in one class of (16, 24), also transposed ones
+    ([(12, 24), (16, 24), (24, 12), (2, 12, 24), (8, 8)], 10**9, 2),
+])
+def test_graphed_steps_follow_moving_grads_and_the_lr_and_recapture_when_a_buffer_moves(shapes, pad_flops, classes):
+    script = _FAKE_GRAPH_SCRIPT.replace("SHAPES", repr(shapes)).replace("PAD_FLOPS", repr(pad_flops))
+    run_interpreted(script.replace("CLASSES", str(classes)), "graph ok")
 
 
 def test_cuda_graph_is_ignored_on_cpu():
