@@ -847,11 +847,12 @@ def test_muon_triton_kernels_compile_for_hopper():
     from helpers import compile_for_hopper
     from moespeed.kernels import muon_triton as K
 
-    addmm_types = {"l_ptr": "*bf16", "r_ptr": "*bf16", "d_ptr": "*bf16", "c_ptr": "*bf16", "scale_ptr": "*fp32",
-                   "alpha": "fp32", "beta": "fp32"}
-    for scaled in (False, True):
+    for operand, scaled, no_d in [("*bf16", False, False), ("*bf16", True, False), ("*fp8e4nv", False, False),
+                                  ("*fp8e4nv", False, True)]:  # fp8 e4m3: the NS steps of muon_ns_fp8_steps
+        addmm_types = {"l_ptr": operand, "r_ptr": operand, "d_ptr": "*bf16", "c_ptr": "*bf16", "scale_ptr": "*fp32",
+                       "alpha": "fp32", "beta": "fp32"}
         kernel = compile_for_hopper(K._addmm_kernel, addmm_types, dict(
-            SCALED=scaled, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_K=True, INTERPRET=False),
+            SCALED=scaled, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_K=True, INTERPRET=False, NO_D=no_d),
             num_warps=8, num_stages=3)
         assert kernel.asm["cubin"]
     compile_for_hopper(K._gram_scale_kernel, {"a_ptr": "*bf16", "out_ptr": "*bf16", "inv_ptr": "*fp32", "eps": "fp32"},

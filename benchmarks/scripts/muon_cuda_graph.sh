@@ -2,15 +2,16 @@
 # train.muon_cuda_graph on one GPU: its GPU tests, then small-moe's Muon time in the train step for each
 # variant, alternating, twice (one allocation: hosts differ a lot between allocations); then, with
 # SLOW_RUNS="1 2", the same on an emulated slow host. TESTS=0 skips the tests, RUNS="" the normal runs,
-# NAMES picks variants (plain graph graph_poly27 adamw_side stack1), e.g. NAMES="graph adamw_side stack1"
-# times train.adamw_side_stream and train.muon_stack_batches 1 against the presets' settings.
+# NAMES picks variants (plain graph graph_poly27 adamw_side stack1 fp8), e.g. NAMES="graph adamw_side stack1 fp8"
+# times train.adamw_side_stream, train.muon_stack_batches 1 and train.muon_ns_fp8_first_step against the
+# presets' settings.
 # From the repository root:  OUT=dir MOESPEED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/scripts/muon_cuda_graph.sh
 set -uo pipefail
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/muon_cuda_graph}; mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   timeout 240 python -m pytest -p no:cacheprovider -W ignore -o addopts="" -q --tb=short -rfE tests/test_muon_graph.py \
-    tests/test_muon.py "tests/test_train.py::test_cuda_compiled_moe_training_matches_eager[muon_cuda_graph]" \
+    tests/test_muon.py tests/test_ns_fp8.py "tests/test_train.py::test_cuda_compiled_moe_training_matches_eager[muon_cuda_graph]" \
     > "$OUT/pytest.log" 2>&1
   echo "tests: rc $? $(tail -1 "$OUT/pytest.log")"
 fi
@@ -20,6 +21,7 @@ declare -A VARIANTS=(  # the small presets set train.muon_cuda_graph = true sinc
   [graph_poly27]="--set train.muon_cuda_graph true --set train.muon_ns_gemm poly --set train.muon_batch_numel 134217728"
   [adamw_side]="--set train.muon_cuda_graph true --set train.adamw_side_stream true"
   [stack1]="--set train.muon_cuda_graph true --set train.muon_stack_batches 1"
+  [fp8]="--set train.muon_cuda_graph true --set train.muon_ns_fp8_first_step true"
 )
 for i in ${RUNS-1 2}; do for name in ${NAMES:-plain graph graph_poly27}; do
   timeout 120 python -m moespeed.bench.train_step --presets small-moe --optimizers muon --steps 15 --warmup 6 \

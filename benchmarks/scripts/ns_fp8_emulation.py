@@ -1,8 +1,8 @@
 """Would fp8 Newton-Schulz GEMMs keep Muon's update? A CPU emulation, no GPU kernel.
 
 Newton-Schulz as the small presets run it (4 Polar Express steps, lowest 3e-3) on 32 blocks of
-small-moe's expert shape (256 x 768) with power-law singular values (s_i ~ i^-0.7, like a momentum
-matrix). The GEMM operands are rounded to bf16 (as today) or, in the first k steps, to fp8 e4m3 with
+small-moe's expert shape (256 x 768), with two spectra: power-law singular values (s_i ~ i^-0.7)
+and a flat one (Gaussian entries). The GEMM operands are rounded to bf16 (as today) or, in the first k steps, to fp8 e4m3 with
 a per-matrix scale (what Hopper's fp8 tensor cores take, accumulating in fp32); products and the
 other steps are rounded to bf16 like the bf16 path. Printed: the mean relative error against the same
 iteration in fp64, the output's singular-value band, and the cosine to the exact polar factor U V^T.
@@ -38,18 +38,26 @@ def ns(G, coeffs, fp8_steps, exact=False):
 
 coeffs = polar_express_coefficients(4, 3e-3)
 n, m, cols = 32, 256, 768
-# momentum-like: power-law singular values
 U = torch.linalg.qr(torch.randn(n, m, m, dtype=torch.float64))[0]
 V = torch.linalg.qr(torch.randn(n, cols, m, dtype=torch.float64))[0]
 S = torch.arange(1, m + 1, dtype=torch.float64) ** -0.7
-G = U @ torch.diag_embed(S.expand(n, m)) @ V.mT
-ref = ns(G, coeffs, 0, exact=True)
-polar = U @ V.mT
-for label, k in [("bf16 (today)", 0), ("fp8 step 1", 1), ("fp8 steps 1-2", 2), ("fp8 steps 1-3", 3), ("fp8 all 4", 4)]:
-    out = ns(G, coeffs, k)
-    err = ((out - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).mean().item()
-    sv = torch.linalg.svdvals(out)
-    cos = ((out * polar).sum(dim=(-2, -1)) / (out.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))).mean().item()
-    print(f"{label:14} rel. error vs fp64 NS {err:.2e}   singular values [{sv.min():.3f}, {sv.max():.3f}]   cos to polar {cos:.4f}")
-sv = torch.linalg.svdvals(ref)
-print(f"{'fp64 NS':14} singular values [{sv.min():.3f}, {sv.max():.3f}]")
+spectra = {  # name -> (G, its exact polar factor U V^T)
+    "power-law s_i ~ i^-0.7": (U @ torch.diag_embed(S.expand(n, m)) @ V.mT, U @ V.mT),
+    "flat (Gaussian entries)": None,
+}
+gaussian = torch.randn(n, m, cols, dtype=torch.float64)
+u, _, vh = torch.linalg.svd(gaussian, full_matrices=False)
+spectra["flat (Gaussian entries)"] = (gaussian, u @ vh)
+for spectrum, (G, polar) in spectra.items():
+    print(f"-- {spectrum}")
+    ref = ns(G, coeffs, 0, exact=True)
+    for label, k in [("bf16 (today)", 0), ("fp8 step 1", 1), ("fp8 steps 1-2", 2), ("fp8 steps 1-3", 3),
+                     ("fp8 all 4", 4)]:
+        out = ns(G, coeffs, k)
+        err = ((out - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).mean().item()
+        sv = torch.linalg.svdvals(out)
+        cos = ((out * polar).sum(dim=(-2, -1)) / (out.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))).mean().item()
+        print(f"{label:14} rel. error vs fp64 NS {err:.2e}   singular values [{sv.min():.3f}, {sv.max():.3f}]   "
+              f"cos to polar {cos:.4f}")
+    sv = torch.linalg.svdvals(ref)
+    print(f"{'fp64 NS':14} singular values [{sv.min():.3f}, {sv.max():.3f}]")

@@ -39,7 +39,7 @@ for label, n, M, N, Kd in SHAPES:
     for cfg in cfgs:
         kern = triton.autotune(configs=[cfg], key=["M", "N", "K"])(base)
         grid = lambda meta: (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        f = lambda: kern[grid](*K._addmm_args(L, R, D, 0.5, 1.5, C), SCALED=False, INTERPRET=False)
+        f = lambda: kern[grid](*K._addmm_args(L, R, D, 0.5, 1.5, C), SCALED=False, INTERPRET=False, NO_D=False)
         try:
             res.append((timeit(f), str(cfg)))
         except Exception as exc:  # out of resources

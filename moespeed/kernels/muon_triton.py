@@ -137,10 +137,11 @@ if triton is not None:
     def _addmm_kernel(l_ptr, r_ptr, d_ptr, c_ptr, scale_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn,
                       s_db, s_dm, s_dn, s_cb, s_cm, s_cn, alpha, beta, SCALED: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
-        """C[z] = alpha * L[z] @ R[z] + beta * D[z], times scale[z] (fp32) if SCALED: bf16 in and
-        out, fp32 accumulation; one program per (z, output tile), D read in the epilogue (no copy of
-        D into C first). INTERPRET: fp32 operands (exact products too; the interpreter's bf16 dot is wrong)."""
+                      EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, NO_D: tl.constexpr):
+        """C[z] = alpha * L[z] @ R[z] + beta * D[z], times scale[z] (fp32) if SCALED: L and R bf16 or
+        fp8 e4m3 (both the same), C and D bf16, fp32 accumulation; one program per (z, output tile),
+        D read in the epilogue (no copy of D into C first), not at all if NO_D. INTERPRET: fp32
+        operands (exact products too; the interpreter's bf16 dot is wrong)."""
         tiles_n = tl.cdiv(N, BLOCK_N)
         tiles = tl.cdiv(M, BLOCK_M) * tiles_n
         pid = tl.program_id(0)
@@ -166,26 +167,28 @@ if triton is not None:
             l_ptrs += BLOCK_K * s_lk
             r_ptrs += BLOCK_K * s_rk
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        d = tl.load(d_ptr + z * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=mask, other=0.0)
-        out = alpha * acc + beta * d.to(tl.float32)  # (BLOCK_M, BLOCK_N)
+        out = alpha * acc  # (BLOCK_M, BLOCK_N)
+        if not NO_D:
+            d = tl.load(d_ptr + z * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=mask, other=0.0)
+            out += beta * d.to(tl.float32)
         if SCALED:
             out = out * tl.load(scale_ptr + z)
         tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, _to_bf16(out, INTERPRET),
                  mask=mask)
 
 
-def _addmm_triton(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, out: Tensor,
+def _addmm_triton(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta: float, out: Tensor,
                   scale: Tensor | None = None) -> Tensor:
-    """Triton: out = alpha * L @ R + beta * D, each matrix z times scale[z] if given (n,) fp32;
-    out (n, M, N) must not overlap L, R or D."""
+    """Triton: out = alpha * L @ R + beta * D (D None: alpha * L @ R), each matrix z times scale[z] if
+    given (n,) fp32; L and R bf16 or both fp8 e4m3; out (n, M, N) must not overlap L, R or D."""
     n, M, K = L.shape
     N = R.shape[-1]
 
     def grid(meta):
         return (n * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _addmm_kernel[grid](*_addmm_args(L, R, D, alpha, beta, out, scale), SCALED=scale is not None,
-                        INTERPRET=_INTERPRET)
+    _addmm_kernel[grid](*_addmm_args(L, R, out if D is None else D, alpha, beta, out, scale),
+                        SCALED=scale is not None, INTERPRET=_INTERPRET, NO_D=D is None)
     return out
 
 

@@ -133,7 +133,7 @@ def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
                                   ns_gemm=tc.muon_ns_gemm, streams=tc.muon_streams, batch_numel=tc.muon_batch_numel,
                                   ns_method=tc.muon_ns_method, share=tc.muon_share,
                                   momentum_dtype=getattr(torch, tc.muon_momentum_dtype), cuda_graph=tc.muon_cuda_graph,
-                                  stack_batches=tc.muon_stack_batches)
+                                  stack_batches=tc.muon_stack_batches, ns_fp8_steps=int(tc.muon_ns_fp8_first_step))
         lines.insert(0, f"  Muon lr={muon_lr} ({tc.muon_adjust_lr}) wd={tc.weight_decay}, {tc.muon_ns_steps} NS steps "
                         f"({tc.muon_ns_coefficients}): {len(muon)} tensors, "
                         f"{sum(p.numel() for p in muon) / 1e6:.2f}M params"

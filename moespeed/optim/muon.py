@@ -194,6 +194,8 @@ class Muon(torch.optim.Optimizer):
     `stack_batches`: a class's stack holds at most this many times `batch_numel` elements (or one
     bigger param); a bigger class is cut between params into several, which side streams run
     concurrently (one class's memory-bound momentum and update beside another's NS GEMMs).
+    `ns_fp8_steps`: 1 runs the first NS step's GEMMs on fp8 e4m3 operands (Triton on CUDA; the
+    reference elsewhere; moespeed/optim/ns_fp8.py), 0 none.
     `cuda_graph`: run the step as one CUDA graph, replayed while every param and momentum buffer
     keeps its address; grads and lr are read from GPU tables (one process on CUDA; muon_graph.py).
     `momentum_dtype`: the momentum buffers' dtype (None = the grads'; torch.bfloat16 halves their
@@ -213,9 +215,12 @@ class Muon(torch.optim.Optimizer):
                  merge_numel: int = MERGE_NUMEL, pad_flops: int | None = None, streams: int | None = None,
                  ns_method: str = "standard", share: str = "blocks",
                  momentum_dtype: torch.dtype | None = None, cuda_graph: bool = False,
-                 stack_batches: int = STACK_BATCHES) -> None:
+                 stack_batches: int = STACK_BATCHES, ns_fp8_steps: int = 0) -> None:
         if batch_numel < 1 or stack_batches < 1:
             raise ValueError(f"batch_numel = {batch_numel}, stack_batches = {stack_batches}: must be >= 1")
+        if ns_fp8_steps not in (0, 1):
+            raise ValueError(f"Muon ns_fp8_steps = {ns_fp8_steps}: 0 or 1 (fp8 in a later step can push singular "
+                             "values out of the schedule's band: benchmarks/scripts/ns_fp8_emulation.py)")
         if min(merge_numel, pad_flops or 0, streams or 0) < 0:
             raise ValueError(f"Muon merge_numel = {merge_numel}, pad_flops = {pad_flops}, streams = {streams}: "
                              "must be >= 0")
@@ -239,6 +244,7 @@ class Muon(torch.optim.Optimizer):
         self.merge_numel = merge_numel
         self.pad_flops = pad_flops
         self.stack_batches = stack_batches
+        self.ns_fp8_steps = ns_fp8_steps
         self.streams = DEFAULT_STREAMS if streams is None else streams
         self._side_streams: dict[torch.device, list] = {}  # device -> CUDA streams, made on first use
         self._plan_key, self._plan = None, []  # block classes, rebuilt when params or grads change
@@ -398,7 +404,8 @@ class Muon(torch.optim.Optimizer):
             first = sum(counts[:rank])
             if counts[rank]:
                 mine = blocks[first:first + counts[rank]]  # (counts[rank], rows, cols)
-                _orthogonalize_(mine, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls, mine), self.ns_method)
+                _orthogonalize_(mine, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls, mine), self.ns_method,
+                                self.ns_fp8_steps)
             if cls.shared:
                 self._gather_shares(blocks, counts, rank)
 
@@ -417,7 +424,7 @@ class Muon(torch.optim.Optimizer):
             loads[owner] += size * cost
             if owner == rank:
                 _orthogonalize_(blocks, cls.steps, cls.coefficients, cls.eps, self._gemm_for(cls, blocks),
-                                self.ns_method)
+                                self.ns_method, self.ns_fp8_steps)
             src = owner if self.process_group is None else dist.get_global_rank(self.process_group, owner)
             pending.append(dist.broadcast(blocks, src=src, group=self.process_group, async_op=True))
         return pending
@@ -436,7 +443,8 @@ class Muon(torch.optim.Optimizer):
             return "tune"
         key = (tuple(blocks.shape), cls.steps, cls.coefficients, cls.eps, self.ns_method, cls.device)
         if key not in self._tuned_gemm:
-            self._tuned_gemm[key] = _faster_gemm(blocks, cls.steps, cls.coefficients, cls.eps, self.ns_method)
+            self._tuned_gemm[key] = _faster_gemm(blocks, cls.steps, cls.coefficients, cls.eps, self.ns_method,
+                                                 self.ns_fp8_steps)
         return self._tuned_gemm[key]
 
     def _momentum(self, jobs: list[Job], stack: Tensor, fused: bool) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.muon_triton import _addmm_triton, _normalize_gram_triton, _normalize_triton, triton
+from .ns_fp8 import fp8_step
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -58,7 +59,7 @@ def step_coefficients(coefficients, steps: int) -> list[tuple[float, float, floa
 
 
 def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
-                    gemm: str = "torch", method: str = "standard") -> None:
+                    gemm: str = "torch", method: str = "standard", fp8_steps: int = 0) -> None:
     """Newton–Schulz in place: a contiguous bf16 batch X (n, rows, cols) becomes NS(X).
 
     Wide blocks: X <- a X + B X with B = b A + c A^2, A = X X^T (rows x rows). Tall blocks: the
@@ -71,8 +72,9 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     normalization pass: ||X||_F^2 = trace(X X^T), so step 1 scales its Gram matrix by 1 / ||X||^2
     and its output by 1 / ||X|| (`_normalize_gram_triton`, a per-matrix factor in the GEMM epilogue);
     it rounds differently from "torch" but lands as close to exact NS (tests/test_muon.py). `method="gram"` runs
-    `_gram_orthogonalize_` instead where `gram_pays`. The optimizer calls this on slices of its
-    stack; tests count the calls.
+    `_gram_orthogonalize_` instead where `gram_pays`. The first `fp8_steps` steps run their GEMMs on
+    fp8 e4m3 operands (`ns_fp8.fp8_step`; they need the normalized X, so no Gram normalization then).
+    The optimizer calls this on slices of its stack; tests count the calls.
     """
     if method == "gram" and gram_pays(X.shape[-2], X.shape[-1]):
         _gram_orthogonalize_(X, steps, coefficients, eps)
@@ -81,14 +83,17 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     # "triton" normalizes through the first Gram matrix: ||X||_F^2 = trace(X X^T), so step 1 runs on
     # A / ||X||^2 and scales its output by 1 / ||X||; no pass over X (H200 small-moe: a 0.20 ms kernel
     # instead of 0.59 ms of norm and scaling per step)
-    via_gram = gemm == "triton"
+    via_gram = gemm == "triton" and fp8_steps == 0
     Y = X if via_gram else _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix (or X, scaled in step 1)
     for i, (a, b, c) in enumerate(step_coefficients(coefficients, steps)):
+        out = X if i == steps - 1 and i > 0 else None  # the last step writes into X (Y no longer aliases it)
+        if i < fp8_steps:
+            Y = fp8_step(Y, a, b, c, gemm, out=out)  # (n, rows, cols)
+            continue
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
         scale = None
         if i == 0 and via_gram:
             A, scale = _normalize_gram_triton(A, eps)  # A / ||X||^2 and 1 / ||X||, (n,) fp32
-        out = X if i == steps - 1 and i > 0 else None  # the last step writes into X (Y no longer aliases it)
         if gemm == "poly":
             P = _polynomial(A, a, b, c)  # (n, m, m)
             Y = torch.bmm(Y, P, out=out) if tall else torch.bmm(P, Y, out=out)  # (n, rows, cols)
@@ -116,7 +121,7 @@ def _normalize_(X: Tensor, eps: float, gemm: str = "torch") -> Tensor:
 
 
 def _faster_gemm(blocks: Tensor, steps: int, coefficients, eps: float,
-                 method: str) -> str:
+                 method: str, fp8_steps: int = 0) -> str:
     """"torch", "triton" or "poly", whichever orthogonalizes copies of `blocks` faster on their CUDA device:
     one warm-up call each (Triton autotunes there), then TUNE_REPEATS timed calls (CUDA events; the
     host waits once). `blocks` itself is not touched."""
@@ -124,12 +129,12 @@ def _faster_gemm(blocks: Tensor, steps: int, coefficients, eps: float,
     times = {}
     for gemm in ("torch", "triton", "poly"):
         trial.copy_(blocks)
-        _orthogonalize_(trial, steps, coefficients, eps, gemm, method)  # warm-up
+        _orthogonalize_(trial, steps, coefficients, eps, gemm, method, fp8_steps)  # warm-up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(TUNE_REPEATS):
             trial.copy_(blocks)
-            _orthogonalize_(trial, steps, coefficients, eps, gemm, method)
+            _orthogonalize_(trial, steps, coefficients, eps, gemm, method, fp8_steps)
         end.record()
         end.synchronize()
         times[gemm] = start.elapsed_time(end)

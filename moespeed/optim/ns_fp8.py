@@ -1,0 +1,86 @@
+"""One Newton–Schulz step with fp8 e4m3 GEMM operands (`train.muon_ns_fp8_steps`).
+
+Hopper's tensor cores multiply fp8 at twice the bf16 rate. NS tolerates fp8 operands in its first
+steps: on expert-shaped (256 x 768) blocks with 4 Polar Express steps, fp8 in steps 1-2 moved the
+output 2.3e-2 from fp64 NS (bf16: 9.2e-3) with the same cosine to the exact polar factor, 0.9876 vs
+0.9877; in 3 or 4 steps it widened the singular-value band (benchmarks/scripts/ns_fp8_emulation.py).
+
+Scaling: e4m3 holds |x| <= 448 with 3 mantissa bits. Every operand gets one power-of-two scale,
+fixed by a bound instead of read from the data (no amax pass): the step's input Y has singular
+values below FP8_BOUND (a Frobenius-normalized input starts at <= 1, and the schedules keep them
+near [0.7, 1.2]), so |Y_ij| <= FP8_BOUND, |A_ij| <= FP8_BOUND^2 for A = Y Y^T, and |B_ij| <= the
+largest |b l + c l^2| over the eigenvalues l in [0, FP8_BOUND^2] of A for B = b A + c A^2.
+Values beyond 448 (a bound broken) saturate instead of turning into NaN.
+
+The products accumulate in fp32 and are stored in bf16 like the bf16 path's. GEMMs: the Triton
+kernel (`_addmm_triton`, fp8 operands) on CUDA; on a CPU the reference, the same rounding with fp32
+products (`fp8_mm_reference`, also the tests' yardstick). Gram Newton–Schulz (`ns_method = gram`)
+has no fp8 steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..kernels.muon_triton import _addmm_triton, triton
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+FP8_BOUND = 1.6  # singular values of an NS step's input stay below this
+
+
+def fp8_scale(bound: float) -> float:
+    """The largest power of two s with bound * s <= FP8_MAX (exact in any float format)."""
+    return 2.0 ** math.floor(math.log2(FP8_MAX / bound))
+
+
+def poly_bound(b: float, c: float, top: float = FP8_BOUND**2) -> float:
+    """max |b l + c l^2| over l in [0, top]: a bound on the entries of b A + c A^2 for a symmetric
+    A with eigenvalues in [0, top] (its spectral norm bounds every entry)."""
+    points = [top] + ([-b / (2 * c)] if c and 0 < -b / (2 * c) < top else [])
+    return max(abs(b * x + c * x * x) for x in points)
+
+
+def to_fp8(x: Tensor, scale: float) -> Tensor:
+    """x * scale as e4m3, saturated to +-FP8_MAX (the scale is a power of two: no rounding before the cast)."""
+    return (x * scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fp8_mm_reference(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta: float,
+                     out: Tensor | None = None) -> Tensor:
+    """alpha * L @ R + beta * D for e4m3 batches L (n, M, K), R (n, K, N): fp32 products of the
+    exact e4m3 values, rounded to bf16 once (D None: alpha * L @ R)."""
+    result = alpha * torch.bmm(L.float(), R.float())  # (n, M, N)
+    if D is not None:
+        result += beta * D.float()
+    if out is None:
+        return result.bfloat16()
+    return out.copy_(result)
+
+
+def _fp8_mm(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta: float, gemm: str,
+            out: Tensor | None = None) -> Tensor:
+    """`fp8_mm_reference`'s product by the Triton kernel (on CUDA whatever the bf16 steps' GEMM, and
+    for gemm = "triton", e.g. on a CPU under TRITON_INTERPRET=1) or by the reference."""
+    if gemm == "triton" or (L.is_cuda and triton is not None):
+        shape = (L.shape[0], L.shape[1], R.shape[-1])
+        target = torch.empty(shape, dtype=torch.bfloat16, device=L.device) if out is None else out
+        return _addmm_triton(L, R, D, alpha, beta, target)
+    return fp8_mm_reference(L, R, D, alpha, beta, out)
+
+
+def fp8_step(Y: Tensor, a: float, b: float, c: float, gemm: str, out: Tensor | None = None) -> Tensor:
+    """One NS step Y <- a Y + (b A + c A^2) Y, A = Y Y^T (tall blocks: Y <- a Y + Y (b A + c A^2),
+    A = Y^T Y) for a bf16 batch Y (n, rows, cols) with singular values below FP8_BOUND, its three
+    GEMMs on e4m3 operands; returns the bf16 result (into `out` if given, which must not be Y)."""
+    tall = Y.shape[-2] > Y.shape[-1]
+    s_y, s_a, s_b = fp8_scale(FP8_BOUND), fp8_scale(FP8_BOUND**2), fp8_scale(poly_bound(b, c))
+    Yq = to_fp8(Y, s_y)  # (n, rows, cols)
+    A = _fp8_mm(Yq.mT, Yq, None, 1 / s_y**2, 0.0, gemm) if tall else _fp8_mm(Yq, Yq.mT, None, 1 / s_y**2, 0.0, gemm)
+    Aq = to_fp8(A, s_a)  # (n, m, m), m = min(rows, cols)
+    B = _fp8_mm(Aq, Aq, A, c / s_a**2, b, gemm)  # b A + c A^2 (A symmetric)
+    Bq = to_fp8(B, s_b)
+    left, right = (Yq, Bq) if tall else (Bq, Yq)
+    return _fp8_mm(left, right, Y, 1 / (s_b * s_y), a, gemm, out=out)  # a Y + B Y (or Y B)

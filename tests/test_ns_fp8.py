@@ -1,0 +1,116 @@
+"""train.muon_ns_fp8_first_step: the first Newton–Schulz step on fp8 e4m3 operands (moespeed/optim/ns_fp8.py)."""
+import pytest
+import torch
+
+from moespeed.optim import ns_fp8 as F
+from moespeed.optim.muon import Muon
+from moespeed.optim.newton_schulz import EPS, _orthogonalize_
+from moespeed.optim.polar_express import polar_express_coefficients
+
+from helpers import run_interpreted
+
+COEFFICIENTS = polar_express_coefficients(4, 3e-3)  # the small presets' schedule
+
+
+def _exact_ns(G: torch.Tensor) -> torch.Tensor:
+    """The same iteration in fp64: the yardstick of both precisions."""
+    X = G.double() / G.double().norm(dim=(-2, -1), keepdim=True)
+    tall = X.shape[-2] > X.shape[-1]
+    for a, b, c in COEFFICIENTS:
+        A = X.mT @ X if tall else X @ X.mT  # (n, m, m)
+        B = b * A + c * A @ A
+        X = a * X + (X @ B if tall else B @ X)
+    return X
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 192), (4, 192, 64), (2, 256, 768)])
+def test_fp8_first_step_stays_as_close_to_exact_ns_as_bf16(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    exact = _exact_ns(G)
+    errors = {}
+    for fp8_steps in (0, 1):
+        X = G.bfloat16()
+        _orthogonalize_(X, 4, COEFFICIENTS, EPS, "torch", fp8_steps=fp8_steps)
+        errors[fp8_steps] = ((X.double() - exact).norm() / exact.norm()).item()
+        band = torch.linalg.svdvals(X.double())
+        assert 0.75 < band.min() and band.max() < 1.25, (fp8_steps, band.aminmax())
+    assert errors[1] <= 1.5 * errors[0], errors  # bf16 alone: ~1.5e-2 on these shapes
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 192), (4, 192, 64), (2, 256, 768)])
+def test_one_fp8_step_is_about_as_close_to_the_exact_step_as_a_bf16_step(shape):
+    """The first step alone (later NS steps would hide a wrong scale by pulling singular values back)."""
+    torch.manual_seed(0)
+    G = torch.randn(shape, dtype=torch.float64)
+    X = G / G.norm(dim=(-2, -1), keepdim=True)
+    a, b, c = COEFFICIENTS[0]
+    tall = X.shape[-2] > X.shape[-1]
+    A = X.mT @ X if tall else X @ X.mT  # (n, m, m)
+    exact = a * X + (X @ (b * A + c * A @ A) if tall else (b * A + c * A @ A) @ X)
+    Y = X.bfloat16().double()  # what a bf16 step sees: its input and output rounded, ~2.4e-3 from exact
+    A = Y.mT @ Y if tall else Y @ Y.mT
+    bf16_step = (a * Y + (Y @ (b * A + c * A @ A) if tall else (b * A + c * A @ A) @ Y)).bfloat16().double()
+    rounding = (bf16_step - exact).norm() / exact.norm()
+    out = F.fp8_step(X.bfloat16(), a, b, c, "torch").double()
+    assert (out - exact).norm() / exact.norm() < 1.6 * rounding  # fp8: 1.0-1.5x on these shapes
+
+
+def test_fp8_scales_keep_every_operand_in_range():
+    for bound in (1.0, 1.6, 2.56, 46.4):
+        scale = F.fp8_scale(bound)
+        assert bound * scale <= F.FP8_MAX < 2 * bound * scale  # the largest power of two that fits
+    for a, b, c in COEFFICIENTS:  # the bound covers b l + c l^2 over the whole interval
+        top = F.FP8_BOUND**2
+        grid = torch.linspace(0, top, 10001, dtype=torch.float64)
+        assert (b * grid + c * grid**2).abs().max().item() <= F.poly_bound(b, c) * (1 + 1e-12)
+    big = F.to_fp8(torch.tensor([1e6, -1e6, 3.0]), 1.0).float()
+    assert big.tolist() == [448.0, -448.0, 3.0]  # saturated, not NaN
+
+
+def test_fp8_steps_beyond_the_first_are_refused():
+    p = torch.nn.Parameter(torch.randn(8, 16))
+    Muon([p], ns_fp8_steps=1)
+    with pytest.raises(ValueError, match="ns_fp8_steps = 2: 0 or 1"):
+        Muon([p], ns_fp8_steps=2)
+
+
+def test_fp8_first_step_comes_from_the_config():
+    from moespeed.config import build_config
+    from moespeed.model.transformer import Transformer
+    from moespeed.optim.build import build_optimizer
+
+    cfg = build_config("quickstart", None, [("model.vocab_size", "256"), ("train.muon_ns_fp8_first_step", "true")])
+    assert build_optimizer(Transformer(cfg.model), cfg.train)[0].optimizers["muon"].ns_fp8_steps == 1
+
+
+_TRITON_SCRIPT = r'''
+import torch
+from moespeed.optim import ns_fp8 as F
+from moespeed.optim.newton_schulz import EPS, _orthogonalize_
+from moespeed.optim.polar_express import polar_express_coefficients
+
+g = torch.Generator().manual_seed(0)
+for shape in [(3, 32, 96), (3, 96, 32)]:  # wide and tall
+    L = F.to_fp8(torch.randn(shape, generator=g), 16.0)
+    R = F.to_fp8(torch.randn(shape, generator=g), 16.0).mT  # (n, K, M), a strided view
+    D = torch.randn(shape[0], shape[1], shape[1], generator=g).bfloat16()
+    ref = F.fp8_mm_reference(L, R, D, 0.25, -1.5).float()
+    out = F._fp8_mm(L, R, D, 0.25, -1.5, "triton").float()  # the Triton kernel on e4m3 operands
+    assert ((out - ref).abs() <= 2**-7 * ref.abs() + 1e-3).all(), (out - ref).abs().max()  # one bf16 rounding
+    out = F._fp8_mm(L, R, None, 0.25, 0.0, "triton").float()  # no D
+    ref = F.fp8_mm_reference(L, R, None, 0.25, 0.0).float()
+    assert ((out - ref).abs() <= 2**-7 * ref.abs() + 1e-3).all()
+    G = torch.randn(shape, generator=g).bfloat16()
+    coefficients = polar_express_coefficients(4, 3e-3)
+    X, Y = G.clone(), G.clone()
+    _orthogonalize_(X, 4, coefficients, EPS, "triton", fp8_steps=1)
+    _orthogonalize_(Y, 4, coefficients, EPS, "torch", fp8_steps=1)
+    assert ((X.float() - Y.float()).norm() / Y.float().norm()).item() < 2e-2  # bf16 roundings apart
+print("fp8 triton ok")
+'''
+
+
+def test_fp8_triton_kernel_matches_the_reference():
+    """The Triton GEMM on e4m3 operands (CPU interpreter) against the fp32 reference, and NS through it."""
+    run_interpreted(_TRITON_SCRIPT, "fp8 triton ok")
