@@ -61,3 +61,16 @@ for spectrum, (G, polar) in spectra.items():
               f"cos to polar {cos:.4f}")
     sv = torch.linalg.svdvals(ref)
     print(f"{'fp64 NS':14} singular values [{sv.min():.3f}, {sv.max():.3f}]")
+
+# moespeed's own fp8 steps (moespeed/optim/ns_fp8.py: scales from bounds, not amax) on flat blocks of two
+# sizes: the singular-value band after the 4 steps with fp8 in the first k
+from moespeed.optim.newton_schulz import EPS, _orthogonalize_  # noqa: E402
+
+print("-- moespeed _orthogonalize_(fp8_steps=k), flat spectrum, 8 blocks")
+for shape in [(8, 64, 192), (8, 256, 768)]:
+    G = torch.randn(shape)
+    for k in (0, 1, 2):
+        X = G.bfloat16()
+        _orthogonalize_(X, 4, coeffs, EPS, "torch", fp8_steps=k)
+        sv = torch.linalg.svdvals(X.double())
+        print(f"{str(shape[1:]):11} fp8 steps {k}: singular values [{sv.min():.3f}, {sv.max():.3f}]")
