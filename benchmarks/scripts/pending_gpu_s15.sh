@@ -8,6 +8,6 @@
 set -uo pipefail
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/pending_gpu_s15}; mkdir -p "$OUT"
-TESTS=1 RUNS="1 2" NAMES="graph adamw_side stack1 fp8" OUT=$OUT bash benchmarks/scripts/muon_cuda_graph.sh
+TESTS=1 RUNS="${RUNS-1 2}" NAMES="graph adamw_side stack1 fp8" OUT=$OUT bash benchmarks/scripts/muon_cuda_graph.sh
 timeout 120 python benchmarks/scripts/ns_fp8_probe.py --json "$OUT/ns_fp8_probe.json" > "$OUT/ns_fp8_probe.log" 2>&1
 echo "fp8 probe: rc $?"; grep -o "{'case'.*" "$OUT/ns_fp8_probe.log"
