@@ -2,7 +2,7 @@
 and in fp8 e4m3 (one scale per tensor, fp32 accumulation), on one NS round of expert blocks.
 
     python benchmarks/scripts/ns_fp8_probe.py --json out.json        # on a Hopper GPU
-    TRITON_INTERPRET=1 python benchmarks/scripts/ns_fp8_probe.py --check   # the fp8 kernel on a CPU
+    TRITON_INTERPRET=1 python benchmarks/scripts/ns_fp8_probe.py --check   # the kernel on a CPU
 
 `ns_fp8_emulation.py` found that fp8 operands in the first 2 of the presets' 4 NS steps keep the
 update (CPU emulation). This times what that could save, before any kernel in moespeed is built.
@@ -13,68 +13,26 @@ as one CUDA graph replayed `--reps` times (GPU time only):
 - px: X' = P X (P 256 x 256): the same three;
 - quantize: X * s -> e4m3, the elementwise pass an fp8 step adds before its GEMMs.
 
-The Triton kernel is a plain batched GEMM (C[z] = scale * L[z] @ R[z], bf16 out), the same code for
-both dtypes, so the bf16/fp8 ratio of its two rows is the tensor cores' gain on these shapes.
+The Triton rows use moespeed's NS kernel (`_addmm_triton`, autotuned, no D epilogue), the same code
+for both dtypes, so the bf16/fp8 ratio of its rows is the gain `train.muon_ns_fp8_first_step` can
+get from its GEMMs on these shapes.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 
 import torch
 import triton
-import triton.language as tl
 
 from moespeed.bench.common import git_commit, save_json
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3),
-                                     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
-            ] if not _INTERPRET else [triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4)]
-
-
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "FP8"])
-@triton.jit
-def _bmm_kernel(l_ptr, r_ptr, c_ptr, M, N, K, s_lb, s_lm, s_lk, s_rb, s_rk, s_rn, s_cb, s_cm, s_cn, scale,
-                FP8: tl.constexpr, INTERPRET: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """C[z] = scale * L[z] @ R[z]; L, R bf16 or fp8 e4m3 (FP8: the autotune key), fp32 accumulation,
-    bf16 out; one program per (z, output tile); M, N, K multiples of the tiles. INTERPRET: bf16
-    operands go through fp32 (the interpreter's bf16 dot is wrong; its fp8 dot is right)."""
-    tiles_n = N // BN
-    tiles = (M // BM) * tiles_n
-    pid = tl.program_id(0)
-    z = (pid // tiles).to(tl.int64)
-    tile = pid % tiles
-    rm = (tile // tiles_n) * BM + tl.arange(0, BM)
-    rn = (tile % tiles_n) * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    l_ptrs = l_ptr + z * s_lb + rm[:, None] * s_lm + rk[None, :] * s_lk  # (BM, BK)
-    r_ptrs = r_ptr + z * s_rb + rk[:, None] * s_rk + rn[None, :] * s_rn  # (BK, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in range(0, K // BK):
-        lhs, rhs = tl.load(l_ptrs), tl.load(r_ptrs)
-        if INTERPRET and not FP8:
-            lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
-        acc = tl.dot(lhs, rhs, acc)
-        l_ptrs += BK * s_lk
-        r_ptrs += BK * s_rk
-    tl.store(c_ptr + z * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, (acc * scale).to(tl.bfloat16))
-
+from moespeed.kernels.muon_triton import _addmm_triton
 
 def bmm(L: torch.Tensor, R: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale * L @ R for batches L (n, M, K), R (n, K, N) of bf16 or fp8 e4m3 (any strides): bf16 (n, M, N)."""
-    n, M, K = L.shape
-    N = R.shape[-1]
-    out = torch.empty(n, M, N, dtype=torch.bfloat16, device=L.device)
-
-    def grid(meta):
-        return (n * (M // meta["BM"]) * (N // meta["BN"]),)
-
-    _bmm_kernel[grid](L, R, out, M, N, K, *L.stride(), *R.stride(), *out.stride(), float(scale),
-                      FP8=L.dtype == torch.float8_e4m3fn, INTERPRET=_INTERPRET)
-    return out
+    """scale * L @ R by moespeed's NS kernel (`_addmm_triton`, no D) for batches L (n, M, K), R (n, K, N)
+    of bf16 or fp8 e4m3 (any strides): bf16 (n, M, N)."""
+    out = torch.empty(L.shape[0], L.shape[1], R.shape[-1], dtype=torch.bfloat16, device=L.device)
+    return _addmm_triton(L, R, None, scale, 0.0, out)
 
 
 def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
