@@ -215,13 +215,14 @@ def _normalize_gram_triton(A: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return out, inv
 
 
-def _normalize_triton(X: Tensor, eps: float) -> Tensor:
+def _normalize_triton(X: Tensor, eps: float, times: float = 1.0) -> Tensor:
     """Triton: X (n, rows, cols), contiguous bf16, in place: each matrix / max(its Frobenius norm, eps),
     as `X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))` computes it (the norm by torch,
-    rounded to bf16; the division in fp32, rounded), in one vectorized pass instead of a broadcast."""
+    rounded to bf16; the division in fp32, rounded), in one vectorized pass instead of a broadcast;
+    times `times` (a power of two: exact) in the same pass."""
     n, numel = X.shape[0], X[0].numel()
-    norms = X.view(n, -1).norm(dim=1)  # (n,), bf16
-    _scale_kernel[(triton.cdiv(numel, _BLOCK), n)](X, norms, numel, float(eps), BLOCK=_BLOCK,
+    norms = X.view(n, -1).norm(dim=1) / times  # (n,), bf16
+    _scale_kernel[(triton.cdiv(numel, _BLOCK), n)](X, norms, numel, float(eps) / times, BLOCK=_BLOCK,
                                                    INTERPRET=_INTERPRET)
     return X
 

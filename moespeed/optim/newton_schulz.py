@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.muon_triton import _addmm_triton, _normalize_gram_triton, _normalize_triton, triton
-from .ns_fp8 import fp8_step
+from .ns_fp8 import FP8_Y_SCALE, fp8_step
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -84,11 +84,12 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     # A / ||X||^2 and scales its output by 1 / ||X||; no pass over X (H200 small-moe: a 0.20 ms kernel
     # instead of 0.59 ms of norm and scaling per step)
     via_gram = gemm == "triton" and fp8_steps == 0
-    Y = X if via_gram else _normalize_(X, eps, gemm)  # ||Y||_F = 1 per matrix (or X, scaled in step 1)
+    # ||Y||_F = 1 per matrix (or X, scaled in step 1); an fp8 first step takes it times its scale
+    Y = X if via_gram else _normalize_(X, eps, gemm, times=FP8_Y_SCALE if fp8_steps else 1.0)
     for i, (a, b, c) in enumerate(step_coefficients(coefficients, steps)):
         out = X if i == steps - 1 and i > 0 else None  # the last step writes into X (Y no longer aliases it)
         if i < fp8_steps:
-            Y = fp8_step(Y, a, b, c, gemm, out=out)  # (n, rows, cols)
+            Y = fp8_step(Y if i == 0 else Y * FP8_Y_SCALE, a, b, c, gemm, out=out)  # (n, rows, cols)
             continue
         A = Y.mT @ Y if tall else Y @ Y.mT  # (n, m, m), m = min(rows, cols)
         scale = None
@@ -112,12 +113,13 @@ def _polynomial(A: Tensor, a: float, b: float, c: float) -> Tensor:
     return P
 
 
-def _normalize_(X: Tensor, eps: float, gemm: str = "torch") -> Tensor:
-    """X (n, rows, cols) in place: each matrix divided by max(its Frobenius norm, eps). With the
-    Triton GEMMs also a Triton scaling pass (the broadcast division is slow on the GPU)."""
+def _normalize_(X: Tensor, eps: float, gemm: str = "torch", times: float = 1.0) -> Tensor:
+    """X (n, rows, cols) in place: each matrix divided by max(its Frobenius norm, eps), times `times`
+    (a power of two: the fp8 step's scale, exact). With the Triton GEMMs a Triton scaling pass (the
+    broadcast division is slow on the GPU)."""
     if gemm == "triton" or (gemm == "poly" and X.is_cuda and triton is not None):
-        return _normalize_triton(X, eps)
-    return X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
+        return _normalize_triton(X, eps, times)
+    return X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps) / times)
 
 
 def _faster_gemm(blocks: Tensor, steps: int, coefficients, eps: float,

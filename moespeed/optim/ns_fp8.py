@@ -11,8 +11,9 @@ Scaling: e4m3 holds |x| <= 448 with 3 mantissa bits. Every operand gets one powe
 fixed by a bound instead of read from the data (no amax pass): the step's input Y has singular
 values below FP8_BOUND (a Frobenius-normalized input starts at <= 1, and the schedules keep them
 near [0.7, 1.2]), so |Y_ij| <= FP8_BOUND, |A_ij| <= FP8_BOUND^2 for A = Y Y^T, and |B_ij| <= the
-largest |b l + c l^2| over the eigenvalues l in [0, FP8_BOUND^2] of A for B = b A + c A^2.
-Values beyond 448 (a bound broken) saturate instead of turning into NaN.
+largest |b l + c l^2| over the eigenvalues l in [0, FP8_BOUND^2] of A for B = b A + c A^2. Each
+operand is produced already scaled (the normalization pass and the GEMM epilogues apply the
+scales), so quantizing is one saturating cast: a value beyond 448 (a bound broken) becomes 448.
 
 The products accumulate in fp32 and are stored in bf16 like the bf16 path's. GEMMs: the Triton
 kernel (`_addmm_triton`, fp8 operands) on CUDA; on a CPU the reference, the same rounding with fp32
@@ -38,16 +39,14 @@ def fp8_scale(bound: float) -> float:
     return 2.0 ** math.floor(math.log2(FP8_MAX / bound))
 
 
+FP8_Y_SCALE = fp8_scale(FP8_BOUND)  # Y's scale (256): |Y_ij| <= FP8_BOUND -> <= 409.6
+
+
 def poly_bound(b: float, c: float, top: float = FP8_BOUND**2) -> float:
     """max |b l + c l^2| over l in [0, top]: a bound on the entries of b A + c A^2 for a symmetric
     A with eigenvalues in [0, top] (its spectral norm bounds every entry)."""
     points = [top] + ([-b / (2 * c)] if c and 0 < -b / (2 * c) < top else [])
     return max(abs(b * x + c * x * x) for x in points)
-
-
-def to_fp8(x: Tensor, scale: float) -> Tensor:
-    """x * scale as e4m3, saturated to +-FP8_MAX (the scale is a power of two: no rounding before the cast)."""
-    return (x * scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def fp8_mm_reference(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta: float,
@@ -73,16 +72,18 @@ def _fp8_mm(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta: float, g
     return fp8_mm_reference(L, R, D, alpha, beta, out)
 
 
-def fp8_step(Y: Tensor, a: float, b: float, c: float, gemm: str, out: Tensor | None = None) -> Tensor:
+def fp8_step(Ys: Tensor, a: float, b: float, c: float, gemm: str, out: Tensor | None = None) -> Tensor:
     """One NS step Y <- a Y + (b A + c A^2) Y, A = Y Y^T (tall blocks: Y <- a Y + Y (b A + c A^2),
-    A = Y^T Y) for a bf16 batch Y (n, rows, cols) with singular values below FP8_BOUND, its three
-    GEMMs on e4m3 operands; returns the bf16 result (into `out` if given, which must not be Y)."""
-    tall = Y.shape[-2] > Y.shape[-1]
-    s_y, s_a, s_b = fp8_scale(FP8_BOUND), fp8_scale(FP8_BOUND**2), fp8_scale(poly_bound(b, c))
-    Yq = to_fp8(Y, s_y)  # (n, rows, cols)
-    A = _fp8_mm(Yq.mT, Yq, None, 1 / s_y**2, 0.0, gemm) if tall else _fp8_mm(Yq, Yq.mT, None, 1 / s_y**2, 0.0, gemm)
-    Aq = to_fp8(A, s_a)  # (n, m, m), m = min(rows, cols)
-    B = _fp8_mm(Aq, Aq, A, c / s_a**2, b, gemm)  # b A + c A^2 (A symmetric)
-    Bq = to_fp8(B, s_b)
-    left, right = (Yq, Bq) if tall else (Bq, Yq)
-    return _fp8_mm(left, right, Y, 1 / (s_b * s_y), a, gemm, out=out)  # a Y + B Y (or Y B)
+    A = Y^T Y) for a bf16 batch Y (n, rows, cols) with singular values below FP8_BOUND, given as
+    Ys = FP8_Y_SCALE * Y (the normalization pass scales it for free), its three GEMMs on e4m3
+    operands; returns the unscaled bf16 result (into `out` if given, which must not be Ys).
+    Every operand is produced already scaled, so each quantization is one cast (saturating)."""
+    tall = Ys.shape[-2] > Ys.shape[-1]
+    s_y, s_a, s_b = FP8_Y_SCALE, fp8_scale(FP8_BOUND**2), fp8_scale(poly_bound(b, c))
+    Yq = Ys.to(FP8)  # (n, rows, cols)
+    left, right = (Yq.mT, Yq) if tall else (Yq, Yq.mT)
+    As = _fp8_mm(left, right, None, s_a / s_y**2, 0.0, gemm)  # s_a A, (n, m, m), m = min(rows, cols)
+    Aq = As.to(FP8)
+    Bs = _fp8_mm(Aq, Aq, As, s_b * c / s_a**2, s_b * b / s_a, gemm)  # s_b (b A + c A^2) (A symmetric)
+    left, right = (Yq, Bs.to(FP8)) if tall else (Bs.to(FP8), Yq)
+    return _fp8_mm(left, right, Ys, 1 / (s_b * s_y), a / s_y, gemm, out=out)  # a Y + B Y (or Y B)
