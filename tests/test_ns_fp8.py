@@ -23,10 +23,19 @@ def _exact_ns(G: torch.Tensor) -> torch.Tensor:
     return X
 
 
+def _power_law(n: int, rows: int, cols: int) -> torch.Tensor:
+    """(n, rows, cols) fp64 blocks with singular values s_i ~ i^-0.7 (low stable rank, like a momentum)."""
+    m = min(rows, cols)
+    U = torch.linalg.qr(torch.randn(n, rows, m, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, cols, m, dtype=torch.float64))[0]
+    return U @ torch.diag_embed((torch.arange(1, m + 1, dtype=torch.float64) ** -0.7).expand(n, m)) @ V.mT
+
+
+@pytest.mark.parametrize("spectrum, limit", [("flat", 1.5), ("power-law", 2.5)])  # measured: 1.0-1.1x, 1.2-2.0x
 @pytest.mark.parametrize("shape", [(4, 64, 192), (4, 192, 64), (2, 256, 768)])
-def test_fp8_first_step_stays_as_close_to_exact_ns_as_bf16(shape):
+def test_fp8_first_step_stays_as_close_to_exact_ns_as_bf16(shape, spectrum, limit):
     torch.manual_seed(0)
-    G = torch.randn(shape)
+    G = torch.randn(shape) if spectrum == "flat" else _power_law(*shape).float()
     exact = _exact_ns(G)
     errors = {}
     for fp8_steps in (0, 1):
@@ -35,14 +44,17 @@ def test_fp8_first_step_stays_as_close_to_exact_ns_as_bf16(shape):
         errors[fp8_steps] = ((X.double() - exact).norm() / exact.norm()).item()
         band = torch.linalg.svdvals(X.double())
         assert 0.75 < band.min() and band.max() < 1.25, (fp8_steps, band.aminmax())
-    assert errors[1] <= 1.5 * errors[0], errors  # bf16 alone: ~1.5e-2 on these shapes
+    assert errors[1] <= limit * errors[0], errors  # bf16 alone: ~1.1e-2 to 1.5e-2 on these shapes
 
 
+@pytest.mark.parametrize("spectrum, limit", [("flat", 1.6), ("power-law", 5.0)])
 @pytest.mark.parametrize("shape", [(4, 64, 192), (4, 192, 64), (2, 256, 768)])
-def test_one_fp8_step_is_about_as_close_to_the_exact_step_as_a_bf16_step(shape):
-    """The first step alone (later NS steps would hide a wrong scale by pulling singular values back)."""
+def test_one_fp8_step_is_about_as_close_to_the_exact_step_as_a_bf16_step(shape, spectrum, limit):
+    """The first step alone (later NS steps would hide a wrong scale by pulling singular values back).
+    Correct fp8: 1.0-1.5x a bf16 step's error on flat blocks, 1.8-3.5x on power-law ones, where B Y
+    weighs more; there a 5% error in b, or 10% in c or B, gave 7.9-26x."""
     torch.manual_seed(0)
-    G = torch.randn(shape, dtype=torch.float64)
+    G = torch.randn(shape, dtype=torch.float64) if spectrum == "flat" else _power_law(*shape)
     X = G / G.norm(dim=(-2, -1), keepdim=True)
     a, b, c = COEFFICIENTS[0]
     tall = X.shape[-2] > X.shape[-1]
@@ -53,7 +65,7 @@ def test_one_fp8_step_is_about_as_close_to_the_exact_step_as_a_bf16_step(shape):
     bf16_step = (a * Y + (Y @ (b * A + c * A @ A) if tall else (b * A + c * A @ A) @ Y)).bfloat16().double()
     rounding = (bf16_step - exact).norm() / exact.norm()
     out = F.fp8_step((X * F.FP8_Y_SCALE).bfloat16(), a, b, c, "torch").double()
-    assert (out - exact).norm() / exact.norm() < 1.6 * rounding  # fp8: 1.0-1.5x on these shapes
+    assert (out - exact).norm() / exact.norm() < limit * rounding
 
 
 def test_fp8_scales_keep_every_operand_in_range():
@@ -64,9 +76,12 @@ def test_fp8_scales_keep_every_operand_in_range():
         top = F.FP8_BOUND**2
         grid = torch.linspace(0, top, 10001, dtype=torch.float64)
         assert (b * grid + c * grid**2).abs().max().item() <= F.poly_bound(b, c) * (1 + 1e-12)
-    # ns_fp8 quantizes with a plain cast: it must saturate, not make NaN, where a bound is broken
-    big = torch.tensor([1e6, -1e6, 3.0]).bfloat16().to(F.FP8).float()
-    assert big.tolist() == [448.0, -448.0, 3.0]
+    # the first step's operands, from a normalized input, stay inside e4m3's range with slack
+    torch.manual_seed(0)
+    for spectrum in ("flat", "power-law"):
+        G = torch.randn(4, 64, 192) if spectrum == "flat" else _power_law(4, 64, 192).float()
+        Ys = G / G.norm(dim=(-2, -1), keepdim=True) * F.FP8_Y_SCALE
+        assert Ys.abs().max() < F.FP8_MAX / 1.5
 
 
 def test_fp8_steps_beyond_the_first_are_refused():

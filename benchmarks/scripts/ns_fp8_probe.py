@@ -4,8 +4,8 @@ and in fp8 e4m3 (one scale per tensor, fp32 accumulation), on one NS round of ex
     python benchmarks/scripts/ns_fp8_probe.py --json out.json        # on a Hopper GPU
     TRITON_INTERPRET=1 python benchmarks/scripts/ns_fp8_probe.py --check   # the kernel on a CPU
 
-`ns_fp8_emulation.py` found that fp8 operands in the first 2 of the presets' 4 NS steps keep the
-update (CPU emulation). This times what that could save, before any kernel in moespeed is built.
+`ns_fp8_emulation.py` found that only the first of the presets' 4 NS steps tolerates fp8 operands
+(CPU emulation; `train.muon_ns_fp8_first_step`). This times what fp8 GEMMs can save on these shapes.
 One round is `--blocks` (256, 768) blocks X (341 = the default 2^26-element round). Timed, each
 as one CUDA graph replayed `--reps` times (GPU time only):
 

@@ -1,4 +1,4 @@
-"""One Newton–Schulz step with fp8 e4m3 GEMM operands (`train.muon_ns_fp8_steps`).
+"""One Newton–Schulz step with fp8 e4m3 GEMM operands (`train.muon_ns_fp8_first_step`).
 
 Hopper's tensor cores multiply fp8 at twice the bf16 rate. NS tolerates fp8 operands in its first
 step only: there a Y dominates and B Y is small. On expert-shaped (256 x 768) blocks with 4 Polar
@@ -13,12 +13,14 @@ values below FP8_BOUND (a Frobenius-normalized input starts at <= 1, and the sch
 near [0.7, 1.2]), so |Y_ij| <= FP8_BOUND, |A_ij| <= FP8_BOUND^2 for A = Y Y^T, and |B_ij| <= the
 largest |b l + c l^2| over the eigenvalues l in [0, FP8_BOUND^2] of A for B = b A + c A^2. Each
 operand is produced already scaled (the normalization pass and the GEMM epilogues apply the
-scales), so quantizing is one saturating cast: a value beyond 448 (a bound broken) becomes 448.
+scales), so quantizing is one cast. The bounds leave slack (after a Frobenius normalization the
+first step's operands stay below about 256, 145 and 64); a value beyond 448 would saturate from
+torch 2.12 on and become NaN before.
 
 The products accumulate in fp32 and are stored in bf16 like the bf16 path's. GEMMs: the Triton
 kernel (`_addmm_triton`, fp8 operands) on CUDA; on a CPU the reference, the same rounding with fp32
-products (`fp8_mm_reference`, also the tests' yardstick). Gram Newton–Schulz (`ns_method = gram`)
-has no fp8 steps.
+products (`fp8_mm_reference`, also the tests' yardstick); on GPUs without fp8 tensor cores (below
+compute capability 8.9) the reference too. Gram Newton–Schulz (`ns_method = gram`) has no fp8 steps.
 """
 from __future__ import annotations
 
@@ -61,11 +63,18 @@ def fp8_mm_reference(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta:
     return out.copy_(result)
 
 
+def fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether `device` multiplies fp8 e4m3 in hardware (CUDA compute capability 8.9 and up, with
+    Triton; Triton refuses e4m3 below it, e.g. on an A100)."""
+    return device.type == "cuda" and triton is not None and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _fp8_mm(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta: float, gemm: str,
             out: Tensor | None = None) -> Tensor:
-    """`fp8_mm_reference`'s product by the Triton kernel (on CUDA whatever the bf16 steps' GEMM, and
-    for gemm = "triton", e.g. on a CPU under TRITON_INTERPRET=1) or by the reference."""
-    if gemm == "triton" or (L.is_cuda and triton is not None):
+    """`fp8_mm_reference`'s product by the Triton kernel (on a GPU with fp8 tensor cores whatever the
+    bf16 steps' GEMM, and for gemm = "triton" on a CPU under TRITON_INTERPRET=1) or by the reference
+    (elsewhere, e.g. an A100: correct, not faster)."""
+    if fp8_tensor_cores(L.device) or (gemm == "triton" and not L.is_cuda):
         shape = (L.shape[0], L.shape[1], R.shape[-1])
         target = torch.empty(shape, dtype=torch.bfloat16, device=L.device) if out is None else out
         return _addmm_triton(L, R, D, alpha, beta, target)
