@@ -236,17 +236,15 @@ def _momentum_fused(grads: list[Tensor], bufs: list[Tensor], out: Tensor, moment
     (offsets: int64 on the device, written before the launch) instead of at grads[i], which then only
     give the dtype. A CUDA graph replays such a launch on whatever addresses the table holds."""
     n = grads[0].numel()
-    if grad_table is None:
-        runs = [(first, last, offsets, offsets[last - first:])
+    if grad_table is None:  # (first, last, grads' base, their offsets, the bufs' offsets) per run
+        runs = [(first, last, grads[first], offsets, offsets[last - first:])
                 for first, last, offsets in _launch_runs(grads, bufs)]
-        bases = grads
     else:
         anchor, table = grad_table
-        runs = [(first, last, table[first:last], offsets) for first, last, offsets in _launch_runs(bufs)]
-        bases = [anchor] * len(grads)
-    for first, last, g_offsets, b_offsets in runs:
+        runs = [(first, last, anchor, table[first:last], offsets) for first, last, offsets in _launch_runs(bufs)]
+    for first, last, g_base, g_offsets, b_offsets in runs:
         _momentum_kernel[(triton.cdiv(n, _BLOCK), last - first)](
-            bases[first], bufs[first], out.view(-1)[first * n:], g_offsets, b_offsets, n, 1 - momentum, momentum,
+            g_base, bufs[first], out.view(-1)[first * n:], g_offsets, b_offsets, n, 1 - momentum, momentum,
             SMALL_BUF=abs(1 - momentum) < 0.5, SMALL_U=abs(momentum) < 0.5, NESTEROV=bool(nesterov),
             BUF_BF16=bufs[first].dtype == torch.bfloat16, BLOCK=_BLOCK, INTERPRET=_INTERPRET)
 
@@ -273,8 +271,9 @@ def _launch_runs(*lists: list[Tensor]) -> list[tuple[int, int, Tensor]]:
     offsets (int64, on the tensors' device) holds, list after list, each tensor's distance from the
     run's first tensor of its list, in units of 16 elements (so the kernels' loads stay vectorized);
     a tensor at another distance, or with another dtype, starts a new run. Cached by the number of
-    lists and the tensors' addresses and dtypes (one list of 2n tensors is not two lists of n): params, buffers and DDP's gradient views keep theirs from step to step, so
-    the tables are built and copied to the device once.
+    lists and the tensors' addresses and dtypes (one list of 2n tensors is not two lists of n):
+    params, buffers and DDP's gradient views keep theirs from step to step, so the tables are built
+    and copied to the device once.
     """
     key = (len(lists), *((t.data_ptr(), t.dtype, t.device) for ts in lists for t in ts))
     runs = _RUNS_CACHE.get(key)

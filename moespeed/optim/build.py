@@ -40,7 +40,8 @@ class OptimizerSet:
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer], adamw_side_stream: bool = False):
         self.optimizers = optimizers
         self.adamw_side_stream = adamw_side_stream
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # AdamW's side stream, if it has one
+        self._stream_decided = False  # at the first step: the param groups are set by then
 
     @property
     def param_groups(self) -> list[dict]:
@@ -62,17 +63,16 @@ class OptimizerSet:
         current.wait_stream(stream)  # later work (zero_grad frees the grads) waits for AdamW
 
     def _adamw_stream(self):
-        """AdamW's side stream for this step, or None (option off, not CUDA, nothing beside it, DTensors)."""
-        adamw = self.optimizers.get("adamw")
-        if not self.adamw_side_stream or adamw is None or len(self.optimizers) == 1:
-            return None
-        params = [p for g in adamw.param_groups for p in g["params"]]
-        if not params or params[0].device.type != "cuda" or any(isinstance(p, DTensor) for p in params):
-            return None
-        device = params[0].device
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
+        """AdamW's side stream, or None (option off, not CUDA, nothing beside it, DTensors); the param
+        scan runs once, at the first step."""
+        if not self._stream_decided:
+            self._stream_decided = True
+            adamw = self.optimizers.get("adamw")
+            params = [p for g in adamw.param_groups for p in g["params"]] if adamw is not None else []
+            if (self.adamw_side_stream and len(self.optimizers) > 1 and params and params[0].device.type == "cuda"
+                    and not any(isinstance(p, DTensor) for p in params)):
+                self._streams[params[0].device] = torch.cuda.Stream(params[0].device)
+        return next(iter(self._streams.values()), None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():

@@ -24,6 +24,7 @@ compute capability 8.9) the reference too. Gram Newton–Schulz (`ns_method = gr
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -63,6 +64,7 @@ def fp8_mm_reference(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta:
     return out.copy_(result)
 
 
+@functools.lru_cache(maxsize=None)
 def fp8_tensor_cores(device: torch.device) -> bool:
     """Whether `device` multiplies fp8 e4m3 in hardware (CUDA compute capability 8.9 and up, with
     Triton; Triton refuses e4m3 below it, e.g. on an A100)."""
