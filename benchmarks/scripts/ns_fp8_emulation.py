@@ -74,3 +74,43 @@ for shape in [(8, 64, 192), (8, 256, 768)]:
         _orthogonalize_(X, 4, coeffs, EPS, "torch", fp8_steps=k)
         sv = torch.linalg.svdvals(X.double())
         print(f"{str(shape[1:]):11} fp8 steps {k}: singular values [{sv.min():.3f}, {sv.max():.3f}]")
+
+# moespeed's fp8 first step against the exact first step, and the whole NS against fp64 NS, as multiples of
+# the bf16 path's error (the figures tests/test_ns_fp8.py bounds), on its shapes and both spectra
+from moespeed.optim import ns_fp8  # noqa: E402
+
+
+def power_law(n: int, rows: int, cols: int) -> torch.Tensor:
+    m = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(n, rows, m, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, cols, m, dtype=torch.float64))[0]
+    return u @ torch.diag_embed((torch.arange(1, m + 1, dtype=torch.float64) ** -0.7).expand(n, m)) @ v.mT
+
+
+def exact_steps(X: torch.Tensor, per_step) -> torch.Tensor:
+    tall = X.shape[-2] > X.shape[-1]
+    for a, b, c in per_step:
+        A = X.mT @ X if tall else X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + (X @ B if tall else B @ X)
+    return X
+
+
+print("-- moespeed fp8 first step / bf16, error multiples: one step vs the exact step; whole NS vs fp64 NS")
+for spectrum in ("flat", "power-law"):
+    for shape in [(4, 64, 192), (4, 192, 64), (2, 256, 768)]:
+        torch.manual_seed(0)
+        G = torch.randn(shape, dtype=torch.float64) if spectrum == "flat" else power_law(*shape)
+        X = G / G.norm(dim=(-2, -1), keepdim=True)
+        exact = exact_steps(X, coeffs[:1])
+        bf16 = exact_steps(X.bfloat16().double(), coeffs[:1]).bfloat16().double()
+        fp8 = ns_fp8.fp8_step((X * ns_fp8.FP8_Y_SCALE).bfloat16(), *coeffs[0], "torch").double()
+        one = ((fp8 - exact).norm() / (bf16 - exact).norm()).item()
+        full = exact_steps(X, coeffs)
+        errs = []
+        for k in (0, 1):
+            Y = G.float().bfloat16()
+            _orthogonalize_(Y, 4, coeffs, EPS, "torch", fp8_steps=k)
+            errs.append(((Y.double() - full).norm() / full.norm()).item())
+        print(f"{spectrum:9} {str(shape[1:]):11} one step {one:.2f}x   whole NS {errs[1] / errs[0]:.2f}x "
+              f"({errs[1]:.2e} vs {errs[0]:.2e})")
