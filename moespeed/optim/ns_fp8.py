@@ -14,8 +14,8 @@ near [0.7, 1.2]), so |Y_ij| <= FP8_BOUND, |A_ij| <= FP8_BOUND^2 for A = Y Y^T, a
 largest |b l + c l^2| over the eigenvalues l in [0, FP8_BOUND^2] of A for B = b A + c A^2. Each
 operand is produced already scaled (the normalization pass and the GEMM epilogues apply the
 scales), so quantizing is one cast. The bounds leave slack (after a Frobenius normalization the
-first step's scaled Y stays below 256, since |Y_ij| <= 1, and A and B well below 448 too); a value beyond 448 would saturate from
-torch 2.12 on and become NaN before.
+first step's scaled Y stays below 256, since |Y_ij| <= 1, and A and B well below 448 too); a value
+beyond 448 would saturate from torch 2.12 on and become NaN before.
 
 The products accumulate in fp32 and are stored in bf16 like the bf16 path's. GEMMs: the Triton
 kernel (`_addmm_triton`, fp8 operands) on CUDA; on a CPU the reference, the same rounding with fp32
