@@ -1,8 +1,11 @@
 """Small shared builders for the tests: a tiny config, a tiny corpus."""
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +23,38 @@ try:  # a trivial kernel: can this machine compile for the GPU ahead of time? (c
         tl.store(x_ptr + n, 1.0)
 except ImportError:  # pragma: no cover
     _hopper_probe = None
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a spawned gloo group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_worker(rank: int, world: int, port: int, timeout_s: int = 60):
+    """The body of one spawned test worker in a gloo group of `world`; a hang fails after `timeout_s`.
+
+    On success every rank meets at a barrier (no rank tears gloo down while another still talks),
+    destroys the group, and the process ends at once with `os._exit(0)`, skipping the interpreter's
+    teardown: a gloo thread that drops the last reference to a Python-owned tensor (an async
+    collective's buffer) after finalization began aborts the process ("terminate called without an
+    active exception", SIGABRT, seen twice in CI at the end of a passing two-rank Muon test). By then
+    the results are written; nothing is left to run. On an error the exception propagates as usual.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

@@ -5,12 +5,10 @@ of 2 processes that runs several `moespeed train` command lines in turn (imports
 compare with one process that accumulates the same global batch.
 """
 import copy
-import datetime
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,17 +29,11 @@ from moespeed.train.checkpoint import is_sharded, list_checkpoints
 from moespeed.train.distributed import DistEnv, check_peer_tables, check_same_config, parallelize
 from moespeed.train.trainer import Trainer
 
-from helpers import tiny_train_args, write_corpus
+from helpers import free_port, gloo_worker, tiny_train_args, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ expert-parallel MoE layer
@@ -60,9 +52,7 @@ EP_MASKED_PATHS = [("allgather", "padded_bmm", 1), ("allgather", "grouped_mm", 3
 
 def _ep_layer_worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # a hang fails instead
-    try:
+    with gloo_worker(rank, world, port, timeout_s=60):  # a hang fails instead
         # a clear error when the ranks disagree on the config
         with pytest.raises(ConfigError, match="rank 0 has train.steps = 200, rank 3 has train.steps = 300"):
             check_same_config(f"[train]\nsteps = {300 if rank == 3 else 200}\n", DistEnv(rank, world))
@@ -74,9 +64,6 @@ def _ep_layer_worker(rank: int, world: int, port: int) -> None:
             for case in ("random", "rank 1 of each EP group receives nothing"):
                 _check_ep_layer(rank, world, cfg, ep_dispatch, f"{ep_dispatch}/{mode}/{chunks}/masked={masked}, {case}",
                                 case != "random", chunks, masked)
-        dist.barrier()  # no rank tears gloo down while the other still talks
-    finally:
-        dist.destroy_process_group()
 
 
 def _check_ep_layer(rank: int, world: int, cfg: MoEConfig, ep_dispatch: str, case: str, skewed: bool,
@@ -133,14 +120,12 @@ def test_expert_parallel_layer_matches_single_process():
     one-process layer's."""
     # spawn, not fork: a forked child cannot use CUDA (GPU machines) or, on torch 2.11, autograd once
     # the parent has run them, as earlier tests do
-    mp.start_processes(_ep_layer_worker, args=(4, _free_port()), nprocs=4, start_method="spawn")
+    mp.start_processes(_ep_layer_worker, args=(4, free_port()), nprocs=4, start_method="spawn")
 
 
 def _ep_compile_worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_worker(rank, world, port, timeout_s=120):
         cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_inter_dim=16,
                         activation="swiglu", aux_loss_coef=0.1, dispatch="padded_bmm")  # grouped_mm: bf16 CUDA only under compile
         torch.manual_seed(0)
@@ -164,16 +149,13 @@ def _ep_compile_worker(rank: int, world: int, port: int) -> None:
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(chunked, eager, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(masked, eager, rtol=1e-5, atol=1e-6)
-        dist.barrier()  # no rank tears gloo down while the other still talks
-    finally:
-        dist.destroy_process_group()
 
 
 def test_allgather_expert_parallel_layer_compiles_as_one_graph():
     """The allgather dispatcher has no host sync and uses functional collectives, so torch.compile
     traces the EP layer whole (fullgraph), also in 2 pieces (ep_chunks) and with the masked-row custom
     ops (ep_masked_rows), and matches eager in outputs and gradients."""
-    mp.start_processes(_ep_compile_worker, args=(2, _free_port()), nprocs=2, start_method="spawn")  # not fork: see above
+    mp.start_processes(_ep_compile_worker, args=(2, free_port()), nprocs=2, start_method="spawn")  # not fork: see above
 
 
 def test_deferred_peer_tables_are_refused_with_several_processes():
@@ -225,7 +207,7 @@ def _run_distributed(plan: list[dict], cwd: Path) -> None:
     """Run a plan of trainings in ONE `torchrun` launch of 2 processes (see `_driver`)."""
     (cwd / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), __file__, str(cwd / "plan.json")]
+           "--master_port", str(free_port()), __file__, str(cwd / "plan.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -412,7 +394,7 @@ def test_bad_layout_fails_on_every_rank_before_writing(runs):
 def _torchrun_train(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     """`torchrun --nproc_per_node 2 -m moespeed train ARGS` in its own session, output to `log`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "moespeed", "train", *args]
+           "--master_port", str(free_port()), "-m", "moespeed", "train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with log.open("w") as out:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

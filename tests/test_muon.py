@@ -3,7 +3,6 @@ fused kernels, 2-rank gloo."""
 import contextlib
 import importlib.util
 import os
-import socket
 import textwrap
 
 import pytest
@@ -15,7 +14,7 @@ from moespeed.optim import muon as muon_mod
 from moespeed.optim import muon_plan
 from moespeed.optim.muon import SHARES, Muon, lr_scale, muon_eligible, newton_schulz
 from moespeed.optim.polar_express import polar_express_coefficients
-from helpers import run_interpreted
+from helpers import free_port, gloo_worker, run_interpreted
 
 HAS_TORCH_MUON = hasattr(torch.optim, "Muon")
 
@@ -675,9 +674,7 @@ def _dist_grads(params, step):
 
 def _dist_worker(rank, world, port, out_dir, share):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with gloo_worker(rank, world, port):
         blocks = []  # NS blocks this rank orthogonalized
         real = muon_mod._orthogonalize_
         muon_mod._orthogonalize_ = lambda X, *a: (blocks.append(X.shape[0]), real(X, *a))[1]
@@ -697,9 +694,6 @@ def _dist_worker(rank, world, port, out_dir, share):
                   "shared_blocks_last_step": sum(blocks[before:before + shared_blocks])}
         result["dtensor"] = _dtensor_case(world, hp, share)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while the other still talks (a SIGABRT at exit, seen once)
-    finally:
-        dist.destroy_process_group()
 
 
 def _dtensor_case(world, hp, share):
@@ -722,19 +716,13 @@ def _dtensor_case(world, hp, share):
             "plain": [p.detach() for p in plain]}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 @pytest.mark.parametrize("share", SHARES)
 def test_two_ranks_share_work_and_match_one_process(tmp_path, share):
     """Either way of sharing (split blocks, or whole rounds by owner): no block done twice, both
     ranks work, and the parameters equal one process doing everything."""
     world = 2
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path), share), nprocs=world)
+    mp.spawn(_dist_worker, args=(world, free_port(), str(tmp_path), share), nprocs=world)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     start = _dist_params(0)
     total_blocks = sum((s[0] if len(s) == 3 else 1) for s in DIST_SHAPES) + 1  # +1: the split
