@@ -2,9 +2,9 @@
 # train.muon_cuda_graph on one GPU: its GPU tests, then small-moe's Muon time in the train step for each
 # variant, alternating, twice (one allocation: hosts differ a lot between allocations); then, with
 # SLOW_RUNS="1 2", the same on an emulated slow host. TESTS=0 skips the tests, RUNS="" the normal runs,
-# NAMES picks variants (plain graph graph_poly27 adamw_side stack1 fp8), e.g. NAMES="graph adamw_side stack1 fp8"
+# NAMES picks variants (plain graph graph_poly27 adamw_side stack1 fp8 ns3), e.g. NAMES="graph adamw_side stack1 fp8"
 # times train.adamw_side_stream, train.muon_stack_batches 1 and train.muon_ns_fp8_first_step against the
-# presets' settings.
+# presets' settings; ns3 is 3 Polar Express steps aimed at singular values >= 1e-2 instead of 4 at >= 3e-3.
 # From the repository root:  OUT=dir MOESPEED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/scripts/muon_cuda_graph.sh
 set -uo pipefail
 export PYTHONPATH=$PWD
@@ -22,6 +22,7 @@ declare -A VARIANTS=(  # the small presets set train.muon_cuda_graph = true sinc
   [adamw_side]="--set train.muon_cuda_graph true --set train.adamw_side_stream true"
   [stack1]="--set train.muon_cuda_graph true --set train.muon_stack_batches 1"
   [fp8]="--set train.muon_cuda_graph true --set train.muon_ns_fp8_first_step true"
+  [ns3]="--set train.muon_cuda_graph true --set train.muon_ns_steps 3 --set train.muon_ns_lowest 1e-2"
 )
 for i in ${RUNS-1 2}; do for name in ${NAMES:-plain graph graph_poly27}; do
   timeout 120 python -m moespeed.bench.train_step --presets small-moe --optimizers muon --steps 15 --warmup 6 \
