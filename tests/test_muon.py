@@ -581,6 +581,19 @@ _FUSED_SCRIPT = textwrap.dedent('''
     ref = ref * scale[:n, None, None]
     assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-9).all()
 
+    # the persistent TMA kernel (interpreter tiles: 32 x 32 x 32): M and K multiples of the tile, N clipped
+    for n, m, k, cols in [(3, 64, 64, 72), (2, 32, 96, 40)]:
+        L, R, D = (torch.randn(s, generator=g).bfloat16() for s in [(n, m, k), (n, k, cols), (n, m, cols)])
+        out = torch.empty(n, m, cols, dtype=torch.bfloat16)
+        assert K.tma_fits(L, R, D, out)
+        K._addmm_tma(L, R, D, 0.7, -1.3, out, scale[:n])
+        ref = (0.7 * (L.float() @ R.float()) - 1.3 * D.float()) * scale[:n, None, None]  # (n, m, cols)
+        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-9).all()
+        K._addmm_tma(L, R, None, 0.7, -1.3, out)  # no D
+        ref = 0.7 * (L.float() @ R.float())
+        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-6).all()
+    assert not K.tma_fits(L[:, :20], R, None, torch.empty(n, 20, cols, dtype=torch.bfloat16))  # M = 20: no
+
     X = torch.randn(3, 40, 1500, generator=g).bfloat16() * torch.tensor([1.0, 1e-3, 0.0])[:, None, None]
     ref = X.float() / X.float().norm(dim=(-2, -1), keepdim=True).clamp(min=M.EPS)  # (3, 40, 1500)
     out = K._normalize_triton(X.clone(), M.EPS)  # 1500 * 40 elements: a partial last program
@@ -594,17 +607,18 @@ _FUSED_SCRIPT = textwrap.dedent('''
 
     # Newton-Schulz: the Triton path normalizes through the first Gram matrix, so it rounds differently
     # from the reference; it must be as close to exact (fp64) arithmetic as the reference is
-    for shape in [(5, 48, 96), (5, 96, 48), (3, 33, 17)]:
+    for shape in [(5, 48, 96), (5, 96, 48), (3, 33, 17), (3, 64, 96), (3, 96, 64)]:  # the last two: TMA tiles
         X = (torch.randn(shape, generator=g) * torch.logspace(-3, 2, shape[0])[:, None, None]).bfloat16()
         exact = X.double()
         M._orthogonalize_(exact, 5, M.NS_COEFFICIENTS, M.EPS)  # fp64 NS
         errors = {}
-        for gemm in ("torch", "triton"):
+        for gemm in ("torch", "triton", "tma"):
             Y = X.clone()
             M._orthogonalize_(Y, 5, M.NS_COEFFICIENTS, M.EPS, gemm)
             errors[gemm] = (Y.double() - exact).norm(dim=(-2, -1)) / exact.norm(dim=(-2, -1))  # (n,)
         assert (errors["torch"] < 0.03).all(), errors
         assert (errors["triton"] <= 1.3 * errors["torch"] + 2e-3).all(), (shape, errors)
+        assert torch.equal(errors["tma"], errors["triton"]), (shape, errors)  # same products, same rounding
     Z = torch.zeros(2, 16, 24, dtype=torch.bfloat16)  # no gradient: stays zero
     M._orthogonalize_(Z, 3, M.NS_COEFFICIENTS, M.EPS, "triton")
     assert not Z.any()
@@ -621,7 +635,8 @@ _FUSED_SCRIPT = textwrap.dedent('''
 
     pad = dict(pad_flops=10**9)  # CPU: no padding unless asked for
     variants = [dict(fused=False, merge_numel=0, pad_flops=0), dict(fused=False, **pad), dict(fused=True, **pad),
-                dict(fused=True, ns_gemm="triton", **pad), dict(fused=True, ns_gemm="poly", **pad),
+                dict(fused=True, ns_gemm="triton", **pad), dict(fused=True, ns_gemm="tma", **pad),
+                dict(fused=True, ns_gemm="poly", **pad),
                 dict(fused=True, merge_numel=0)]  # reference first
     runs = [params() for _ in variants]
     start = [p.detach().clone() for p in runs[0]]
@@ -637,7 +652,7 @@ _FUSED_SCRIPT = textwrap.dedent('''
             opt.step()
     for ps, kw in zip(runs[1:], variants[1:]):
         # one bf16 rounding of the update; the Triton NS (normalized through the Gram matrix) ~1.5%
-        tol = 2**-6 if kw.get("ns_gemm") == "triton" else 2**-8
+        tol = 2**-6 if kw.get("ns_gemm") in ("triton", "tma") else 2**-8
         for p0, a, b in zip(start, ps, runs[0]):
             a, b = a.detach() - p0, b.detach() - p0
             assert torch.isfinite(a).all()
@@ -773,6 +788,25 @@ def test_ns_gemm_tune_times_each_round_shape_once(monkeypatch):
         Muon(ps, lr=0.02, ns_gemm=gemm).step()
         results.append(ps)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tma_gemm_matches_fp32_products_on_gpu():
+    """The persistent TMA kernel with its GPU configs (autotuned per shape) on small-moe's NS shapes:
+    one bf16 rounding of fp32 products, with D, without D, with a per-matrix scale."""
+    from moespeed.kernels import muon_triton as K
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, m, k, cols in [(5, 256, 256, 768), (5, 768, 256, 256), (3, 256, 256, 256), (2, 384, 384, 768)]:
+        L, R, D = (torch.randn(s, device="cuda", generator=g).bfloat16() for s in [(n, m, k), (n, k, cols), (n, m, cols)])
+        scale = torch.rand(n, device="cuda", generator=g) + 0.5
+        out = torch.empty(n, m, cols, device="cuda", dtype=torch.bfloat16)
+        assert K.tma_fits(L, R, D, out)
+        for d, s in [(D, None), (None, None), (D, scale)]:
+            K._addmm_tma(L, R, d, 0.7, -1.3, out, s)
+            ref = 0.7 * (L.float() @ R.float()) - (0 if d is None else 1.3 * D.float())  # (n, m, cols)
+            ref = ref if s is None else ref * s[:, None, None]
+            err = (out.float() - ref).abs() / ref.abs().amax(dim=(-2, -1), keepdim=True)
+            assert err.max() < 2**-7, (n, m, k, cols, d is None, s is None, err.max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -153,14 +153,15 @@ def test_cuda_graph_is_ignored_on_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphed_steps_match_eager_steps():
+@pytest.mark.parametrize("ns_gemm", ["torch", "tma"])  # tma: host-side TMA descriptors captured in the graph
+def test_cuda_graphed_steps_match_eager_steps(ns_gemm):
     torch.manual_seed(0)
     shapes = [(256, 768), (768, 256), (8, 256, 768), (8, 768, 256), (384, 768), (64, 64)]
     start = [torch.randn(s, device="cuda") for s in shapes]
     eager = [torch.nn.Parameter(t.clone()) for t in start]
     graphed = [torch.nn.Parameter(t.clone()) for t in start]
-    ref = Muon(eager, lr=0.02, momentum_dtype=torch.bfloat16)
-    opt = Muon(graphed, lr=0.02, momentum_dtype=torch.bfloat16, cuda_graph=True)
+    ref = Muon(eager, lr=0.02, momentum_dtype=torch.bfloat16, ns_gemm=ns_gemm)
+    opt = Muon(graphed, lr=0.02, momentum_dtype=torch.bfloat16, cuda_graph=True, ns_gemm=ns_gemm)
     for k in range(8):
         for group in ref.param_groups + opt.param_groups:
             group["lr"] = 0.02 * (1 - k / 10)

@@ -249,7 +249,7 @@ def ns_by_class(classes: dict, device, batch_numel: int, notes: list[str]) -> li
         per_call = muon_plan.round_sizes(n, max(1, batch_numel // (rows * cols)))[0]
         X0 = torch.randn(per_call, rows, cols, device=device).bfloat16()  # (per_call, rows, cols)
         ns, results = {}, {}
-        for gemm in ("torch", "triton") if device.type == "cuda" else ("torch",):
+        for gemm in ("torch", "triton", "tma") if device.type == "cuda" else ("torch",):
             try:
                 X = X0.clone()
                 muon_mod._orthogonalize_(X, *NS, gemm)  # Triton autotuning (each kernel call idempotent)
@@ -264,7 +264,7 @@ def ns_by_class(classes: dict, device, batch_numel: int, notes: list[str]) -> li
             ns["gram"] = _time_ms(lambda: muon_mod._orthogonalize_(X, *NS, gemm_used, "gram"), device) * n / per_call
         flops = ns_flops(rows, cols) * n
         row = {"shape": [rows, cols], "blocks": n, "ours_gemm": gemm_used, "ns_ms": ns["torch"],
-               "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton"), "ns_gram_ms": ns.get("gram")}
+               "tflops": flops / ns["torch"] / 1e9, "ns_triton_ms": ns.get("triton"), "ns_tma_ms": ns.get("tma"), "ns_gram_ms": ns.get("gram")}
         if "triton" in results:
             ref = results["torch"].float()
             row["triton_rel_err"] = ((results["triton"].float() - ref).norm() / ref.norm()).item()
@@ -333,6 +333,7 @@ VARIANTS = {  # name -> Muon options: ours with one thing changed
     "unfused": dict(OURS, fused=False),
     "cublas": dict(OURS, ns_gemm="torch"),
     "triton_gemm": dict(OURS, ns_gemm="triton"),
+    "tma_gemm": dict(OURS, ns_gemm="tma"),  # the persistent TMA kernel (Hopper and later)
     "tuned_gemm": dict(OURS, ns_gemm="tune"),  # the faster GEMM per round shape, timed on the first step
     "gram": dict(OURS, ns_method="gram"),  # Gram Newton–Schulz for blocks with a long side >= 2x the short
 }
@@ -384,7 +385,7 @@ def bench_case(name: str, shapes, check_shapes, device, ceilings: dict, args) ->
                ours_peak_mib=ours["peak_mib"], kernels_per_step=ours["kernels"], n_classes=row["paths"]["classes"])
     for variant in args.variants.split(",") if args.variants else VARIANTS:
         kwargs = VARIANTS[variant]
-        if kwargs["ns_gemm"] == "triton" and device.type != "cuda":
+        if kwargs["ns_gemm"] in ("triton", "tma") and device.type != "cuda":
             continue  # Triton GEMM: CUDA only (or the interpreter)
         try:
             err, diff, paths = _update_err(err_shapes, device, lambda ps: Muon(ps, **HP, **kwargs), reference)

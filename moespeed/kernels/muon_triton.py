@@ -177,6 +177,101 @@ if triton is not None:
                  mask=mask)
 
 
+if triton is not None:
+    def _tma_blocks(nargs: dict) -> None:
+        """Autotune pre-hook: give the host-side descriptors the tile shapes of the config being run."""
+        block_m, block_n, block_k = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        nargs["l_desc"].block_shape = [block_m, block_k]
+        nargs["r_desc"].block_shape = [block_k, block_n]
+        nargs["d_desc"].block_shape = [block_m, block_n]
+        nargs["c_desc"].block_shape = [block_m, block_n]
+
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM); every BLOCK_M divides TMA_M and BLOCK_K TMA_K
+    _TMA_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_SM": per_sm}, num_warps=w, num_stages=st,
+                      pre_hook=_tma_blocks)
+        for bm, bn, bk, w, st, per_sm in [(128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 4, 1), (128, 256, 64, 8, 3, 1),
+                                          (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 3, 2), (64, 128, 64, 4, 4, 2),
+                                          (128, 64, 64, 4, 4, 2)]
+    ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "PER_SM": 1}, num_warps=4,
+                                           num_stages=2, pre_hook=_tma_blocks)]
+    TMA_M, TMA_K = (128, 64) if not _INTERPRET else (32, 32)  # what M and K must be multiples of
+
+    @triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
+    @triton.jit
+    def _addmm_tma_kernel(l_desc, r_desc, d_desc, c_desc, scale_ptr, count, M, N, K, alpha, beta,
+                          SCALED: tl.constexpr, NO_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PER_SM: tl.constexpr, INTERPRET: tl.constexpr):
+        """`_addmm_kernel`'s C[z] = (alpha L[z] @ R[z] + beta D[z]) * scale[z], persistent and through TMA
+        descriptors: the grid's programs (PER_SM per SM) walk the count * tiles output tiles, and the
+        software pipeline runs over the flattened (tile, k) loop, so the next tile's loads overlap this
+        tile's epilogue (NS's GEMMs have only K / BLOCK_K = 4 k-steps per tile: a one-tile-per-program
+        kernel spends much of its time filling its pipeline). The batch is seen as 2-D: L (count * M,
+        K), R (count * K, N), D and C (count * M, N); M and K are multiples of BLOCK_M and BLOCK_K, so
+        no tile crosses into the next matrix (N is clipped by the descriptors)."""
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        tiles = (M // BLOCK_M) * tiles_n  # per matrix
+        k_steps = K // BLOCK_K
+        for tile in tl.range(tl.program_id(0), count * tiles, tl.num_programs(0), flatten=True):
+            z = tile // tiles
+            row = z * M + ((tile % tiles) // tiles_n) * BLOCK_M  # in the (count * M, .) view
+            col = (tile % tiles_n) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(k_steps):
+                lhs = l_desc.load([row, k * BLOCK_K])  # (BLOCK_M, BLOCK_K)
+                rhs = r_desc.load([z * K + k * BLOCK_K, col])  # (BLOCK_K, BLOCK_N)
+                if INTERPRET:
+                    lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
+                acc = tl.dot(lhs, rhs, acc)
+            out = alpha * acc  # (BLOCK_M, BLOCK_N)
+            if not NO_D:
+                out += beta * d_desc.load([row, col]).to(tl.float32)
+            if SCALED:
+                out = out * tl.load(scale_ptr + z)
+            c_desc.store([row, col], _to_bf16(out, INTERPRET))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def tma_fits(L: Tensor, R: Tensor, D: Tensor | None, out: Tensor) -> bool:
+    """Can `_addmm_tma` take this batch: bf16, contiguous, 16-byte aligned, M and K multiples of every
+    config's tile (TMA_M, TMA_K: no tile crosses matrices), N a multiple of 8 (16-byte rows)?"""
+    _, M, K = L.shape
+    tensors = [L, R, out] + ([] if D is None else [D])
+    return (triton is not None and M % TMA_M == 0 and K % TMA_K == 0 and R.shape[-1] % 8 == 0
+            and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors))
+
+
+def _addmm_tma(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta: float, out: Tensor,
+               scale: Tensor | None = None) -> Tensor:
+    """`_addmm_triton` on the persistent TMA kernel (Hopper and later; the interpreter on CPU); the
+    batch must pass `tma_fits`."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    count, M, K = L.shape
+    N = R.shape[-1]
+
+    def desc(t: Tensor, rows: int, cols: int):  # (count, rows, cols) as (count * rows, cols); tiles set per config
+        return TensorDescriptor.from_tensor(t.view(count * rows, cols), [TMA_M, TMA_K])
+
+    sms = 4
+    if L.device.type == "cuda":
+        index = L.device.index if L.device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        sms = _SM_COUNT[index]
+
+    def grid(meta):
+        return (min(sms * meta["PER_SM"], count * (M // meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    c_desc = desc(out, M, N)
+    _addmm_tma_kernel[grid](desc(L, M, K), desc(R, K, N), c_desc if D is None else desc(D, M, N), c_desc,
+                            out if scale is None else scale, count, M, N, K, float(alpha), float(beta),
+                            SCALED=scale is not None, NO_D=D is None, INTERPRET=_INTERPRET)
+    return out
+
+
 def _addmm_triton(L: Tensor, R: Tensor, D: Tensor | None, alpha: float, beta: float, out: Tensor,
                   scale: Tensor | None = None) -> Tensor:
     """Triton: out = alpha * L @ R + beta * D (D None: alpha * L @ R), each matrix z times scale[z] if

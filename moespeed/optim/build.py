@@ -89,10 +89,10 @@ class OptimizerSet:
 
 
 def check_muon_device(tc, device: torch.device) -> None:
-    """One clear line for `train.muon_ns_gemm = triton` off CUDA (its GEMM is a GPU kernel)."""
-    if (tc.optimizer == "muon" and tc.muon_ns_gemm == "triton" and device.type != "cuda"
+    """One clear line for `train.muon_ns_gemm = triton` or `tma` off CUDA (their GEMMs are GPU kernels)."""
+    if (tc.optimizer == "muon" and tc.muon_ns_gemm in ("triton", "tma") and device.type != "cuda"
             and os.environ.get("TRITON_INTERPRET") != "1"):
-        raise ConfigError(f"train.muon_ns_gemm = triton runs on CUDA GPUs, and training runs on {device.type}: "
+        raise ConfigError(f"train.muon_ns_gemm = {tc.muon_ns_gemm} runs on CUDA GPUs, and training runs on {device.type}: "
                           "use auto (triton on CUDA, torch elsewhere) or torch")
 
 

@@ -120,7 +120,7 @@ except ImportError:  # pragma: no cover
 from ..kernels.muon_triton import (_fused_works, _momentum_fused, _momentum_reference, _update_fused,
                                    _update_reference, triton)
 from .newton_schulz import (EPS, GRAM_RESTART, NS_COEFFICIENTS, NS_GEMMS, NS_METHODS, NS_STEPS,  # noqa: F401
-                            TUNE_REPEATS, _faster_gemm, _gram_orthogonalize_, _hashable, _orthogonalize_,
+                            TRITON_GEMMS, TUNE_REPEATS, _faster_gemm, _gram_orthogonalize_, _hashable, _orthogonalize_,
                             gram_pays, newton_schulz, ns_flops, step_coefficients)  # re-exported: Muon's API
 from .muon_graph import StepGraph
 from .muon_plan import (MERGE_NUMEL, STACK_BATCHES, BlockClass, Job, assign_lanes, class_cost, job_runs,
@@ -232,8 +232,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon share = {share!r}: use one of {SHARES}")
         if momentum_dtype not in MOMENTUM_DTYPES:
             raise ValueError(f"Muon momentum_dtype = {momentum_dtype}: use one of {MOMENTUM_DTYPES}")
-        if triton is None and (fused or ns_gemm == "triton"):  # "auto" and "tune" fall back to torch
-            raise ValueError("Muon fused = True and ns_gemm = 'triton' need triton")
+        if triton is None and (fused or ns_gemm in TRITON_GEMMS):  # "auto" and "tune" fall back to torch
+            raise ValueError(f"Muon fused = True and ns_gemm = {ns_gemm!r} need triton")
         self.process_group = process_group
         self.batch_numel = batch_numel
         self.fused = fused
@@ -433,7 +433,7 @@ class Muon(torch.optim.Optimizer):
         """The NS GEMM for one round `blocks` (n, rows, cols) of a class: `ns_gemm`, where "auto" picks
         triton on CUDA and "tune" the faster on CUDA, timed on the first round of each shape
         ("tune" while undecided: no blocks given)."""
-        if self.ns_gemm in ("torch", "triton"):
+        if self.ns_gemm in ("torch", *TRITON_GEMMS):
             return self.ns_gemm
         if triton is None or cls.device.type != "cuda":
             return "torch"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.muon_triton import _addmm_triton, _normalize_gram_triton, _normalize_triton, triton
+from ..kernels.muon_triton import _addmm_tma, _addmm_triton, _normalize_gram_triton, _normalize_triton, tma_fits, triton
 from .ns_fp8 import FP8_Y_SCALE, fp8_step
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -27,7 +27,9 @@ EPS = 1e-7
 # poly: X <- P X with P = a I + b A + c A^2 formed first (plain cuBLAS bmm; see _orthogonalize_).
 # tune: on CUDA, time the three on the first NS call of each round shape, keep the fastest (per-class times
 # in muon_gram_classes.json favour cuBLAS for some small classes, e.g. (1344, 128) x12: 0.46 vs 1.03 ms)
-NS_GEMMS = ("torch", "triton", "poly", "auto", "tune")
+# tma: the Triton GEMM as a persistent kernel with TMA loads (Hopper and later; "triton" where a batch does not tile)
+NS_GEMMS = ("torch", "triton", "tma", "poly", "auto", "tune")
+TRITON_GEMMS = ("triton", "tma")  # the GEMMs that normalize through the first Gram matrix
 TUNE_REPEATS = 3  # timed NS calls per GEMM choice when ns_gemm = "tune" (after one warm-up call)
 
 
@@ -83,7 +85,7 @@ def _orthogonalize_(X: Tensor, steps: int, coefficients, eps: float,
     # "triton" normalizes through the first Gram matrix: ||X||_F^2 = trace(X X^T), so step 1 runs on
     # A / ||X||^2 and scales its output by 1 / ||X||; no pass over X (H200 small-moe: a 0.20 ms kernel
     # instead of 0.59 ms of norm and scaling per step)
-    via_gram = gemm == "triton" and fp8_steps == 0
+    via_gram = gemm in TRITON_GEMMS and fp8_steps == 0
     # ||Y||_F = 1 per matrix (or X, scaled in step 1); an fp8 first step takes it times its scale
     Y = X if via_gram else _normalize_(X, eps, gemm, times=FP8_Y_SCALE if fp8_steps else 1.0)
     for i, (a, b, c) in enumerate(step_coefficients(coefficients, steps)):
@@ -117,7 +119,7 @@ def _normalize_(X: Tensor, eps: float, gemm: str = "torch", times: float = 1.0) 
     """X (n, rows, cols) in place: each matrix divided by max(its Frobenius norm, eps), times `times`
     (a power of two: the fp8 step's scale, exact). With the Triton GEMMs a Triton scaling pass (the
     broadcast division is slow on the GPU)."""
-    if gemm == "triton" or (gemm == "poly" and X.is_cuda and triton is not None):
+    if gemm in TRITON_GEMMS or (gemm == "poly" and X.is_cuda and triton is not None):
         return _normalize_triton(X, eps, times)
     return X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps) / times)
 
@@ -187,10 +189,13 @@ def _addmm(L: Tensor, R: Tensor, D: Tensor, alpha: float, beta: float, gemm: str
            out: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     """alpha * L @ R + beta * D for bf16 batches L (n, M, K), R (n, K, N), D (n, M, N); each matrix
     times scale[z] if given (n,) fp32 (Triton only)."""
-    if gemm == "triton":
-        return _addmm_triton(L, R, D, alpha, beta, torch.empty_like(D) if out is None else out, scale)
+    if gemm in TRITON_GEMMS:
+        out = torch.empty_like(D) if out is None else out
+        if gemm == "tma" and tma_fits(L, R, D, out):
+            return _addmm_tma(L, R, D, alpha, beta, out, scale)
+        return _addmm_triton(L, R, D, alpha, beta, out, scale)
     if scale is not None:
-        raise ValueError("_addmm: a per-matrix scale needs gemm='triton'")
+        raise ValueError("_addmm: a per-matrix scale needs gemm='triton' or 'tma'")
     if out is None:
         return torch.baddbmm(D, L, R, beta=beta, alpha=alpha)
     return torch.baddbmm(D, L, R, beta=beta, alpha=alpha, out=out)
