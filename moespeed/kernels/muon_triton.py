@@ -186,29 +186,34 @@ if triton is not None:
         nargs["d_desc"].block_shape = [block_m, block_n]
         nargs["c_desc"].block_shape = [block_m, block_n]
 
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM); every BLOCK_M divides TMA_M and BLOCK_K TMA_K
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM, D loaded before the k loop); every BLOCK_M
+    # divides TMA_M and every BLOCK_K TMA_K
     _TMA_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_SM": per_sm}, num_warps=w, num_stages=st,
-                      pre_hook=_tma_blocks)
-        for bm, bn, bk, w, st, per_sm in [(128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 4, 1), (128, 256, 64, 8, 3, 1),
-                                          (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 3, 2), (64, 128, 64, 4, 4, 2),
-                                          (128, 64, 64, 4, 4, 2)]
-    ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "PER_SM": 1}, num_warps=4,
-                                           num_stages=2, pre_hook=_tma_blocks)]
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_SM": per_sm, "D_FIRST": d_first},
+                      num_warps=w, num_stages=st, pre_hook=_tma_blocks)
+        for bm, bn, bk, w, st, per_sm, d_first in [
+            (128, 128, 64, 8, 4, 1, False), (128, 128, 64, 4, 4, 1, False), (128, 256, 64, 8, 3, 1, False),
+            (128, 128, 64, 8, 3, 2, False), (128, 128, 64, 4, 3, 2, False), (64, 128, 64, 4, 4, 2, False),
+            (128, 64, 64, 4, 4, 2, False), (128, 128, 64, 8, 4, 1, True), (128, 128, 64, 8, 3, 2, True),
+            (64, 128, 64, 4, 4, 2, True)]
+    ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "PER_SM": 1,
+                                             "D_FIRST": False}, num_warps=4, num_stages=2, pre_hook=_tma_blocks)]
     TMA_M, TMA_K = (128, 64) if not _INTERPRET else (32, 32)  # what M and K must be multiples of
 
     @triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
     @triton.jit
     def _addmm_tma_kernel(l_desc, r_desc, d_desc, c_desc, scale_ptr, count, M, N, K, alpha, beta,
                           SCALED: tl.constexpr, NO_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PER_SM: tl.constexpr, INTERPRET: tl.constexpr):
+                          BLOCK_K: tl.constexpr, PER_SM: tl.constexpr, D_FIRST: tl.constexpr,
+                          INTERPRET: tl.constexpr):
         """`_addmm_kernel`'s C[z] = (alpha L[z] @ R[z] + beta D[z]) * scale[z], persistent and through TMA
         descriptors: the grid's programs (PER_SM per SM) walk the count * tiles output tiles, and the
         software pipeline runs over the flattened (tile, k) loop, so the next tile's loads overlap this
         tile's epilogue (NS's GEMMs have only K / BLOCK_K = 4 k-steps per tile: a one-tile-per-program
         kernel spends much of its time filling its pipeline). The batch is seen as 2-D: L (count * M,
         K), R (count * K, N), D and C (count * M, N); M and K are multiples of BLOCK_M and BLOCK_K, so
-        no tile crosses into the next matrix (N is clipped by the descriptors)."""
+        no tile crosses into the next matrix (N is clipped by the descriptors). D_FIRST: D's tile is
+        loaded before the k loop (in flight during the products) instead of in the epilogue."""
         tiles_n = tl.cdiv(N, BLOCK_N)
         tiles = (M // BLOCK_M) * tiles_n  # per matrix
         k_steps = K // BLOCK_K
@@ -217,6 +222,8 @@ if triton is not None:
             row = z * M + ((tile % tiles) // tiles_n) * BLOCK_M  # in the (count * M, .) view
             col = (tile % tiles_n) * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if D_FIRST and not NO_D:
+                d = d_desc.load([row, col])  # (BLOCK_M, BLOCK_N)
             for k in range(k_steps):
                 lhs = l_desc.load([row, k * BLOCK_K])  # (BLOCK_M, BLOCK_K)
                 rhs = r_desc.load([z * K + k * BLOCK_K, col])  # (BLOCK_K, BLOCK_N)
@@ -225,7 +232,9 @@ if triton is not None:
                 acc = tl.dot(lhs, rhs, acc)
             out = alpha * acc  # (BLOCK_M, BLOCK_N)
             if not NO_D:
-                out += beta * d_desc.load([row, col]).to(tl.float32)
+                if not D_FIRST:
+                    d = d_desc.load([row, col])
+                out += beta * d.to(tl.float32)
             if SCALED:
                 out = out * tl.load(scale_ptr + z)
             c_desc.store([row, col], _to_bf16(out, INTERPRET))
