@@ -126,12 +126,13 @@ def _normalize_(X: Tensor, eps: float, gemm: str = "torch", times: float = 1.0) 
 
 def _faster_gemm(blocks: Tensor, steps: int, coefficients, eps: float,
                  method: str, fp8_steps: int = 0) -> str:
-    """"torch", "triton" or "poly", whichever orthogonalizes copies of `blocks` faster on their CUDA device:
-    one warm-up call each (Triton autotunes there), then TUNE_REPEATS timed calls (CUDA events; the
-    host waits once). `blocks` itself is not touched."""
+    """"torch", "triton", "poly" or (Hopper and later) "tma", whichever orthogonalizes copies of `blocks`
+    faster on their CUDA device: one warm-up call each (Triton autotunes there), then TUNE_REPEATS timed
+    calls (CUDA events; the host waits once). `blocks` itself is not touched."""
     trial = torch.empty_like(blocks)
     times = {}
-    for gemm in ("torch", "triton", "poly"):
+    tma = torch.cuda.get_device_capability(blocks.device)[0] >= 9
+    for gemm in ("torch", "triton", "poly") + (("tma",) if tma else ()):
         trial.copy_(blocks)
         _orthogonalize_(trial, steps, coefficients, eps, gemm, method, fp8_steps)  # warm-up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
