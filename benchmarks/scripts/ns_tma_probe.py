@@ -1,7 +1,8 @@
 """The persistent TMA NS GEMM (`_addmm_tma`) against the Triton one (`_addmm_triton`) and cuBLAS on
 small-moe's NS shapes, and whole NS per class with each GEMM (GPU, Hopper or later).
 
-For each product shape: every TMA config forced on its own (time, and its error against fp32 products),
+Every time is GPU time per call, the calls replayed from a CUDA graph (as train.muon_cuda_graph runs
+them). For each product shape: every TMA config forced on its own (time, and its error against fp32 products),
 the autotuned pick of both Triton kernels, cuBLAS bmm (no D) and baddbmm. Then `_orthogonalize_` (4 Polar
 Express steps, as the presets run it) per class with gemm triton / tma / poly.
 From the repository root: PYTHONPATH=$PWD python benchmarks/scripts/ns_tma_probe.py   (writes $OUT/ns_tma_probe.json)
@@ -25,12 +26,24 @@ CLASSES = [("expert 256x768", 256, 768), ("expert 768x256", 768, 256), ("attn 38
 
 
 def timeit(fn, reps=20):
-    fn()
+    """ms per call of fn as the CUDA-graphed Muon step runs it: `reps` calls captured in one CUDA graph
+    and replayed (eager timing of short Triton launches measures the host: the first run of this probe
+    timed the TMA kernel at 138 us eagerly, 65 us per call with its config forced)."""
+    fn()  # autotuning, compilation
     torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(True), torch.cuda.Event(True)
     start.record()
-    for _ in range(reps):
-        fn()
+    graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
@@ -95,7 +108,7 @@ def main():
             X.copy_(X0)
             NS._orthogonalize_(X, 4, coefficients, NS.EPS, gemm)
             results[gemm] = X.float()
-            row[f"{gemm}_ms"] = timeit(lambda: (X.copy_(X0), NS._orthogonalize_(X, 4, coefficients, NS.EPS, gemm)))
+            row[f"{gemm}_ms"] = timeit(lambda: (X.copy_(X0), NS._orthogonalize_(X, 4, coefficients, NS.EPS, gemm)), 10)
         row["copy_ms"] = timeit(lambda: X.copy_(X0))  # included in each time above
         exact = X0.double()
         NS._orthogonalize_(exact, 4, coefficients, NS.EPS)
