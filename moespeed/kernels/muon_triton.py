@@ -125,10 +125,11 @@ if triton is not None:
 
 
 if triton is not None:
-    _GEMM_CONFIGS = [  # Hopper-friendly tiles (the last two won NS shapes of `small` in s7_ns_gemm_sweep.json);
-        # one small tile for the interpreter
+    _GEMM_CONFIGS = [  # Hopper-friendly tiles (the 4th and 5th won NS shapes of `small` in s7_ns_gemm_sweep.json;
+        # the last covers an expert block's 256 rows in one tile); one small tile for the interpreter
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3)]
+        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3),
+                              (256, 128, 8, 3)]
     ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
 
     @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
@@ -187,20 +188,27 @@ if triton is not None:
         nargs["c_desc"].block_shape = [block_m, block_n]
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM, D loaded before the k loop); every BLOCK_M
-    # divides TMA_M and every BLOCK_K TMA_K
+    # is a multiple of TMA_M and every BLOCK_K of TMA_K. The 128-row ones won some NS shapes on an H200 in
+    # s18_ns_tma_probe_eager.json (64-row tiles, 2 programs per SM and 128 x 256 tiles never did); the
+    # 256-row ones cover an expert block's 256 rows in one tile, as cuBLAS's fastest kernel does there.
     _TMA_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_SM": per_sm, "D_FIRST": d_first},
                       num_warps=w, num_stages=st, pre_hook=_tma_blocks)
         for bm, bn, bk, w, st, per_sm, d_first in [
-            (128, 128, 64, 8, 4, 1, False), (128, 128, 64, 4, 4, 1, False), (128, 256, 64, 8, 3, 1, False),
-            (128, 128, 64, 8, 3, 2, False), (128, 128, 64, 4, 3, 2, False), (64, 128, 64, 4, 4, 2, False),
-            (128, 64, 64, 4, 4, 2, False), (128, 128, 64, 8, 4, 1, True), (128, 128, 64, 8, 3, 2, True),
-            (64, 128, 64, 4, 4, 2, True)]
+            (128, 128, 64, 8, 4, 1, False), (128, 128, 64, 4, 4, 1, False), (128, 128, 64, 8, 4, 1, True),
+            (128, 128, 64, 4, 3, 2, False), (256, 128, 64, 8, 2, 1, False), (256, 128, 64, 8, 3, 1, False),
+            (256, 128, 64, 8, 2, 1, True)]
     ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "PER_SM": 1,
                                              "D_FIRST": False}, num_warps=4, num_stages=2, pre_hook=_tma_blocks)]
     TMA_M, TMA_K = (128, 64) if not _INTERPRET else (32, 32)  # what M and K must be multiples of
 
-    @triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
+    def _tma_tiling(configs, named_args, **kwargs):
+        """Autotune pruning: only the configs whose tiles divide this batch's M and K (no tile may
+        cross into the next matrix)."""
+        return [c for c in configs if named_args["M"] % c.kwargs["BLOCK_M"] == 0
+                and named_args["K"] % c.kwargs["BLOCK_K"] == 0]
+
+    @triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _tma_tiling})
     @triton.jit
     def _addmm_tma_kernel(l_desc, r_desc, d_desc, c_desc, scale_ptr, count, M, N, K, alpha, beta,
                           SCALED: tl.constexpr, NO_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
