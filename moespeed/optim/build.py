@@ -93,7 +93,7 @@ def check_muon_device(tc, device: torch.device) -> None:
     if (tc.optimizer == "muon" and tc.muon_ns_gemm in ("triton", "tma") and device.type != "cuda"
             and os.environ.get("TRITON_INTERPRET") != "1"):
         raise ConfigError(f"train.muon_ns_gemm = {tc.muon_ns_gemm} runs on CUDA GPUs, and training runs on {device.type}: "
-                          "use auto (triton on CUDA, torch elsewhere) or torch")
+                          "use auto (Triton GEMMs on CUDA, torch elsewhere) or torch")
 
 
 def build_optimizer(model: nn.Module, tc) -> tuple[OptimizerSet, str]:
