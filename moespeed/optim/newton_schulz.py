@@ -22,7 +22,8 @@ NS_STEPS = 5
 NS_METHODS = ("standard", "gram")  # gram: Gram Newton–Schulz for blocks with a long side >= 2x the short one
 GRAM_RESTART = 3  # the Gram iteration re-anchors X at this step (bf16 drift; see _gram_orthogonalize_)
 EPS = 1e-7
-# auto: tma on Hopper or newer, triton on older CUDA GPUs (session 18). Before: H100 train step (train_step_muon_triton_*.json): triton for every class beat
+# auto: tma on Hopper or newer (H200 small-moe train step, session 18: Muon 6.59 vs 6.84 ms with triton),
+# triton on older CUDA GPUs. H100 train step (train_step_muon_triton_*.json): triton for every class beat
 # triton for classes of >= 64 blocks only (small: 4.15 vs 4.77 ms without streams).
 # poly: X <- P X with P = a I + b A + c A^2 formed first (plain cuBLAS bmm; see _orthogonalize_).
 # tune: on CUDA, time the three on the first NS call of each round shape, keep the fastest (per-class times
