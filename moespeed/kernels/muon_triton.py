@@ -125,11 +125,10 @@ if triton is not None:
 
 
 if triton is not None:
-    _GEMM_CONFIGS = [  # Hopper-friendly tiles (the 4th and 5th won NS shapes of `small` in s7_ns_gemm_sweep.json;
-        # the last covers an expert block's 256 rows in one tile); one small tile for the interpreter
+    _GEMM_CONFIGS = [  # Hopper-friendly tiles (the last two won NS shapes of `small` in s7_ns_gemm_sweep.json);
+        # one small tile for the interpreter
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3),
-                              (256, 128, 8, 3)]
+        for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3)]
     ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
 
     @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
@@ -188,16 +187,15 @@ if triton is not None:
         nargs["c_desc"].block_shape = [block_m, block_n]
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM, D loaded before the k loop); every BLOCK_M
-    # is a multiple of TMA_M and every BLOCK_K of TMA_K. The 128-row ones won some NS shapes on an H200 in
-    # s18_ns_tma_probe_eager.json (64-row tiles, 2 programs per SM and 128 x 256 tiles never did); the
-    # 256-row ones cover an expert block's 256 rows in one tile, as cuBLAS's fastest kernel does there.
+    # is a multiple of TMA_M and every BLOCK_K of TMA_K. On an H200 (s18_ns_tma_probe*.json) 128 x 128
+    # tiles won every NS shape; 64-row and 64-wide tiles, 128 x 256 and 256 x 128 tiles (one per expert
+    # block's 256 rows, as cuBLAS's fastest kernel there) were slower or out of shared memory.
     _TMA_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_SM": per_sm, "D_FIRST": d_first},
                       num_warps=w, num_stages=st, pre_hook=_tma_blocks)
         for bm, bn, bk, w, st, per_sm, d_first in [
             (128, 128, 64, 8, 4, 1, False), (128, 128, 64, 4, 4, 1, False), (128, 128, 64, 8, 4, 1, True),
-            (128, 128, 64, 4, 3, 2, False), (256, 128, 64, 8, 2, 1, False), (256, 128, 64, 8, 3, 1, False),
-            (256, 128, 64, 8, 2, 1, True)]
+            (128, 128, 64, 4, 3, 2, False)]
     ] if not _INTERPRET else [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "PER_SM": 1,
                                              "D_FIRST": False}, num_warps=4, num_stages=2, pre_hook=_tma_blocks)]
     TMA_M, TMA_K = (128, 64) if not _INTERPRET else (32, 32)  # what M and K must be multiples of
