@@ -187,7 +187,7 @@ if triton is not None:
         nargs["c_desc"].block_shape = [block_m, block_n]
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM, D loaded before the k loop); every BLOCK_M
-    # is a multiple of TMA_M and every BLOCK_K of TMA_K. On an H200 (s18_ns_tma_probe*.json) 128 x 128
+    # divides TMA_M and every BLOCK_K TMA_K (so a batch that passes `tma_fits` tiles exactly). On an H200 (s18_ns_tma_probe*.json) 128 x 128
     # tiles won every NS shape; 64-row and 64-wide tiles, 128 x 256 and 256 x 128 tiles (one per expert
     # block's 256 rows, as cuBLAS's fastest kernel there) were slower or out of shared memory.
     _TMA_CONFIGS = [
@@ -200,13 +200,7 @@ if triton is not None:
                                              "D_FIRST": False}, num_warps=4, num_stages=2, pre_hook=_tma_blocks)]
     TMA_M, TMA_K = (128, 64) if not _INTERPRET else (32, 32)  # what M and K must be multiples of
 
-    def _tma_tiling(configs, named_args, **kwargs):
-        """Autotune pruning: only the configs whose tiles divide this batch's M and K (no tile may
-        cross into the next matrix)."""
-        return [c for c in configs if named_args["M"] % c.kwargs["BLOCK_M"] == 0
-                and named_args["K"] % c.kwargs["BLOCK_K"] == 0]
-
-    @triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _tma_tiling})
+    @triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
     @triton.jit
     def _addmm_tma_kernel(l_desc, r_desc, d_desc, c_desc, scale_ptr, count, M, N, K, alpha, beta,
                           SCALED: tl.constexpr, NO_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -247,6 +241,11 @@ if triton is not None:
 
 
 _SM_COUNT: dict[int, int] = {}
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Does this CUDA device have TMA (Hopper, compute capability 9, or newer)?"""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def tma_fits(L: Tensor, R: Tensor, D: Tensor | None, out: Tensor) -> bool:

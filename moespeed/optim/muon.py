@@ -118,7 +118,7 @@ except ImportError:  # pragma: no cover
     DTensor, distribute_tensor = (), None
 
 from ..kernels.muon_triton import (_fused_works, _momentum_fused, _momentum_reference, _update_fused,
-                                   _update_reference, triton)
+                                   _update_reference, tma_supported, triton)
 from .newton_schulz import (EPS, GRAM_RESTART, NS_COEFFICIENTS, NS_GEMMS, NS_METHODS, NS_STEPS,  # noqa: F401
                             TRITON_GEMMS, TUNE_REPEATS, _faster_gemm, _gram_orthogonalize_, _hashable, _orthogonalize_,
                             gram_pays, newton_schulz, ns_flops, step_coefficients)  # re-exported: Muon's API
@@ -180,8 +180,9 @@ class Muon(torch.optim.Optimizer):
     against the foreach path (else a warning and foreach), True = Triton (CUDA, or CPU under
     TRITON_INTERPRET=1), False = torch foreach ops. `ns_gemm` computes NS's two "a D + L R"
     products: "torch" (baddbmm, cuBLAS), "triton" (`_addmm_kernel`, no copy of D), "poly" (P = a I
-    + b A + c A^2 first, then X <- P X as one plain bmm), "auto" (tma on Hopper or newer, triton on older CUDA GPUs) or "tune" (on
-    CUDA, the fastest of the three for each round shape, timed once when first seen; ranks may
+    + b A + c A^2 first, then X <- P X as one plain bmm), "tma" (`_addmm_tma_kernel`, persistent, TMA
+    loads), "auto" (tma on Hopper or newer, triton on older CUDA GPUs) or "tune" (on
+    CUDA, the fastest of them for each round shape, timed once when first seen; ranks may
     choose differently, but every round's result comes from one rank).
     `merge_numel`: a class of tall (rows, cols) blocks with at most this many elements is stored
     transposed in the class of (cols, rows) blocks, one NS call for both (0: never). `pad_flops`:
@@ -438,7 +439,7 @@ class Muon(torch.optim.Optimizer):
         if triton is None or cls.device.type != "cuda":
             return "torch"
         if self.ns_gemm == "auto":  # H200 small-moe train step: tma 6.59 / 6.59 ms, triton 6.85 / 6.83 (session 18)
-            return "tma" if torch.cuda.get_device_capability(cls.device)[0] >= 9 else "triton"
+            return "tma" if tma_supported(cls.device) else "triton"
         if blocks is None:
             return "tune"
         key = (tuple(blocks.shape), cls.steps, cls.coefficients, cls.eps, self.ns_method, cls.device)

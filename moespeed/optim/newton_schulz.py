@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.muon_triton import _addmm_tma, _addmm_triton, _normalize_gram_triton, _normalize_triton, tma_fits, triton
+from ..kernels.muon_triton import (_addmm_tma, _addmm_triton, _normalize_gram_triton, _normalize_triton, tma_fits,
+                                   tma_supported, triton)
 from .ns_fp8 import FP8_Y_SCALE, fp8_step
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -132,8 +133,7 @@ def _faster_gemm(blocks: Tensor, steps: int, coefficients, eps: float,
     calls (CUDA events; the host waits once). `blocks` itself is not touched."""
     trial = torch.empty_like(blocks)
     times = {}
-    tma = torch.cuda.get_device_capability(blocks.device)[0] >= 9
-    for gemm in ("torch", "triton", "poly") + (("tma",) if tma else ()):
+    for gemm in ("torch", "triton", "poly") + (("tma",) if tma_supported(blocks.device) else ()):
         trial.copy_(blocks)
         _orthogonalize_(trial, steps, coefficients, eps, gemm, method, fp8_steps)  # warm-up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
