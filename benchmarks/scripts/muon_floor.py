@@ -52,11 +52,15 @@ def floor(preset: str, steps: int, matmul_flops: float, copy_bytes: float) -> di
             ns_ms += count * steps * max(f / matmul_flops, b / copy_bytes) * 1e3
             flops += count * steps * f
             traffic += count * steps * b
+    state_ms = STATE_BYTES * numel / copy_bytes * 1e3
     return {"preset": preset, "muon_elements": numel, "ns_steps": steps, "ns_tflop": flops / 1e12,
             "ns_gb": traffic / 1e9, "ns_x_gb": x_traffic / 1e9, "ns_compute_ms": flops / matmul_flops * 1e3,
-            "ns_traffic_ms": traffic / copy_bytes * 1e3, "ns_floor_ms": ns_ms,
-            "state_floor_ms": STATE_BYTES * numel / copy_bytes * 1e3,
-            "state_floor_fused_ms": STATE_BYTES_FUSED * numel / copy_bytes * 1e3,
+            "ns_traffic_ms": traffic / copy_bytes * 1e3, "ns_floor_ms": ns_ms, "state_floor_ms": state_ms,
+            "state_floor_fused_ms": STATE_BYTES_FUSED * numel / copy_bytes * 1e3, "floor_ms": ns_ms + state_ms,
+            # HBM traffic cannot hide under HBM traffic: whatever runs concurrently, the design moves these bytes
+            "hbm_floor_ms": traffic / copy_bytes * 1e3 + state_ms,
+            # the same if every A and B stayed in L2 between launches (only X's traffic left)
+            "hbm_x_only_floor_ms": x_traffic / copy_bytes * 1e3 + state_ms,
             "blocks": {f"{r}x{c}": n for (r, c), n in blocks.items()}}
 
 
@@ -78,14 +82,10 @@ def main():
         row = floor(preset, args.steps, args.matmul_tflops * 1e12, args.copy_gbps * 1e9)
         row.update(device=measured["device"], measured_optimizer_ms=result["optimizer_ms"],
                    fwd_bwd_ms=result["fwd_bwd_ms"], budget_ms=0.05 / 0.95 * result["fwd_bwd_ms"])
-        row["floor_ms"] = row["ns_floor_ms"] + row["state_floor_ms"]
-        # HBM traffic cannot hide under HBM traffic: whatever runs concurrently, the design moves these bytes
-        row["hbm_floor_ms"] = row["ns_traffic_ms"] + row["state_floor_ms"]
-        # the same if every A and B stayed in L2 between launches (only X's traffic left)
-        row["hbm_x_only_floor_ms"] = (row["ns_x_gb"] * 1e9 + STATE_BYTES * row["muon_elements"]) / args.copy_gbps / 1e6
         rows.append(row)
         print(f"{preset} ({measured['device']}): budget {row['budget_ms']:.2f} ms (5% of the step); measured "
-              f"{row['measured_optimizer_ms']:.2f} ms; HBM traffic alone {row['hbm_floor_ms']:.2f} ms ({row['hbm_x_only_floor_ms']:.2f} with A and B in L2); floor {row['floor_ms']:.2f} ms = NS {row['ns_floor_ms']:.2f} "
+              f"{row['measured_optimizer_ms']:.2f} ms; HBM traffic alone {row['hbm_floor_ms']:.2f} ms "
+              f"({row['hbm_x_only_floor_ms']:.2f} with A and B in L2); floor {row['floor_ms']:.2f} ms = NS {row['ns_floor_ms']:.2f} "
               f"({row['ns_tflop']:.3f} TFLOP: {row['ns_compute_ms']:.2f} ms of compute; {row['ns_gb']:.2f} GB: "
               f"{row['ns_traffic_ms']:.2f} ms of traffic) + state {row['state_floor_ms']:.2f} "
               f"({row['state_floor_fused_ms']:.2f} with NS's input and output on chip)")
