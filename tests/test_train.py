@@ -79,8 +79,12 @@ def test_cli_train_generate_eval(corpus, tmp_path, capsys, monkeypatch):
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and "val_loss" in records[0]
     assert {"step", "train_loss", "lr", "tokens", "tokens_per_s", "elapsed_s"} <= set(records[1])
+    for r in records[1:]:
+        if "train_loss" in r:  # the optimizer's share of the step: a real part of it, timed every step
+            assert 0 < r["optimizer_ms"] < r["step_ms"] and r["optimizer_share"] == r["optimizer_ms"] / r["step_ms"]
     out = capsys.readouterr()  # not a terminal: plain progress lines, no progress bar
     assert "step 6/6: loss " in out.out and " tok/s, lr " in out.out and "\r" not in out.out + out.err
+    assert "% of the step" in out.out
     assert main(["generate", "--prompt", "def function_1", "--max-new-tokens", "12", "--seed", "1"]) == 0  # latest run
     first = capsys.readouterr().out
     assert first.startswith("def function_1") and len(first) > len("def function_1\n")

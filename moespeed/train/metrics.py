@@ -5,11 +5,13 @@ FLOPs per trained token (forward + backward = 3x forward, a matmul of m*n*k cost
 where N_matmul counts the weights of every matmul a token goes through (all Linear layers, the output
 head, the top-k active routed experts and PEER rows; not the embedding lookup) and the second term is causal attention (QK^T and PV over T/2 keys on average).
 MFU = achieved FLOP/s / the GPU's datasheet dense bf16 peak (H100/H200 SXM: 989 TFLOP/s).
+`StepTimer` splits each logged interval's step time into the optimizer's part and the rest.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +50,52 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class StepTimer:
+    """How long the train steps of a log interval take, and the optimizer's share of them.
+
+    Call `start()` when a step begins, `optimizer()` just before `optimizer.step()` and `stop()` when the
+    step ends (after zero_grad and the MoE bias update, as `moespeed.bench.train_step` counts it); `read()`
+    at a log step. On CUDA the marks are events on the current stream, so nothing waits for the GPU:
+    read them only after the host has synced with the interval's last step (the logged loss's `.item()`
+    does). Elsewhere they are host clock readings (CPU ops run synchronously).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.steps: list[tuple] = []  # (start, optimizer start, end) marks of the steps not yet read
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def start(self) -> None:
+        self._marks = [self._mark()]
+
+    def optimizer(self) -> None:
+        self._marks.append(self._mark())
+
+    def stop(self) -> None:
+        self.steps.append((*self._marks, self._mark()))
+
+    def read(self) -> dict:
+        """{"step_ms", "optimizer_ms"}: means over the steps since the last read, and "optimizer_share"
+        (their ratio); empty if no step finished since."""
+        if not self.steps:
+            return {}
+        if self.cuda:
+            self.steps[-1][-1].synchronize()  # at once after the logged loss's .item(); elapsed_time needs it
+        step_ms = sum(self._ms(s, e) for s, _, e in self.steps) / len(self.steps)
+        optimizer_ms = sum(self._ms(o, e) for _, o, e in self.steps) / len(self.steps)
+        self.steps = []
+        return {"step_ms": step_ms, "optimizer_ms": optimizer_ms, "optimizer_share": optimizer_ms / max(step_ms, 1e-9)}
 
 
 class MetricsLogger:

@@ -45,7 +45,7 @@ from .checkpoint import (is_sharded, latest_checkpoint, list_checkpoints, load_m
                          load_training_state, read_state, save_checkpoint, save_sharded_checkpoint)
 from .distributed import (Parallel, check_layout, check_peer_tables, check_same_config, init_distributed, parallelize,
                           write_parallel_info)
-from .metrics import MetricsLogger, flops_per_token, moe_metrics, peak_flops, plot_expert_load, plot_loss_curve
+from .metrics import MetricsLogger, StepTimer, flops_per_token, moe_metrics, peak_flops, plot_expert_load, plot_loss_curve
 from .profiling import StepProfiler
 from .stopping import GracefulStop, TrainingStopped
 
@@ -260,6 +260,7 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not interactive)
         profiler = StepProfiler(tc.profile_steps, self.run_dir, env.is_main, self.device)
+        timer = StepTimer(self.device)  # the optimizer's share of the step, logged with the loss
 
         def checkpoint_state() -> dict:
             # one host read, as before, now with a check: never write a checkpoint with a NaN loss or NaN weights
@@ -279,6 +280,7 @@ class Trainer:
         try:
             while step < tc.steps:
                 profiler.before_step(step)
+                timer.start()
                 lr, factor = lr_at(step, tc), lr_factor(step, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
@@ -293,9 +295,11 @@ class Trainer:
                 par.finish_grads()
                 if tc.grad_clip > 0:
                     par.clip_grad_norm(tc.grad_clip)
+                timer.optimizer()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 update_biases([moe for _, moe in model.moe_layers()])
+                timer.stop()
                 step += 1
                 counters["interval_steps"] += 1
                 counters["tokens"] += tokens_per_step
@@ -311,7 +315,7 @@ class Trainer:
                         raise self._diverged(f"the training loss is {train_loss} (mean of steps {first}-{step})", step, lr)
                     tok_s = interval_tokens / max(now - interval_start, 1e-9)
                     record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": counters["tokens"],
-                              "tokens_per_s": tok_s, "elapsed_s": counters["elapsed_s"]}
+                              "tokens_per_s": tok_s, "elapsed_s": counters["elapsed_s"], **timer.read()}
                     if peak:
                         record["mfu"] = flops_tok * tok_s / (peak * env.world_size)
                     if self.device.type == "cuda":
@@ -401,6 +405,8 @@ def progress_line(record: dict, total_steps: int) -> str:
             f"{record['tokens_per_s']:,.0f} tok/s, lr {record['lr']:.3g}, {record['elapsed_s']:.0f} s")
     if "mfu" in record:
         line += f", MFU {record['mfu']:.3f}"
+    if "optimizer_share" in record:
+        line += f", optimizer {100 * record['optimizer_share']:.1f}% of the step"
     if "peak_mem_gib" in record:
         line += f", peak {record['peak_mem_gib']:.1f} GiB"
     return line
