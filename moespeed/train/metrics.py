@@ -65,6 +65,7 @@ class StepTimer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.steps: list[tuple] = []  # (start, optimizer start, end) marks of the steps not yet read
+        self._marks: list = []  # the current step's marks so far
 
     def _mark(self):
         if not self.cuda:
